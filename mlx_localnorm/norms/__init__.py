@@ -1,0 +1,46 @@
+"""The norm zoo: each norm is an ``nn.Module`` plus a pure function (the ops twin).
+
+All norms act on the last axis, take any leading shape, keep the input dtype and compute
+their statistics in float32.
+
+NaN and inf are not masked: a row holding NaN or +-inf gives NaN in every output of that row
+for the norms with statistics (RMSNorm, LayerNorm, SeeDNorm, PatchNorm, L2Norm); DyT maps
++-inf to ``+-weight + bias`` and keeps NaN elementwise; ApproxNorm only scales. Check inputs
+with ``mx.isfinite`` upstream if they may be non-finite.
+"""
+
+from .approx import ApproxNorm, nu_activation, nu_lerp, nu_linear
+from .dyt import DyT, dyt
+from .l2 import L2Norm, l2_norm
+from .layer import LayerNorm, layer_norm
+from .patch import PatchNorm, PatchNormConv1d, PatchNormConv2d, PatchNormLinear, patchnorm
+from .qk import QKNorm
+from .registry import NORMS, make_norm, norm_options
+from .rms import RMSNorm, rms_norm
+from .seed import SeeDNorm, seednorm
+
+__all__ = [
+    "NORMS",
+    "ApproxNorm",
+    "DyT",
+    "L2Norm",
+    "LayerNorm",
+    "PatchNorm",
+    "PatchNormConv1d",
+    "PatchNormConv2d",
+    "PatchNormLinear",
+    "QKNorm",
+    "RMSNorm",
+    "SeeDNorm",
+    "dyt",
+    "l2_norm",
+    "layer_norm",
+    "make_norm",
+    "norm_options",
+    "nu_activation",
+    "nu_lerp",
+    "nu_linear",
+    "patchnorm",
+    "rms_norm",
+    "seednorm",
+]

@@ -1,0 +1,273 @@
+"""PatchNorm and the affine-divergence correction (arXiv 2512.22247).
+
+For ``z = W x + b`` one SGD step moves the activation by ``-lr * g * (||x||^2 + 1)``: a
+sample-dependent step, the "affine divergence". Dividing each output by the norm of exactly
+the patch of input it saw removes it. Because that divisor depends on the layer's receptive
+field, the layer owns its linear map ("compositionally inseparable").
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ._checks import check_choice, check_dims, check_eps, check_input, check_param
+
+MODES = ("rms", "affine")
+
+
+def window_sum(a: mx.array, size: int, axis: int, causal: bool) -> mx.array:
+    """Sum of ``size`` neighbouring entries along ``axis`` with zero padding.
+
+    Causal windows end at the position (``p-size+1 .. p``); otherwise they are centred, with
+    the extra entry of an even window on the right. A sum of shifted slices rather than a
+    difference of cumulative sums, which would lose precision on long sequences.
+    """
+    if size == 1:
+        return a
+    left, right = (size - 1, 0) if causal else ((size - 1) // 2, size // 2)
+    axis = axis % a.ndim
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (left, right)
+    padded = mx.pad(a, widths)
+    length = a.shape[axis]
+    index = [slice(None)] * a.ndim
+    total = None
+    for j in range(size):
+        index[axis] = slice(j, j + length)
+        part = padded[tuple(index)]
+        total = part if total is None else total + part
+    return total
+
+
+def patch_sum_squares(x: mx.array, patch_size: int = 1, patch_ndim: int = 1) -> mx.array:
+    """float32 ``sum(P_p(x)^2)`` per position: a box filter over ``sum_c x_c^2``.
+
+    ``patch_ndim=1``: causal window over axis -2 (sequences ``[..., L, D]``);
+    ``patch_ndim=2``: centred ``k x k`` window over axes -3, -2 (images ``[..., H, W, C]``).
+    """
+    xf = x.astype(mx.float32)
+    ss = mx.sum(xf * xf, axis=-1, keepdims=True)
+    axes = (-2,) if patch_ndim == 1 else (-3, -2)
+    for axis in axes:
+        ss = window_sum(ss, patch_size, axis, causal=patch_ndim == 1)
+    return ss
+
+
+def patch_divisor(ss: mx.array, count: int, mode: str, eps: float) -> mx.array:
+    """``d_p``: ``sqrt(ss/count + eps)`` (mode "rms") or ``sqrt(ss + 1)`` (mode "affine")."""
+    return mx.sqrt(ss / count + eps) if mode == "rms" else mx.sqrt(ss + 1)
+
+
+def _divide(z: mx.array, d: mx.array, bias: mx.array | None, mode: str) -> mx.array:
+    """``z / d + b`` (mode "rms") or ``(z + b) / d`` (mode "affine": the bias is an input too)."""
+    if bias is not None and mode == "affine":
+        z = z + bias
+    z = z / d
+    if bias is not None and mode == "rms":
+        z = z + bias
+    return z
+
+
+def _check_patch(x, patch_size, patch_ndim, mode, eps, owner):
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"{owner}: patch_size must be a positive int, got {patch_size!r}")
+    check_choice(patch_ndim, (1, 2), "patch_ndim", owner)
+    check_choice(mode, MODES, "mode", owner)
+    check_eps(eps, owner)
+    if patch_size > 1 and x.ndim < patch_ndim + 1:
+        raise ValueError(
+            f"{owner}: patch_size={patch_size} with patch_ndim={patch_ndim} needs an input with "
+            f"at least {patch_ndim + 1} axes ([..., L, D] or [..., H, W, C]), got {x.shape}"
+        )
+
+
+def patchnorm(
+    x: mx.array,
+    weight: mx.array,
+    bias: mx.array | None = None,
+    eps: float = 1e-6,
+    patch_size: int = 1,
+    patch_ndim: int = 1,
+    mode: str = "rms",
+) -> mx.array:
+    """``z_p = (W x)_p / d_p + b`` (mode "rms") or ``((W x)_p + b) / d_p`` (mode "affine").
+
+    ``W`` is ``weight``: a gain vector ``(D,)`` (diagonal map) or a matrix ``(D_out, D)``
+    applied position-wise; ``d_p`` is computed from the patch of ``patch_size`` positions
+    (``patch_size^2`` for ``patch_ndim=2``) times all channels, see :func:`patch_divisor`.
+    """
+    owner = "patchnorm"
+    check_input(x, None, owner)
+    dims = x.shape[-1]
+    _check_patch(x, patch_size, patch_ndim, mode, eps, owner)
+    if weight.ndim == 1:
+        check_param(weight, (dims,), "weight", owner)
+    elif weight.ndim != 2 or weight.shape[1] != dims:
+        raise ValueError(f"{owner}: weight must have shape ({dims},) or (out, {dims}), "
+                         f"got {tuple(weight.shape)}")
+    out_dims = weight.shape[0]
+    check_param(bias, (out_dims,), "bias", owner)
+
+    xf = x.astype(mx.float32)
+    d = patch_divisor(patch_sum_squares(xf, patch_size, patch_ndim),
+                      dims * patch_size**patch_ndim, mode, eps)
+    z = xf * weight if weight.ndim == 1 else xf @ weight.T
+    return _divide(z, d, bias, mode).astype(x.dtype)
+
+
+class PatchNorm(nn.Module):
+    r"""PatchNorm as a drop-in norm (arXiv 2512.22247).
+
+    .. math:: z_p = (W x)_p / d_p + b, \quad d_p = \sqrt{\mathrm{mean}(P_p(x)^2) + \epsilon}
+
+    (mode ``"rms"``, default) or :math:`z_p = ((W x)_p + b) / \sqrt{\lVert P_p(x) \rVert^2 + 1}`
+    (mode ``"affine"``: the affine-divergence correction). ``P_p(x)`` is the patch of
+    ``patch_size`` positions ending at ``p`` (causal, sequences ``[..., L, D]``) or the centred
+    ``k x k`` window (``patch_ndim=2``, images ``[..., H, W, C]``), zero padded, times all
+    channels. ``weight="full"`` learns a ``D x D`` map initialised to the identity,
+    ``"diagonal"`` a gain vector; with ``patch_size=1`` and mode ``"rms"`` it equals RMSNorm
+    at initialization. Not scale invariant in mode ``"affine"`` (``f(2x) != f(x)``).
+
+    Args:
+        dims: size of the last axis.
+        eps: added to the mean square (mode "rms").
+        patch_size: positions per patch along each patch axis.
+        patch_ndim: 1 (causal sequence window) or 2 (centred image window).
+        mode: ``"rms"`` or ``"affine"``.
+        weight: ``"diagonal"`` or ``"full"``.
+        bias: learn the shift ``bias`` (init 0).
+    """
+
+    def __init__(
+        self,
+        dims: int,
+        eps: float = 1e-6,
+        patch_size: int = 1,
+        patch_ndim: int = 1,
+        mode: str = "rms",
+        weight: str = "diagonal",
+        bias: bool = True,
+    ):
+        super().__init__()
+        owner = f"PatchNorm(dims={dims})"
+        self.dims = check_dims(dims, "PatchNorm")
+        self.eps = check_eps(eps, owner)
+        self.mode = check_choice(mode, MODES, "mode", owner)
+        self.patch_ndim = check_choice(patch_ndim, (1, 2), "patch_ndim", owner)
+        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+            raise ValueError(f"{owner}: patch_size must be a positive int, got {patch_size!r}")
+        self.patch_size = patch_size
+        check_choice(weight, ("diagonal", "full"), "weight", owner)
+        self.weight = mx.eye(dims) if weight == "full" else mx.ones((dims,))
+        if bias:
+            self.bias = mx.zeros((dims,))
+
+    def _extra_repr(self) -> str:
+        return (f"{self.dims}, mode={self.mode!r}, patch_size={self.patch_size}, "
+                f"patch_ndim={self.patch_ndim}, full={self.weight.ndim == 2}")
+
+    def __call__(self, x: mx.array) -> mx.array:
+        check_input(x, self.dims, f"PatchNorm(dims={self.dims})")
+        return patchnorm(x, self.weight, self.get("bias"), self.eps, self.patch_size,
+                         self.patch_ndim, self.mode)
+
+
+class PatchNormLinear(nn.Module):
+    r"""Affine-divergence linear layer (arXiv 2512.22247).
+
+    .. math:: z = (W x + b) / \sqrt{\lVert x \rVert^2 + 1}
+
+    (mode ``"affine"``, default; then one SGD step moves ``z`` by exactly ``-lr * g``) or
+    ``z = W x / RMS(x) + b`` (mode ``"rms"``). Weights initialised like ``nn.Linear``.
+    """
+
+    def __init__(self, input_dims: int, output_dims: int, bias: bool = True,
+                 mode: str = "affine", eps: float = 1e-6):
+        super().__init__()
+        check_dims(input_dims, "PatchNormLinear")
+        check_dims(output_dims, "PatchNormLinear")
+        self.mode = check_choice(mode, MODES, "mode", "PatchNormLinear")
+        self.eps = check_eps(eps, "PatchNormLinear")
+        scale = math.sqrt(1.0 / input_dims)
+        self.weight = mx.random.uniform(-scale, scale, (output_dims, input_dims))
+        if bias:
+            self.bias = mx.random.uniform(-scale, scale, (output_dims,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        check_input(x, self.weight.shape[1], "PatchNormLinear")
+        return patchnorm(x, self.weight, self.get("bias"), self.eps, mode=self.mode)
+
+
+class _PatchNormConv(nn.Module):
+    """Shared body of the 1-D (causal) and 2-D (same-padded) affine-divergence convolutions."""
+
+    ndim = 1
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool,
+                 mode: str, eps: float):
+        super().__init__()
+        name = type(self).__name__
+        check_dims(in_channels, name)
+        check_dims(out_channels, name)
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
+            raise ValueError(f"{name}: kernel_size must be a positive int, got {kernel_size!r}")
+        self.mode = check_choice(mode, MODES, "mode", name)
+        self.eps = check_eps(eps, name)
+        self.kernel_size = kernel_size
+        scale = math.sqrt(1.0 / (in_channels * kernel_size**self.ndim))
+        shape = (out_channels,) + (kernel_size,) * self.ndim + (in_channels,)
+        self.weight = mx.random.uniform(-scale, scale, shape)
+        if bias:
+            self.bias = mx.zeros((out_channels,))
+
+    def _padding(self) -> tuple[int, int]:
+        k = self.kernel_size
+        return (k - 1, 0) if self.ndim == 1 else ((k - 1) // 2, k // 2)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        name = type(self).__name__
+        check_input(x, self.weight.shape[-1], name, min_ndim=self.ndim + 2)
+        if x.ndim != self.ndim + 2:
+            raise ValueError(f"{name} expects a batched channels-last input with "
+                             f"{self.ndim + 2} axes, got {x.shape}")
+        xf = x.astype(mx.float32)
+        pad = [(0, 0)] + [self._padding()] * self.ndim + [(0, 0)]
+        conv = mx.conv1d if self.ndim == 1 else mx.conv2d
+        z = conv(mx.pad(xf, pad), self.weight)
+        ss = patch_sum_squares(xf, self.kernel_size, self.ndim)
+        d = patch_divisor(ss, x.shape[-1] * self.kernel_size**self.ndim, self.mode, self.eps)
+        return _divide(z, d, self.get("bias"), self.mode).astype(x.dtype)
+
+
+class PatchNormConv1d(_PatchNormConv):
+    r"""Causal 1-D convolution with per-position affine-divergence correction (arXiv 2512.22247).
+
+    .. math:: z_p = ((W * x)_p + b) / \sqrt{\textstyle\sum_{q=p-k+1}^{p} \lVert x_q \rVert^2 + 1}
+
+    Input ``[N, L, C_in]``, output ``[N, L, C_out]``; mode ``"rms"`` divides by the patch RMS.
+    """
+
+    ndim = 1
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
+                 bias: bool = True, mode: str = "affine", eps: float = 1e-6):
+        super().__init__(in_channels, out_channels, kernel_size, bias, mode, eps)
+
+
+class PatchNormConv2d(_PatchNormConv):
+    r"""Same-padded 2-D convolution with per-position affine-divergence correction
+    (arXiv 2512.22247).
+
+    .. math:: z_p = ((W * x)_p + b) / \sqrt{\lVert P_p(x) \rVert^2 + 1}
+
+    ``P_p(x)`` the ``k x k`` window the kernel sees at ``p``. Input ``[N, H, W, C_in]``.
+    """
+
+    ndim = 2
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
+                 bias: bool = True, mode: str = "affine", eps: float = 1e-6):
+        super().__init__(in_channels, out_channels, kernel_size, bias, mode, eps)

@@ -1,0 +1,112 @@
+"""SeeDNorm: self-rescaled dynamic normalization (arXiv 2510.22777)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ._checks import (
+    check_choice,
+    check_dims,
+    check_eps,
+    check_heads,
+    check_input,
+    check_param,
+)
+
+DOT_SCALES = ("none", "rsqrt_d")
+
+
+def seednorm(
+    x: mx.array,
+    weight: mx.array,
+    alpha: mx.array,
+    beta: mx.array,
+    eps: float = 1e-6,
+    num_heads: int = 1,
+    dot_scale: str = "none",
+    head_rms: bool = False,
+) -> mx.array:
+    """``y_k = (weight_k + alpha_k * tanh(<x_k, beta_k>)) * x_k / RMS(x)`` per head ``k``.
+
+    The plain-ops twin of the fused kernel. Statistics and the dot product are float32;
+    ``RMS`` is over the whole row unless ``head_rms``; ``dot_scale="rsqrt_d"`` multiplies the
+    dot product by ``1/sqrt(D / num_heads)`` (the length of the dot product).
+    """
+    check_input(x, None, "seednorm")
+    dims = x.shape[-1]
+    for name, p in (("weight", weight), ("alpha", alpha), ("beta", beta)):
+        check_param(p, (dims,), name, "seednorm")
+    check_eps(eps, "seednorm")
+    check_heads(num_heads, dims, "seednorm")
+    check_choice(dot_scale, DOT_SCALES, "dot_scale", "seednorm")
+
+    head_dim = dims // num_heads
+    xf = x.astype(mx.float32).reshape(*x.shape[:-1], num_heads, head_dim)
+    dot = (xf * beta.astype(mx.float32).reshape(num_heads, head_dim)).sum(-1, keepdims=True)
+    if dot_scale == "rsqrt_d":
+        dot = dot * head_dim**-0.5
+    s = mx.tanh(dot)
+    if head_rms:
+        mean_sq = mx.mean(xf * xf, axis=-1, keepdims=True)
+    else:
+        mean_sq = mx.mean(xf * xf, axis=(-2, -1), keepdims=True)
+    gain = weight.reshape(num_heads, head_dim) + alpha.reshape(num_heads, head_dim) * s
+    y = gain * (xf * mx.rsqrt(mean_sq + eps))
+    return y.reshape(x.shape).astype(x.dtype)
+
+
+class SeeDNorm(nn.Module):
+    r"""Self-rescaled dynamic normalization (Cai et al., arXiv 2510.22777).
+
+    .. math:: y = (\gamma + \alpha \tanh(\langle x, \beta \rangle)) \odot x / \mathrm{RMS}(x)
+
+    The scalar ``tanh(<x, beta>)`` is taken from the raw input, so the output keeps
+    information about the input norm that RMSNorm discards. Initialised with ``gamma = 1``,
+    ``alpha = alpha_init`` (1) and ``beta ~ N(0, beta_init_std^2)`` (0), it equals RMSNorm at
+    step 0 while ``beta`` still receives gradient. With ``num_heads = h`` the row is split
+    into ``h`` slices, each with its own ``tanh(<x_k, beta_k>)``; the RMS stays over the whole
+    row unless ``head_rms=True``.
+
+    Args:
+        dims: size of the normalized (last) axis.
+        eps: added to the mean square.
+        num_heads: number of slices with their own dynamic scale; must divide ``dims``.
+        dot_scale: ``"none"`` or ``"rsqrt_d"`` (multiply ``<x, beta>`` by ``1/sqrt(D/h)``).
+        head_rms: normalize each head by its own RMS instead of the row's.
+        alpha_init: initial value of ``alpha``.
+        beta_init_std: standard deviation of the initial ``beta``.
+    """
+
+    def __init__(
+        self,
+        dims: int,
+        eps: float = 1e-6,
+        num_heads: int = 1,
+        dot_scale: str = "none",
+        head_rms: bool = False,
+        alpha_init: float = 1.0,
+        beta_init_std: float = 0.0,
+    ):
+        super().__init__()
+        owner = f"SeeDNorm(dims={dims})"
+        self.dims = check_dims(dims, "SeeDNorm")
+        self.eps = check_eps(eps, owner)
+        self.num_heads = check_heads(num_heads, dims, owner)
+        self.dot_scale = check_choice(dot_scale, DOT_SCALES, "dot_scale", owner)
+        self.head_rms = bool(head_rms)
+        if beta_init_std < 0:
+            raise ValueError(f"{owner}: beta_init_std must be >= 0, got {beta_init_std!r}")
+        self.weight = mx.ones((dims,))
+        self.alpha = mx.full((dims,), float(alpha_init))
+        self.beta = beta_init_std * mx.random.normal((dims,)) if beta_init_std else mx.zeros((dims,))
+
+    def _extra_repr(self) -> str:
+        return f"{self.dims}, eps={self.eps}, num_heads={self.num_heads}"
+
+    def __call__(self, x: mx.array) -> mx.array:
+        check_input(x, self.dims, f"SeeDNorm(dims={self.dims})")
+        return seednorm(
+            x, self.weight, self.alpha, self.beta, self.eps, self.num_heads,
+            self.dot_scale, self.head_rms,
+        )
