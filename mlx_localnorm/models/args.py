@@ -1,0 +1,141 @@
+"""``ModelArgs``: the LocalNorm transformer's configuration, one field per config.json key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.nn as nn
+from mlx_lm.models.base import BaseModelArgs
+
+from ..norms import make_norm
+from ..placements import HYPERSPHERE_NORMS, NGPT_ALPHA_INIT, check_placement
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"ModelArgs: {name} must be a positive int, got {value!r}")
+    return value
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    """Configuration of :class:`Model`, saved as config.json (mlx-lm's ``from_dict`` reads it).
+
+    ``norm_type=None`` picks the placement's own norm: ``rmsnorm``, or ``l2norm`` for nGPT and
+    ``angpt`` (ApproxNorm) for anGPT, whose norms are not configurable.
+    """
+
+    vocab_size: int = field(metadata={"help": "vocabulary size"})
+    hidden_size: int = field(metadata={"help": "residual stream width D"})
+    num_hidden_layers: int = field(metadata={"help": "number of blocks L"})
+    num_attention_heads: int = field(metadata={"help": "query heads"})
+    intermediate_size: int = field(metadata={"help": "SwiGLU MLP width"})
+    model_type: str = field(default="localnorm", metadata={"help": "always 'localnorm'"})
+    num_key_value_heads: int | None = field(
+        default=None, metadata={"help": "key/value heads (GQA); None = num_attention_heads"})
+    head_dim: int | None = field(
+        default=None, metadata={"help": "per-head width; None = hidden_size // heads"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
+    rope_traditional: bool = field(default=False, metadata={"help": "interleaved RoPE"})
+    rope_scaling: dict[str, Any] | None = field(
+        default=None, metadata={"help": "mlx-lm rope_scaling config (llama3, yarn, ...)"})
+    max_position_embeddings: int | None = field(
+        default=None, metadata={"help": "context length (used by scaled RoPE)"})
+    tie_word_embeddings: bool = field(default=True, metadata={"help": "head = embedding^T"})
+    attention_bias: bool = field(default=False, metadata={"help": "biases in q/k/v/o"})
+    mlp_bias: bool = field(default=False, metadata={"help": "biases in the MLP"})
+    norm_type: str | None = field(
+        default=None, metadata={"help": "a name of ln.NORMS; None = the placement's norm"})
+    norm_eps: float = field(default=1e-6, metadata={"help": "eps of every norm that has one"})
+    norm_options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "extra make_norm options, e.g. num_heads"})
+    placement: str = field(default="pre", metadata={"help": "a name of ln.PLACEMENTS"})
+    mix_ratio: float = field(
+        default=0.25, metadata={"help": "mix: Post-LN for blocks l < floor(mix_ratio * L)"})
+    ngpt_alpha_init: float | None = field(
+        default=None, metadata={"help": "nGPT/anGPT eigen learning rate init; None = 0.05"})
+    qk_norm: str | None = field(
+        default=None, metadata={"help": "per-head norm of q and k (a name of ln.NORMS)"})
+    attention_gate: bool = field(
+        default=False, metadata={"help": "sigmoid output gate per head (Qwen3-Next)"})
+    layer_types: list[str] | None = field(
+        default=None, metadata={"help": "per block: full_attention | sliding_attention"})
+    sliding_window: int | None = field(
+        default=None, metadata={"help": "window of the sliding_attention blocks"})
+    num_experts: int = field(default=0, metadata={"help": "MoE experts; 0 = dense MLP"})
+    num_experts_per_tok: int = field(default=2, metadata={"help": "MoE top-k"})
+    moe_intermediate_size: int | None = field(
+        default=None, metadata={"help": "expert MLP width; None = intermediate_size"})
+    router_aux_loss_coef: float = field(
+        default=0.01, metadata={"help": "load-balance loss weight a (a * E * sum f_e P_e)"})
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size"):
+            _positive_int(getattr(self, name), name)
+        if self.model_type != "localnorm":
+            raise ValueError(f"ModelArgs: model_type must be 'localnorm', got {self.model_type!r}")
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        _positive_int(self.num_key_value_heads, "num_key_value_heads")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"ModelArgs: num_attention_heads={self.num_attention_heads} must divide "
+                    f"hidden_size={self.hidden_size} (or set head_dim)")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        _positive_int(self.head_dim, "head_dim")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"ModelArgs: num_key_value_heads={self.num_key_value_heads} must divide "
+                f"num_attention_heads={self.num_attention_heads}")
+
+        if self.norm_type is None:
+            self.norm_type = HYPERSPHERE_NORMS.get(self.placement, "rmsnorm")
+        check_placement(self.placement, self.norm_type)
+        if self.norm_type == "patchnorm" and self.norm_options.get("patch_size", 1) != 1:
+            raise ValueError("ModelArgs: norm_type='patchnorm' needs patch_size=1 in a model "
+                             "(a causal token window needs past tokens the KV cache does not "
+                             f"keep), got patch_size={self.norm_options['patch_size']!r}")
+        self.new_norm()  # fails early with make_norm's message on a bad option
+        if self.qk_norm is not None:
+            make_norm(self.qk_norm, self.head_dim, eps=self.norm_eps)
+        if not 0.0 <= self.mix_ratio <= 1.0:
+            raise ValueError(f"ModelArgs: mix_ratio must be in [0, 1], got {self.mix_ratio!r}")
+        if self.ngpt_alpha_init is None:
+            self.ngpt_alpha_init = NGPT_ALPHA_INIT
+
+        if self.layer_types is None:
+            self.layer_types = ["full_attention"] * self.num_hidden_layers
+        if len(self.layer_types) != self.num_hidden_layers or not set(
+                self.layer_types) <= set(LAYER_TYPES):
+            raise ValueError(f"ModelArgs: layer_types must be {self.num_hidden_layers} entries "
+                             f"of {LAYER_TYPES}, got {self.layer_types!r}")
+        if "sliding_attention" in self.layer_types:
+            _positive_int(self.sliding_window, "sliding_window (needed by sliding_attention)")
+
+        if self.num_experts:
+            _positive_int(self.num_experts, "num_experts")
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(f"ModelArgs: num_experts_per_tok must be in [1, num_experts="
+                                 f"{self.num_experts}], got {self.num_experts_per_tok!r}")
+            if self.moe_intermediate_size is None:
+                self.moe_intermediate_size = self.intermediate_size
+        if self.hypersphere and (self.num_experts or self.attention_gate or self.qk_norm
+                                 or self.attention_bias or self.mlp_bias):
+            raise ValueError(f"ModelArgs: placement {self.placement!r} fixes its own q/k norm and "
+                             "has no MoE, attention gate or biases; unset num_experts, "
+                             "attention_gate, qk_norm, attention_bias and mlp_bias")
+
+    @property
+    def hypersphere(self) -> bool:
+        """nGPT or anGPT: hidden states and weights live on (or in) the unit sphere."""
+        return self.placement in HYPERSPHERE_NORMS
+
+    def new_norm(self, dims: int | None = None) -> nn.Module:
+        """A fresh norm of ``norm_type`` over ``dims`` (default ``hidden_size``)."""
+        return make_norm(self.norm_type, dims or self.hidden_size, eps=self.norm_eps,
+                         **self.norm_options)

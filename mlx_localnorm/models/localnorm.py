@@ -1,0 +1,132 @@
+"""The LocalNorm transformer: a decoder-only LM whose norm and placement are settings.
+
+Follows mlx-lm's model contract (``mlx_lm/models/llama.py``): ``Model(args)`` with
+``.layers``, ``__call__(inputs, cache=None)`` -> logits, ``make_cache()``, ``sanitize()``.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+from ..constraints import project_weights
+from ..placements import has_final_norm, make_block, scaled_vector
+from .args import ModelArgs
+from .layers import MLP, Attention, MoE
+
+
+def _check_tokens(inputs) -> None:
+    if not isinstance(inputs, mx.array) or not mx.issubdtype(inputs.dtype, mx.integer):
+        kind = inputs.dtype if isinstance(inputs, mx.array) else type(inputs).__name__
+        raise TypeError(f"Model expects integer token ids as an mx.array, got {kind}")
+    if inputs.ndim != 2:
+        raise ValueError(f"Model expects token ids of shape (batch, length), got {inputs.shape}")
+
+
+class LocalNormModel(nn.Module):
+    """Embedding, blocks of the configured placement, and the final norm if it has one."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        dims, layers = args.hidden_size, args.num_hidden_layers
+        self.layers = [
+            make_block(
+                args.placement, i, layers, Attention(args),
+                MoE(args) if args.num_experts else MLP(
+                    dims, args.intermediate_size, args.mlp_bias, scaled=args.hypersphere),
+                args.new_norm, mix_ratio=args.mix_ratio, dims=dims,
+                attn_dims=args.num_attention_heads * args.head_dim,
+                mlp_dims=args.intermediate_size, alpha_init=args.ngpt_alpha_init)
+            for i in range(layers)
+        ]
+        if has_final_norm(args.placement):
+            self.norm = args.new_norm()
+        self.sliding = [t == "sliding_attention" for t in args.layer_types]
+
+    def __call__(self, inputs: mx.array, cache=None,
+                 input_embeddings: mx.array | None = None) -> mx.array:
+        h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
+        cache = cache or [None] * len(self.layers)
+        # One mask per attention kind, made from the first cache of that kind (as mlx-lm).
+        masks = {}
+        for sliding in (False, True):
+            if sliding in self.sliding:
+                window = self.args.sliding_window if sliding else None
+                masks[sliding] = create_attention_mask(
+                    h, cache[self.sliding.index(sliding)], window_size=window)
+        for layer, sliding, layer_cache in zip(self.layers, self.sliding, cache):
+            h = layer(h, masks[sliding], layer_cache)
+        return self.norm(h) if "norm" in self else h
+
+
+class Model(nn.Module):
+    r"""The LocalNorm transformer (mlx-lm model interface).
+
+    .. math:: \mathrm{logits} = W_{out}\, N_f(\mathrm{block}_L(\cdots \mathrm{block}_1(E[x])))
+
+    Blocks come from ``ln.placements`` (Post/Pre/Mix/Peri/Sandwich/LN-Scaling with any norm
+    of ``ln.NORMS``, nGPT arXiv 2410.01131, anGPT arXiv 2505.22014). nGPT/anGPT scale the
+    logits by ``s_z`` (stored at ``1/sqrt(D)``, used as ``p * sqrt(D)``) and keep their
+    weights on (in) the unit sphere: call :meth:`project_weights` after every optimizer step.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = LocalNormModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.hypersphere:
+            self.s_z, self.s_z_factor = scaled_vector(args.vocab_size, 1.0,
+                                                      args.hidden_size**-0.5)
+            self.project_weights()
+
+    def __call__(self, inputs: mx.array, cache=None,
+                 input_embeddings: mx.array | None = None) -> mx.array:
+        if input_embeddings is None:
+            _check_tokens(inputs)
+        h = self.model(inputs, cache, input_embeddings)
+        if self.args.tie_word_embeddings:
+            logits = self.model.embed_tokens.as_linear(h)
+        else:
+            logits = self.lm_head(h)
+        if "s_z" in self:
+            logits = logits * (self.s_z * self.s_z_factor).astype(logits.dtype)
+        return logits
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return self.model.layers
+
+    def make_cache(self) -> list:
+        """mlx-lm caches: ``RotatingKVCache`` for sliding-window blocks, ``KVCache`` otherwise."""
+        return [RotatingKVCache(max_size=self.args.sliding_window) if sliding else KVCache()
+                for sliding in self.model.sliding]
+
+    def sanitize(self, weights: dict) -> dict:
+        """Drop what mlx-lm checkpoints may carry but this model does not use."""
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        return weights
+
+    def aux_loss(self) -> mx.array:
+        """The MoE load-balance loss of the last forward pass (0 for a dense model).
+
+        Call it inside the same loss function as the forward pass, so it is differentiated
+        (and compiled) with it.
+        """
+        losses = [layer.mlp._aux_loss for layer in self.layers if isinstance(layer.mlp, MoE)]
+        return sum(losses, mx.array(0.0))
+
+    def project_weights(self) -> None:
+        """nGPT: normalize, anGPT: constrain the residual weights to the unit sphere (else no-op)."""
+        if self.args.placement == "ngpt":
+            project_weights(self, mode="normalize")
+        elif self.args.placement == "angpt":
+            project_weights(self, mode="constrain")
