@@ -3,10 +3,12 @@
 All norms act on the last axis, take any leading shape, keep the input dtype and compute
 their statistics in float32.
 
-NaN and inf are not masked: a row holding NaN or +-inf gives NaN in every output of that row
-for the norms with statistics (RMSNorm, LayerNorm, SeeDNorm, PatchNorm, L2Norm); DyT maps
-+-inf to ``+-weight + bias`` and keeps NaN elementwise; ApproxNorm only scales. Check inputs
-with ``mx.isfinite`` upstream if they may be non-finite.
+NaN and inf are not masked or reported (checking would cost a pass over the data). For the
+norms with row statistics (RMSNorm, LayerNorm, SeeDNorm, PatchNorm, L2Norm) a NaN anywhere in
+a row makes the whole output row NaN. A +-inf makes the whole row NaN for LayerNorm and
+SeeDNorm; RMSNorm, PatchNorm and L2Norm give NaN at the inf entry and 0 (``x / inf``) at the
+others. DyT works elementwise: +-inf maps to ``+-weight + bias``, NaN stays NaN; ApproxNorm
+only scales. Check inputs with ``mx.isfinite`` upstream if they may be non-finite.
 """
 
 from .approx import ApproxNorm, nu_activation, nu_lerp, nu_linear
