@@ -1,0 +1,12 @@
+"""Fused Metal kernels for SeeDNorm, PatchNorm and RMSNorm, with custom VJPs.
+
+Each function takes ``backend="auto" | "metal" | "ops" | "emulate"``: Metal on a Mac, the plain
+MLX ops twin elsewhere, or the same Metal source run on the CPU by :mod:`mlx_localnorm.emulate`.
+``MLX_LOCALNORM_BACKEND`` overrides the choice for a whole run.
+"""
+
+from ._launch import BACKEND_ENV, BACKENDS, resolve_backend
+from .patchnorm import patchnorm
+from .seednorm import rms_norm, seednorm
+
+__all__ = ["BACKENDS", "BACKEND_ENV", "patchnorm", "resolve_backend", "rms_norm", "seednorm"]

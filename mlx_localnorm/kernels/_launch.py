@@ -1,0 +1,95 @@
+"""Backend choice, kernel objects built once per variant, and the launch geometry.
+
+The kernel bodies live in ``metal/*.metal`` beside the package; ``metal/common.h`` is passed as
+``header=``. A variant of a body is selected by ``#define`` lines put in front of it (its
+inputs and outputs differ), and each variant gets its own kernel name.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+
+BACKENDS = ("auto", "metal", "ops", "emulate")
+BACKEND_ENV = "MLX_LOCALNORM_BACKEND"
+METAL_DIR = Path(__file__).resolve().parents[2] / "metal"
+KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+
+N_READS = 4  # elements per thread per iteration of the register tile (MLX's RMS_N_READS)
+MAX_THREADS = 1024  # Metal's threadgroup limit
+MAX_ITERS = 8  # register tile of at most 8 x 4 values per thread: rows up to 32768 wide
+MAX_DIMS = MAX_THREADS * N_READS * MAX_ITERS
+
+
+def resolve_backend(backend: str) -> str:
+    """``"metal"``, ``"ops"`` or ``"emulate"``: the env var wins, ``"auto"`` picks Metal if present."""
+    forced = os.environ.get(BACKEND_ENV)
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {forced!r}")
+        backend = forced
+    elif backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "metal" if mx.metal.is_available() else "ops"
+    if backend == "metal" and not mx.metal.is_available():
+        raise ValueError(
+            "backend='metal' needs a Metal GPU but mx.metal.is_available() is False; "
+            "use backend='ops' (plain MLX ops) or 'emulate' (the Metal source on the CPU)"
+        )
+    return backend
+
+
+_warned: set[str] = set()
+
+
+def warn_fallback(what: str, reason: str) -> None:
+    """Say once per (kernel, reason) that the ops twin runs instead of the kernel."""
+    key = f"{what}: {reason}"
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"{what}: {reason}; using the MLX ops twin instead", stacklevel=3)
+
+
+@functools.cache
+def _read(filename: str) -> str:
+    path = METAL_DIR / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"Metal kernel source {path} is missing (metal/ must sit beside "
+                                f"the mlx_localnorm package)")
+    return path.read_text()
+
+
+@functools.cache
+def kernel(name: str, body: str, backend: str, input_names: tuple[str, ...],
+           output_names: tuple[str, ...], defines: tuple[tuple[str, int], ...] = ()):
+    """The kernel object of one variant, built once: Metal's on a Mac, the CPU emulator's otherwise."""
+    if backend == "metal":
+        factory = mx.fast.metal_kernel
+    else:
+        from ..emulate import metal_kernel as factory
+    prefix = "".join(f"#define {key} {value}\n" for key, value in defines)
+    return factory(
+        name=f"mlx_localnorm_{name}",
+        input_names=list(input_names),
+        output_names=list(output_names),
+        source=prefix + _read(body),
+        header=_read("common.h"),
+    )
+
+
+def tile(dims: int) -> tuple[int, int]:
+    """(iterations, threads) of the register tile that covers a row of ``dims`` elements once."""
+    iters = math.ceil(dims / (MAX_THREADS * N_READS))
+    threads = 32 * math.ceil(math.ceil(dims / (N_READS * iters)) / 32)
+    return iters, threads
+
+
+def consts(*values: float) -> mx.array:
+    """Float scalars for a kernel, in one small float32 array (``constant`` address space)."""
+    return mx.array(values, dtype=mx.float32)

@@ -1,0 +1,142 @@
+"""Fused PatchNorm division (arXiv 2512.22247) with a custom VJP.
+
+``z_p = (W x)_p / d_p + b`` (mode "rms", ``d_p = sqrt(mean(P_p(x)^2) + eps)``) or
+``((W x)_p + b) / d_p`` (mode "affine", ``d_p = sqrt(||P_p(x)||^2 + 1)``). The linear map stays
+an MLX matmul (or a gain multiply); the kernels fuse what plain ops spread over several passes:
+the per-position sum of squares, its patch window and the division, and their backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import mlx.core as mx
+
+from .. import norms
+from ..norms._checks import check_input, check_param
+from ..norms.patch import _check_patch
+from ._launch import (
+    KERNEL_DTYPES,
+    MAX_DIMS,
+    N_READS,
+    consts,
+    kernel,
+    resolve_backend,
+    tile,
+    warn_fallback,
+)
+
+
+def _rows_launch(rows: int, dims: int) -> dict:
+    iters, threads = tile(dims)
+    return dict(grid=(rows * threads, 1, 1), threadgroup=(threads, 1, 1), iters=iters)
+
+
+@functools.cache
+def _fused(eps: float, patch_size: int, patch_ndim: int, affine: bool, count: int, backend: str):
+    """``u / d(x)`` as an ``mx.custom_function`` of ``(x, u)`` for one configuration."""
+    defines = (("PATCH_NDIM", patch_ndim),)
+    sumsq = kernel("patch_sumsq", "patch_sumsq.metal", backend, ("x",), ("sum_sq",))
+    divide = kernel(f"patch_divide_{patch_ndim}d", "patch_divide.metal", backend,
+                    ("u", "sum_sq", "consts"), ("y", "inv_d"), defines)
+    divide_bwd = kernel("patch_divide_bwd", "patch_divide_bwd.metal", backend,
+                        ("u", "cotangent", "inv_d", "consts"), ("grad_u", "grad_sum_sq"))
+    window_bwd = kernel(f"patch_window_bwd_{patch_ndim}d", "patch_window_bwd.metal", backend,
+                        ("x", "grad_sum_sq", "consts"), ("grad_x",), defines)
+    # consts: eps, count (mode rms), 1 / (2 n) with n = count (rms) or 1 (affine)
+    scalars = consts(eps, count, 0.5 if affine else 0.5 / count)
+
+    def template(a: mx.array, iters: int) -> list:
+        return [("T", a.dtype), ("N_READS", N_READS), ("ITERS", iters), ("PATCH", patch_size),
+                ("PATCH_NDIM", patch_ndim), ("AFFINE", affine)]
+
+    @mx.custom_function
+    def fused(x, u):
+        grid_shape = x.shape[:-1] or (1,)
+        rows = math.prod(grid_shape)
+        geo = _rows_launch(rows, x.shape[-1])
+        (ss,) = sumsq(inputs=[x.reshape(rows, -1)], template=template(x, geo["iters"]),
+                      grid=geo["grid"], threadgroup=geo["threadgroup"],
+                      output_shapes=[(rows,)], output_dtypes=[mx.float32])
+        geo = _rows_launch(rows, u.shape[-1])
+        y, inv_d = divide(inputs=[u.reshape(rows, -1), ss.reshape(grid_shape), scalars],
+                          template=template(u, geo["iters"]), grid=geo["grid"],
+                          threadgroup=geo["threadgroup"],
+                          output_shapes=[(rows, u.shape[-1]), (rows,)],
+                          output_dtypes=[u.dtype, mx.float32])
+        return y.reshape(u.shape), inv_d
+
+    @fused.vjp
+    def fused_vjp(primals, cotangents, outputs):
+        x, u = primals
+        grid_shape = x.shape[:-1] or (1,)
+        rows = math.prod(grid_shape)
+        geo = _rows_launch(rows, u.shape[-1])
+        grad_u, grad_ss = divide_bwd(
+            inputs=[u.reshape(rows, -1), cotangents[0].reshape(rows, -1), outputs[1], scalars],
+            template=template(u, geo["iters"]), grid=geo["grid"], threadgroup=geo["threadgroup"],
+            output_shapes=[(rows, u.shape[-1]), (rows,)], output_dtypes=[u.dtype, mx.float32])
+        geo = _rows_launch(rows, x.shape[-1])
+        (grad_x,) = window_bwd(
+            inputs=[x.reshape(rows, -1), grad_ss.reshape(grid_shape), scalars],
+            template=template(x, geo["iters"]), grid=geo["grid"], threadgroup=geo["threadgroup"],
+            output_shapes=[(rows, x.shape[-1])], output_dtypes=[x.dtype])
+        return grad_x.reshape(x.shape), grad_u.reshape(u.shape)
+
+    return fused
+
+
+def patchnorm(
+    x: mx.array,
+    weight: mx.array,
+    bias: mx.array | None = None,
+    eps: float = 1e-6,
+    patch_size: int = 1,
+    patch_ndim: int = 1,
+    mode: str = "rms",
+    backend: str = "auto",
+) -> mx.array:
+    """PatchNorm with the patch divisor fused: ``z_p = (W x)_p / d_p + b`` (arXiv 2512.22247).
+
+    Same arguments and values as :func:`mlx_localnorm.norms.patchnorm` (``weight`` a gain
+    ``(D,)`` or a matrix ``(D_out, D)``; mode ``"affine"`` puts the bias inside the division),
+    plus ``backend`` as in :func:`seednorm`.
+    """
+    owner = "kernels.patchnorm"
+    check_input(x, None, owner)
+    dims = x.shape[-1]
+    _check_patch(x, patch_size, patch_ndim, mode, eps, owner)
+    if weight.ndim == 1:
+        check_param(weight, (dims,), "weight", owner)
+    elif weight.ndim != 2 or weight.shape[1] != dims:
+        raise ValueError(f"{owner}: weight must have shape ({dims},) or (out, {dims}), "
+                         f"got {tuple(weight.shape)}")
+    check_param(bias, (weight.shape[0],), "bias", owner)
+
+    chosen = resolve_backend(backend)
+    reason = None
+    if chosen != "ops":
+        if x.dtype not in KERNEL_DTYPES:
+            reason = f"input dtype {x.dtype} is not float32/float16/bfloat16"
+        elif x.size == 0:
+            reason = "the input is empty"
+        elif max(dims, weight.shape[0]) > MAX_DIMS:
+            reason = f"a feature axis is wider than {MAX_DIMS}"
+        if reason:
+            warn_fallback(owner, reason)
+    if chosen == "ops" or reason:
+        return norms.patchnorm(x, weight, bias, eps, patch_size, patch_ndim, mode)
+
+    # The linear map in MLX ops, in float32 like the ops twin; the kernels fuse the division.
+    xf = x.astype(mx.float32)
+    u = xf * weight if weight.ndim == 1 else xf @ weight.T
+    affine = mode == "affine"
+    if bias is not None and affine:
+        u = u + bias
+    fused = _fused(float(eps), patch_size, patch_ndim, affine, dims * patch_size**patch_ndim,
+                   chosen)
+    y = fused(x, u)[0]
+    if bias is not None and not affine:
+        y = y + bias
+    return y.astype(x.dtype)

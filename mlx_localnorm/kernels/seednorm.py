@@ -1,0 +1,202 @@
+"""Fused SeeDNorm (arXiv 2510.22777) and RMSNorm (arXiv 1910.07467) with custom VJPs.
+
+Forward: ``s_k = tanh(c <x_k, beta_k>)``, ``y_k = (gamma_k + alpha_k s_k) x_k / RMS(x)``, one
+read of x and one write of y, statistics saved in float32. Backward: dx in one pass from those
+statistics, parameter gradients as float32 partial sums per block of rows plus a column sum.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import mlx.core as mx
+
+from .. import norms
+from ..norms._checks import check_choice, check_eps, check_heads, check_input, check_param
+from ..norms.seed import DOT_SCALES
+from ._launch import (
+    KERNEL_DTYPES,
+    MAX_DIMS,
+    N_READS,
+    consts,
+    kernel,
+    resolve_backend,
+    tile,
+    warn_fallback,
+)
+
+MAX_HEADS = 16  # per-head statistics live in registers and one 32-float partial slot each
+ROWS_PER_GROUP = 64  # rows per threadgroup: parameters are read once per 64 rows
+
+
+def _unsupported(x: mx.array, params: list[mx.array], num_heads: int) -> str | None:
+    """Why the kernel cannot take this call, or None."""
+    if x.dtype not in KERNEL_DTYPES:
+        return f"input dtype {x.dtype} is not float32/float16/bfloat16"
+    if len({p.dtype for p in params}) > 1 or params[0].dtype not in KERNEL_DTYPES:
+        return f"parameter dtypes {[p.dtype for p in params]} differ or are not floating"
+    if x.size == 0:
+        return "the input is empty"
+    if x.shape[-1] > MAX_DIMS:
+        return f"last axis {x.shape[-1]} is wider than {MAX_DIMS}"
+    if num_heads > MAX_HEADS:
+        return f"num_heads={num_heads} is more than {MAX_HEADS}"
+    return None
+
+
+def _geometry(rows: int, dims: int) -> dict:
+    iters, threads = tile(dims)
+    groups = math.ceil(rows / ROWS_PER_GROUP)
+    return dict(iters=iters, grid=(groups * threads, 1, 1), threadgroup=(threads, 1, 1),
+                groups=groups)
+
+
+@functools.cache
+def _fused(eps: float, num_heads: int, dot_scale: float, head_rms: bool, residual: bool,
+           frozen: bool, dynamic: bool, backend: str):
+    """The ``mx.custom_function`` of one configuration; primals ``(x, [residual], params...)``."""
+    nstat = (2 if dynamic else 1) * num_heads
+    params = ("weight", "alpha", "beta") if dynamic else ("weight",)
+    norm = "seednorm" if dynamic else "rmsnorm"
+    defines = (("DYNAMIC", int(dynamic)), ("RESIDUAL", int(residual)))
+    fwd_inputs = ("x",) + (("residual",) if residual else ()) + params + ("consts",)
+    fwd_outputs = (("h",) if residual else ()) + ("y", "stats")
+    fwd = kernel(f"{norm}_fwd{'_residual' if residual else ''}", "seednorm_fwd.metal", backend,
+                 fwd_inputs, fwd_outputs, defines)
+    bwd_inputs = ("x",) + params + ("cotangent",) + (("grad_h",) if residual else ()) + (
+        "stats", "consts")
+    bwd_outputs = ("grad_x",) + (() if frozen else ("param_partials",))
+    bwd = kernel(
+        f"{norm}_bwd{'_residual' if residual else ''}{'_frozen' if frozen else ''}",
+        "seednorm_bwd.metal", backend, bwd_inputs, bwd_outputs,
+        defines + (("PARAM_GRADS", int(not frozen)),),
+    )
+    colsum = kernel("column_sum", "column_sum.metal", backend, ("partials",), ("out",))
+    scalars = consts(eps, dot_scale)
+
+    def template(x: mx.array, weight: mx.array, iters: int) -> list:
+        return [("T", x.dtype), ("TW", weight.dtype), ("N_READS", N_READS), ("ITERS", iters),
+                ("HEADS", num_heads), ("HEAD_RMS", head_rms)]
+
+    @mx.custom_function
+    def fused(*primals):
+        x, rest = primals[0], list(primals[1:])
+        r = rest.pop(0) if residual else None
+        rows, dims = math.prod(x.shape[:-1]), x.shape[-1]
+        geo = _geometry(rows, dims)
+        x2 = x.reshape(rows, dims)
+        inputs = [x2] + ([r.reshape(rows, dims)] if residual else []) + rest + [scalars]
+        shapes = ([(rows, dims)] if residual else []) + [(rows, dims), (rows, nstat)]
+        dtypes = ([x.dtype] if residual else []) + [x.dtype, mx.float32]
+        outs = fwd(inputs=inputs, template=template(x, rest[0], geo["iters"]),
+                   grid=geo["grid"], threadgroup=geo["threadgroup"],
+                   output_shapes=shapes, output_dtypes=dtypes)
+        return tuple(o.reshape(x.shape) for o in outs[:-1]) + (outs[-1],)
+
+    @fused.vjp
+    def fused_vjp(primals, cotangents, outputs):
+        x, rest = primals[0], list(primals[1:])
+        if residual:
+            rest.pop(0)
+        rows, dims = math.prod(x.shape[:-1]), x.shape[-1]
+        geo = _geometry(rows, dims)
+        # With a residual the kernel normalized h = x + r: differentiate at h, then add dL/dh.
+        source = outputs[0] if residual else x
+        grad_y = cotangents[1] if residual else cotangents[0]
+        extra = [cotangents[0].reshape(rows, dims)] if residual else []
+        inputs = ([source.reshape(rows, dims)] + rest + [grad_y.reshape(rows, dims)] + extra
+                  + [outputs[-1], scalars])
+        shapes = [(rows, dims)] + ([] if frozen else [(geo["groups"], len(params) * dims)])
+        dtypes = [x.dtype] + ([] if frozen else [mx.float32])
+        outs = bwd(inputs=inputs, template=template(x, rest[0], geo["iters"]),
+                   grid=geo["grid"], threadgroup=geo["threadgroup"],
+                   output_shapes=shapes, output_dtypes=dtypes)
+        grad_x = outs[0].reshape(x.shape)
+        if frozen:
+            grads = [mx.zeros_like(p) for p in rest]
+        else:
+            width = len(params) * dims
+            (total,) = colsum(inputs=[outs[1]], template=[("TW", rest[0].dtype)],
+                              grid=(width, 1, 1), threadgroup=(min(256, width), 1, 1),
+                              output_shapes=[(width,)], output_dtypes=[rest[0].dtype])
+            grads = [total[i * dims:(i + 1) * dims] for i in range(len(params))]
+        return tuple([grad_x] + ([grad_x] if residual else []) + grads)
+
+    return fused
+
+
+def seednorm(
+    x: mx.array,
+    weight: mx.array,
+    alpha: mx.array,
+    beta: mx.array,
+    eps: float = 1e-6,
+    num_heads: int = 1,
+    residual: mx.array | None = None,
+    backend: str = "auto",
+    dot_scale: str = "none",
+    head_rms: bool = False,
+    frozen: bool = False,
+) -> mx.array | tuple[mx.array, mx.array]:
+    """SeeDNorm, fused: ``y_k = (weight_k + alpha_k tanh(c <x_k, beta_k>)) x_k / RMS(x)``.
+
+    arXiv 2510.22777. Same values as :func:`mlx_localnorm.norms.seednorm` (the ops twin, with
+    the same ``dot_scale`` and ``head_rms`` options). With ``residual`` it normalizes
+    ``h = x + residual`` in the same pass and returns ``(h, y)``. ``frozen=True`` treats the
+    parameters as constants (LoRA, QAT): their gradients are zero and the backward kernel
+    skips them. ``backend``: ``"auto"`` (Metal on a Mac, ops elsewhere), ``"metal"``,
+    ``"ops"`` or ``"emulate"`` (the Metal source run on the CPU; eager only, not inside
+    ``mx.compile``); the environment variable ``MLX_LOCALNORM_BACKEND`` overrides it.
+    """
+    owner = "kernels.seednorm"
+    check_input(x, None, owner)
+    dims = x.shape[-1]
+    for name, p in (("weight", weight), ("alpha", alpha), ("beta", beta)):
+        check_input(p, dims, f"{owner} ({name})")
+        check_param(p, (dims,), name, owner)
+    check_eps(eps, owner)
+    check_heads(num_heads, dims, owner)
+    check_choice(dot_scale, DOT_SCALES, "dot_scale", owner)
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"{owner}: residual must match x (shape {x.shape}, {x.dtype}), "
+                         f"got {residual.shape}, {residual.dtype}")
+
+    chosen = resolve_backend(backend)
+    reason = None if chosen == "ops" else _unsupported(x, [weight, alpha, beta], num_heads)
+    if reason:
+        warn_fallback(owner, reason)
+    if chosen == "ops" or reason:
+        h = x if residual is None else x + residual
+        y = norms.seednorm(h, weight, alpha, beta, eps, num_heads, dot_scale, head_rms)
+        return y if residual is None else (h, y)
+
+    scale = (dims // num_heads) ** -0.5 if dot_scale == "rsqrt_d" else 1.0
+    fused = _fused(float(eps), num_heads, scale, bool(head_rms), residual is not None,
+                   bool(frozen), True, chosen)
+    if residual is None:
+        return fused(x, weight, alpha, beta)[0]
+    h, y, _ = fused(x, residual, weight, alpha, beta)
+    return h, y
+
+
+def rms_norm(x: mx.array, weight: mx.array, eps: float = 1e-6, backend: str = "auto",
+             frozen: bool = False) -> mx.array:
+    """RMSNorm from the SeeDNorm template without the dynamic scale: ``y = weight x / RMS(x)``.
+
+    arXiv 1910.07467. The baseline that measures the template against ``mx.fast.rms_norm``
+    (which is also its ops twin).
+    """
+    owner = "kernels.rms_norm"
+    check_input(x, None, owner)
+    check_input(weight, x.shape[-1], f"{owner} (weight)")
+    check_param(weight, (x.shape[-1],), "weight", owner)
+    check_eps(eps, owner)
+    chosen = resolve_backend(backend)
+    reason = None if chosen == "ops" else _unsupported(x, [weight], 1)
+    if reason:
+        warn_fallback(owner, reason)
+    if chosen == "ops" or reason:
+        return norms.rms_norm(x, weight, eps)
+    fused = _fused(float(eps), 1, 1.0, False, False, bool(frozen), False, chosen)
+    return fused(x, weight)[0]
