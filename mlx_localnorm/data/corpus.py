@@ -50,7 +50,9 @@ def load_corpus(source: Source = None, valid_fraction: float = 0.05) -> Corpus:
             training.
     """
     if not isinstance(valid_fraction, (int, float)) or not 0 <= valid_fraction < 1:
-        raise ValueError(f"load_corpus(valid_fraction=...) must be in [0, 1), got {valid_fraction!r}")
+        raise ValueError(
+            f"load_corpus(valid_fraction=...) must be in [0, 1), got {valid_fraction!r}"
+        )
     if source is None or (isinstance(source, str) and source == DEFAULT_CORPUS):
         return _shakespeare()
     paths = [source] if isinstance(source, (str, os.PathLike)) else list(source)
@@ -85,24 +87,30 @@ def _shakespeare() -> Corpus:
 
 def _hash_split(names: list[str], valid_fraction: float) -> list[bool]:
     """Per document, whether it is held out: its name's hash lies below ``valid_fraction``."""
-    position = [int.from_bytes(hashlib.sha256(n.encode()).digest()[:8], "big") / 2**64 for n in names]
+    position = [
+        int.from_bytes(hashlib.sha256(n.encode()).digest()[:8], "big") / 2**64 for n in names
+    ]
     is_valid = [p < valid_fraction for p in position]
-    if len(names) >= 2 and valid_fraction > 0:
-        if not any(is_valid):
-            is_valid[position.index(min(position))] = True
-        if all(is_valid):
-            is_valid[position.index(max(position))] = False
+    if names and all(is_valid):
+        is_valid[position.index(max(position))] = False
+    if len(names) >= 2 and valid_fraction > 0 and not any(is_valid):
+        is_valid[position.index(min(position))] = True
     return is_valid
 
 
 def _read_source(path: Path) -> list[tuple[str, str]]:
     """(name, text) for every document under ``path``; names are paths relative to a folder."""
     if not path.exists():
-        raise FileNotFoundError(f"corpus source {str(path)!r} does not exist (expected a .txt or "
-                                f".jsonl file or a folder of them)")
+        raise FileNotFoundError(
+            f"corpus source {str(path)!r} does not exist (expected a .txt or "
+            f".jsonl file or a folder of them)"
+        )
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES
-                       and not p.name.startswith("."))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and p.suffix in TEXT_SUFFIXES and not p.name.startswith(".")
+        )
         if not files:
             raise ValueError(f"corpus folder {str(path)!r} has no .txt or .jsonl files")
         docs = [doc for f in files for doc in _read_file(f, f.relative_to(path).as_posix())]
@@ -110,7 +118,9 @@ def _read_source(path: Path) -> list[tuple[str, str]]:
             raise ValueError(f"corpus folder {str(path)!r} holds only empty files")
         return docs
     if path.suffix not in TEXT_SUFFIXES:
-        raise ValueError(f"corpus file {str(path)!r} must end in .txt or .jsonl, got {path.suffix!r}")
+        raise ValueError(
+            f"corpus file {str(path)!r} must end in .txt or .jsonl, got {path.suffix!r}"
+        )
     docs = list(_read_file(path, path.name))
     if not docs:
         raise ValueError(f"corpus file {str(path)!r} is empty")
@@ -131,17 +141,21 @@ def _read_file(path: Path, name: str) -> Iterator[tuple[str, str]]:
                     if text.strip():
                         yield f"{name}:{lineno}", text.replace("\r\n", "\n")
     except UnicodeDecodeError as e:
-        raise ValueError(f"corpus file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise ValueError(
+            f"corpus file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from None
 
 
 def _jsonl_text(line: str, where: str) -> str:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not a JSON object ({e.msg}); expected {{\"text\": \"...\"}}") from None
+        raise ValueError(
+            f'{where}: not a JSON object ({e.msg}); expected {{"text": "..."}}'
+        ) from None
     if not isinstance(record, dict) or "text" not in record:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{where}: JSONL record has no \"text\" field (got {keys})")
+        raise ValueError(f'{where}: JSONL record has no "text" field (got {keys})')
     if not isinstance(record["text"], str):
-        raise ValueError(f"{where}: \"text\" must be a string, got {type(record['text']).__name__}")
+        raise TypeError(f'{where}: "text" must be a string, got {type(record["text"]).__name__}')
     return record["text"]

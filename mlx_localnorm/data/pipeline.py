@@ -48,25 +48,38 @@ def prepare_data(
     else:
         tokenizer = train_tokenizer(corpus.train, out_dir, vocab_size, model_type)
     train = _tokens(corpus.train, tokenizer, out_dir / "train.bin", corpus.source)
-    valid = _tokens(corpus.valid, tokenizer, out_dir / "valid.bin", corpus.source) if corpus.valid else None
+    valid = (
+        _tokens(corpus.valid, tokenizer, out_dir / "valid.bin", corpus.source)
+        if corpus.valid
+        else None
+    )
     return PreparedData(tokenizer, train, valid)
 
 
-def _check_reused_tokenizer(tokenizer: spm.SentencePieceProcessor, out_dir: Path, vocab_size: int,
-                            model_type: str) -> None:
+def _check_reused_tokenizer(
+    tokenizer: spm.SentencePieceProcessor, out_dir: Path, vocab_size: int, model_type: str
+) -> None:
     proto = sp_pb2.ModelProto()
     proto.ParseFromString(tokenizer.serialized_model_proto())
     saved_type = sp_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type).lower()
     if (tokenizer.vocab_size(), saved_type) != (vocab_size, model_type):
-        raise ValueError(f"{out_dir / SPM_FILE} has vocab_size={tokenizer.vocab_size()}, "
-                         f"model_type={saved_type!r}, but vocab_size={vocab_size}, "
-                         f"model_type={model_type!r} was asked: use another out_dir or the same settings")
+        raise ValueError(
+            f"{out_dir / SPM_FILE} has vocab_size={tokenizer.vocab_size()}, "
+            f"model_type={saved_type!r}, but vocab_size={vocab_size}, "
+            f"model_type={model_type!r} was asked: use another out_dir or the same settings"
+        )
 
 
-def _tokens(texts: list[str], tokenizer: spm.SentencePieceProcessor, path: Path, source: str) -> TokenFile:
+def _tokens(
+    texts: list[str], tokenizer: spm.SentencePieceProcessor, path: Path, source: str
+) -> TokenFile:
     if path.is_file() and manifest_path_for(path).is_file():
         existing = TokenFile(path)
         m = existing.manifest
-        if (m["tokenizer_sha256"], m["source"], m["documents"]) == (tokenizer_hash(tokenizer), source, len(texts)):
+        if (m["tokenizer_sha256"], m["source"], m["documents"]) == (
+            tokenizer_hash(tokenizer),
+            source,
+            len(texts),
+        ):
             return existing
     return write_tokens(texts, tokenizer, path, source=source)

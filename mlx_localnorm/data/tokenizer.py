@@ -29,7 +29,11 @@ from ._io import atomic_write_bytes
 MODEL_TYPES = ("bpe", "unigram")
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 SPM_FILE = "tokenizer.model"
-_NORMAL, _USER_DEFINED = sp_pb2.ModelProto.SentencePiece.NORMAL, sp_pb2.ModelProto.SentencePiece.USER_DEFINED
+MAX_TRAINING_LINES = 10_000_000
+_NORMAL, _USER_DEFINED = (
+    sp_pb2.ModelProto.SentencePiece.NORMAL,
+    sp_pb2.ModelProto.SentencePiece.USER_DEFINED,
+)
 
 
 def train_tokenizer(
@@ -42,7 +46,8 @@ def train_tokenizer(
 
     Ids 0-3 are ``<unk> <s> </s> <pad>``, then 256 byte pieces ``<0x00>``..``<0xFF>`` for
     byte fallback, then the learned pieces. Newlines are not pieces: they encode as the
-    byte ``<0x0A>``, as in Llama's tokenizer. Training reads the texts line by line.
+    byte ``<0x0A>``, as in Llama's tokenizer. Training reads the texts line by line (a
+    seeded sample of ``MAX_TRAINING_LINES`` lines if there are more), and is deterministic.
 
     Args:
         texts: training documents (the corpus' ``train`` split).
@@ -53,12 +58,20 @@ def train_tokenizer(
     Returns:
         The trained ``sentencepiece.SentencePieceProcessor``.
     """
+    if isinstance(texts, str):
+        raise TypeError("train_tokenizer(texts=...) expects an iterable of documents, got one str")
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"train_tokenizer(model_type=...) must be one of {MODEL_TYPES}, got {model_type!r}")
+        raise ValueError(
+            f"train_tokenizer(model_type=...) must be one of {MODEL_TYPES}, got {model_type!r}"
+        )
     if not isinstance(vocab_size, int) or vocab_size < 261:
-        raise ValueError(f"train_tokenizer(vocab_size=...) must be an int >= 261 (4 special + 256 "
-                         f"byte pieces + 1), got {vocab_size!r}")
+        raise ValueError(
+            f"train_tokenizer(vocab_size=...) must be an int >= 261 (4 special + 256 "
+            f"byte pieces + 1), got {vocab_size!r}"
+        )
     model = io.BytesIO()
+    # Past MAX_TRAINING_LINES, sentencepiece samples lines at random: seed it for reproducibility.
+    spm.set_random_generator_seed(0)
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=_lines(texts),
@@ -71,15 +84,24 @@ def train_tokenizer(
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             split_digits=True,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-            unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            unk_piece=UNK,
+            bos_piece=BOS,
+            eos_piece=EOS,
+            pad_piece=PAD,
+            input_sentence_size=MAX_TRAINING_LINES,
             max_sentence_length=1 << 16,
             num_threads=os.cpu_count() or 1,
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise ValueError(f"train_tokenizer(vocab_size={vocab_size}, model_type={model_type!r}) "
-                         f"failed on this text: {e}") from None
+        raise ValueError(
+            f"train_tokenizer(vocab_size={vocab_size}, model_type={model_type!r}) "
+            f"failed on this text: {e}"
+        ) from None
     return save_tokenizer(model.getvalue(), out_dir)
 
 
@@ -96,8 +118,10 @@ def load_tokenizer(path: str | os.PathLike) -> spm.SentencePieceProcessor:
     path = Path(path)
     model_file = path / SPM_FILE if path.is_dir() else path
     if not model_file.is_file():
-        raise FileNotFoundError(f"no sentencepiece model at {str(model_file)!r}; train one with "
-                                f"train_tokenizer(texts, out_dir)")
+        raise FileNotFoundError(
+            f"no sentencepiece model at {str(model_file)!r}; train one with "
+            f"train_tokenizer(texts, out_dir)"
+        )
     return spm.SentencePieceProcessor(model_file=str(model_file))
 
 
@@ -107,8 +131,6 @@ def tokenizer_hash(tokenizer: spm.SentencePieceProcessor) -> str:
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:
-    if isinstance(texts, str):
-        raise TypeError("train_tokenizer(texts=...) expects an iterable of documents, got one str")
     for text in texts:
         for line in text.split("\n"):
             if line.strip():
@@ -120,7 +142,9 @@ def _hf_tokenizer(model_proto: bytes) -> Tokenizer:
 
     Like Llama's ``tokenizer.json``: prepend one ``▁`` (sentencepiece's dummy prefix) and map
     spaces to ``▁``; BPE merges are ranked by the id of the merged piece, which is the
-    order in which sentencepiece's BPE applies them.
+    order in which sentencepiece's BPE applies them. Literal control strings in the text
+    (``<s>``, ``<0x41>``) stay plain text, as in sentencepiece, except with ``unigram``:
+    Hugging Face's Unigram cannot keep control pieces out of its lattice.
     """
     proto = sp_pb2.ModelProto()
     proto.ParseFromString(model_proto)
@@ -134,20 +158,36 @@ def _hf_tokenizer(model_proto: bytes) -> Tokenizer:
             for k in range(1, len(piece))
             if piece[:k] in mergeable and piece[k:] in mergeable
         )
-        model = models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges], unk_token=UNK,
-                           byte_fallback=True, fuse_unk=True)
+        model = models.BPE(
+            vocab=vocab,
+            merges=[(a, b) for *_, a, b in merges],
+            unk_token=UNK,
+            byte_fallback=True,
+            fuse_unk=True,
+        )
     else:
-        model = models.Unigram([(piece, score) for piece, score, _ in pieces], unk_id=0,
-                               byte_fallback=True)
+        model = models.Unigram(
+            [(piece, score) for piece, score, _ in pieces], unk_id=0, byte_fallback=True
+        )
     tok = Tokenizer(model)
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     # mlx-lm recognises exactly this decoder and streams with its SPM detokenizer.
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, proto.trainer_spec.bos_id)]
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
     )
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (UNK, BOS, EOS, PAD)])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A",
+        pair=f"{BOS} $A {BOS} $B",
+        special_tokens=[(BOS, proto.trainer_spec.bos_id)],
+    )
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in (UNK, BOS, EOS, PAD)]
+    )
     return tok
 
 
@@ -156,7 +196,10 @@ def _save_hf_tokenizer(model_proto: bytes, out_dir: Path) -> None:
 
     hf = PreTrainedTokenizerFast(
         tokenizer_object=_hf_tokenizer(model_proto),
-        bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
         clean_up_tokenization_spaces=False,
         split_special_tokens=True,
     )

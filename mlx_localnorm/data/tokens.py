@@ -37,17 +37,23 @@ class TokenFile:
         self.path = Path(path)
         manifest_path = manifest_path_for(self.path)
         if not self.path.is_file() or not manifest_path.is_file():
-            raise FileNotFoundError(f"token file {str(self.path)!r} or its manifest "
-                                    f"{str(manifest_path)!r} is missing; write it with write_tokens()")
+            raise FileNotFoundError(
+                f"token file {str(self.path)!r} or its manifest "
+                f"{str(manifest_path)!r} is missing; write it with write_tokens()"
+            )
         self.manifest = json.loads(manifest_path.read_text())
         if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{manifest_path}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+            raise ValueError(
+                f"{manifest_path}: format {self.manifest.get('format')!r}, expected {FORMAT!r}"
+            )
         dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
         count = self.manifest["count"]
         size = self.path.stat().st_size
         if size != count * dtype.itemsize:
-            raise ValueError(f"token file {str(self.path)!r} has {size} bytes, its manifest says "
-                             f"{count} x {dtype.name} = {count * dtype.itemsize}: rewrite it")
+            raise ValueError(
+                f"token file {str(self.path)!r} has {size} bytes, its manifest says "
+                f"{count} x {dtype.name} = {count * dtype.itemsize}: rewrite it"
+            )
         self.tokens = np.memmap(self.path, dtype=dtype, mode="r", shape=(count,))
 
     def __len__(self) -> int:
@@ -56,16 +62,20 @@ class TokenFile:
     def check_tokenizer(self, tokenizer: spm.SentencePieceProcessor) -> None:
         """Raise ``ValueError`` unless this file was written with ``tokenizer``."""
         if self.manifest["tokenizer_sha256"] != tokenizer_hash(tokenizer):
-            raise ValueError(f"token file {str(self.path)!r} was written with tokenizer "
-                             f"{self.manifest['tokenizer_sha256'][:12]}, not "
-                             f"{tokenizer_hash(tokenizer)[:12]}: rewrite it with write_tokens()")
+            raise ValueError(
+                f"token file {str(self.path)!r} was written with tokenizer "
+                f"{self.manifest['tokenizer_sha256'][:12]}, not "
+                f"{tokenizer_hash(tokenizer)[:12]}: rewrite it with write_tokens()"
+            )
 
 
 def manifest_path_for(path: str | os.PathLike) -> Path:
     """``train.bin`` -> ``train.json``."""
     path = Path(path)
     if path.suffix == ".json":
-        raise ValueError(f"token file path must not end in .json (the manifest's name), got {str(path)!r}")
+        raise ValueError(
+            f"token file path must not end in .json (the manifest's name), got {str(path)!r}"
+        )
     return path.with_suffix(".json")
 
 
@@ -92,7 +102,9 @@ def write_tokens(
     if isinstance(texts, str):
         raise TypeError("write_tokens(texts=...) expects an iterable of documents, got one str")
     if not isinstance(chunk_documents, int) or chunk_documents < 1:
-        raise ValueError(f"write_tokens(chunk_documents=...) must be a positive int, got {chunk_documents!r}")
+        raise ValueError(
+            f"write_tokens(chunk_documents=...) must be a positive int, got {chunk_documents!r}"
+        )
     path, manifest_path = Path(path), manifest_path_for(path)
     vocab_size = tokenizer.vocab_size()
     # Ids are < vocab_size, so uint16 holds every id of a vocabulary up to 2**16.
@@ -131,5 +143,7 @@ def _chunks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
     while chunk := list(islice(it, size)):
         for text in chunk:
             if not isinstance(text, str):
-                raise TypeError(f"write_tokens(texts=...) items must be str, got {type(text).__name__}")
+                raise TypeError(
+                    f"write_tokens(texts=...) items must be str, got {type(text).__name__}"
+                )
         yield chunk
