@@ -20,7 +20,7 @@ are projected per matrix with the same rule. Only mlx is imported.
 from __future__ import annotations
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 CONSTRAINT_MODES = ("normalize", "constrain")

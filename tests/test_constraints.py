@@ -1,6 +1,5 @@
 """Weight constraints (nGPT normalize, anGPT constrain) against float64 NumPy references."""
 
-import mlx_localnorm  # noqa: F401  (must load before mlx.core)
 import mlx.core as mx
 import numpy as np
 import pytest
