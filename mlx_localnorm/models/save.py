@@ -45,7 +45,9 @@ def save_model(model: Model, tokenizer, path: str | Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         save_weights(staging, model)
-        config = dataclasses.asdict(model.args) | {"model_file": MODEL_FILE}
+        # None means "default": leave it out (transformers warns on some null keys).
+        config = {k: v for k, v in dataclasses.asdict(model.args).items() if v is not None}
+        config["model_file"] = MODEL_FILE
         eos = getattr(tokenizer, "eos_token_id", None)
         if eos is not None:
             config["eos_token_id"] = eos
