@@ -361,8 +361,20 @@ def test_token_file_errors(tmp_path):
     tf = write_tokens(["abcdef"], CharTokenizer(1000), tmp_path / "t.bin")
     with pytest.raises(ValueError, match="written with tokenizer"):
         tf.check_tokenizer(CharTokenizer(999))
-    (tmp_path / "t.bin").write_bytes((tmp_path / "t.bin").read_bytes()[:-2])
+    tf.verify()
+    data = bytearray((tmp_path / "t.bin").read_bytes())
+    data[4] ^= 1  # same size, one token changed
+    (tmp_path / "t.bin").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match its manifest's tokens_sha256"):
+        TokenFile(tmp_path / "t.bin").verify()
+    (tmp_path / "t.bin").write_bytes(bytes(data[:-2]))
     with pytest.raises(ValueError, match=r"has 14 bytes, its manifest says 8 x uint16 = 16"):
+        TokenFile(tmp_path / "t.bin")
+    (tmp_path / "t.json").write_text('{"format": "mlx_localnorm.tokens/1", "dtype": "uint16"}')
+    with pytest.raises(ValueError, match=r"t\.json' lacks \['bos_id', 'count'"):
+        TokenFile(tmp_path / "t.bin")
+    (tmp_path / "t.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"t\.json' is not JSON"):
         TokenFile(tmp_path / "t.bin")
 
 
@@ -538,6 +550,13 @@ def test_prepare_data_trains_once_and_reuses(tmp_path, shakespeare):
     assert again.tokenizer.serialized_model_proto() == sp.serialized_model_proto()
     with pytest.raises(ValueError, match=r"vocab_size=400, model_type='bpe', but vocab_size=512"):
         prepare_data(small, out, vocab_size=512)
+    # a token file damaged after writing (same size) is detected and rewritten
+    written = data.train.tokens.tolist()
+    damaged = bytearray((out / "train.bin").read_bytes())
+    damaged[10] ^= 1
+    (out / "train.bin").write_bytes(bytes(damaged))
+    repaired = prepare_data(small, out, vocab_size=400)
+    assert repaired.train.tokens.tolist() == written
     inputs, targets = next(Batches(again.train, batch_size=2, seq_len=16, seed=0))
     assert inputs.shape == targets.shape == (2, 16)
     assert (inputs[:, 1:] == targets[:, :-1]).all().item()

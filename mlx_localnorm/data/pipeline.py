@@ -11,7 +11,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from .corpus import Corpus, Source, load_corpus
 from .tokenizer import SPM_FILE, load_tokenizer, tokenizer_hash, train_tokenizer
-from .tokens import TokenFile, manifest_path_for, write_tokens
+from .tokens import TokenFile, write_tokens
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ def prepare_data(
 
     An existing ``out_dir/tokenizer.model`` is reused, never retrained, so a resumed run
     keeps its ids; it must match ``vocab_size`` and ``model_type``. Token files are reused
-    when their manifest names the same tokenizer, source and document count.
+    when intact (``TokenFile.verify``) and their manifest names the same tokenizer, source
+    and document count; otherwise they are rewritten.
 
     Args:
         source: a :class:`Corpus` or anything ``load_corpus`` accepts (None: Shakespeare).
@@ -73,13 +74,17 @@ def _check_reused_tokenizer(
 def _tokens(
     texts: list[str], tokenizer: spm.SentencePieceProcessor, path: Path, source: str
 ) -> TokenFile:
-    if path.is_file() and manifest_path_for(path).is_file():
+    """Reuse ``path`` if it is intact and holds these documents' tokens, else (re)write it."""
+    wanted = {
+        "tokenizer_sha256": tokenizer_hash(tokenizer),
+        "source": source,
+        "documents": len(texts),
+    }
+    try:
         existing = TokenFile(path)
-        m = existing.manifest
-        if (m["tokenizer_sha256"], m["source"], m["documents"]) == (
-            tokenizer_hash(tokenizer),
-            source,
-            len(texts),
-        ):
-            return existing
+        existing.verify()
+    except (FileNotFoundError, ValueError):
+        return write_tokens(texts, tokenizer, path, source=source)
+    if all(existing.manifest[key] == value for key, value in wanted.items()):
+        return existing
     return write_tokens(texts, tokenizer, path, source=source)

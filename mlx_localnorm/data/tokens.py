@@ -21,6 +21,18 @@ from ._io import atomic_open, atomic_write_bytes
 from .tokenizer import tokenizer_hash
 
 FORMAT = "mlx_localnorm.tokens/1"
+MANIFEST_KEYS = {
+    "format",
+    "dtype",
+    "count",
+    "documents",
+    "vocab_size",
+    "bos_id",
+    "eos_id",
+    "tokenizer_sha256",
+    "tokens_sha256",
+    "source",
+}
 
 
 class TokenFile:
@@ -41,11 +53,20 @@ class TokenFile:
                 f"token file {str(self.path)!r} or its manifest "
                 f"{str(manifest_path)!r} is missing; write it with write_tokens()"
             )
-        self.manifest = json.loads(manifest_path.read_text())
-        if self.manifest.get("format") != FORMAT:
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(
-                f"{manifest_path}: format {self.manifest.get('format')!r}, expected {FORMAT!r}"
+                f"token manifest {str(manifest_path)!r} is not JSON ({e}): rewrite it"
+            ) from None
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            got = self.manifest.get("format") if isinstance(self.manifest, dict) else self.manifest
+            raise ValueError(
+                f"token manifest {str(manifest_path)!r}: format {got!r}, expected {FORMAT!r}"
             )
+        missing = sorted(MANIFEST_KEYS - set(self.manifest))
+        if missing:
+            raise ValueError(f"token manifest {str(manifest_path)!r} lacks {missing}: rewrite it")
         dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
         count = self.manifest["count"]
         size = self.path.stat().st_size
@@ -58,6 +79,21 @@ class TokenFile:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def verify(self) -> None:
+        """Raise ``ValueError`` unless the tokens hash to the manifest's ``tokens_sha256``.
+
+        Reads the whole file (about 1 s per GB): use it before reusing a file of unknown history.
+        """
+        digest = hashlib.sha256()
+        with self.path.open("rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+        if digest.hexdigest() != self.manifest["tokens_sha256"]:
+            raise ValueError(
+                f"token file {str(self.path)!r} does not match its manifest's tokens_sha256: "
+                f"rewrite it with write_tokens()"
+            )
 
     def check_tokenizer(self, tokenizer: spm.SentencePieceProcessor) -> None:
         """Raise ``ValueError`` unless this file was written with ``tokenizer``."""
