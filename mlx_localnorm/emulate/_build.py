@@ -1,0 +1,139 @@
+"""Compile a kernel's C++ translation once, cache the shared library on disk, load it."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+INCLUDE_DIR = Path(__file__).parent / "include"
+CXX_FLAGS = ("-std=c++20", "-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-w")
+
+
+class KernelCompileError(RuntimeError):
+    """The kernel text did not compile as C++ against the Metal shim."""
+
+
+class Buffer(ctypes.Structure):
+    """One kernel argument; mirrors `mlxe::Buffer` in include/mlxe_runtime.h."""
+
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("nbytes", ctypes.c_int64),
+        ("itemsize", ctypes.c_int64),
+        ("name", ctypes.c_char_p),
+        ("dtype", ctypes.c_char_p),
+        ("is_output", ctypes.c_int32),
+        ("ndim", ctypes.c_int32),
+        ("shape", ctypes.POINTER(ctypes.c_int32)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("bytes_read", ctypes.c_int64),
+        ("bytes_written", ctypes.c_int64),
+    ]
+
+
+def cache_dir() -> Path:
+    """`$MLX_LOCALNORM_CACHE/emulate`, else `$XDG_CACHE_HOME` or `~/.cache` /mlx_localnorm/emulate."""
+    root = os.environ.get("MLX_LOCALNORM_CACHE")
+    if root:
+        return Path(root) / "emulate"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mlx_localnorm" / "emulate"
+
+
+@functools.cache
+def compiler() -> tuple[str, str]:
+    """The C++ compiler (`$CXX` or g++/clang++) and its version string."""
+    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++", "c++"]
+    for name in candidates:
+        path = shutil.which(name)
+        if path:
+            version = subprocess.run(
+                [path, "--version"], capture_output=True, text=True, check=False
+            ).stdout.splitlines()
+            return path, version[0] if version else ""
+    raise RuntimeError(
+        f"the Metal emulator needs a C++20 compiler; none of {candidates} is on PATH "
+        "(install g++ or set CXX)"
+    )
+
+
+@functools.cache
+def _shim_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(INCLUDE_DIR.glob("*.h")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+_loaded: dict[str, ctypes.CDLL] = {}
+_lock = threading.Lock()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _compile(cpp: str, target: Path, kernel: str) -> None:
+    cxx, _ = compiler()
+    source = target.with_suffix(".cpp")
+    _write_atomically(source, cpp.encode())
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        cmd = [cxx, *CXX_FLAGS, f"-I{INCLUDE_DIR}", str(source), "-o", tmp]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            lines = result.stderr.splitlines()
+            shown = "\n".join(lines[:60]) + ("\n..." if len(lines) > 60 else "")
+            raise KernelCompileError(
+                f"kernel '{kernel}' does not compile for the emulator (C++ translation in "
+                f"{source}; 'name:source' line numbers count from the start of `source`):\n{shown}"
+            )
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def load(cpp: str, kernel: str) -> ctypes.CDLL:
+    """The loaded library for `cpp`, compiling it on first use (cached by content hash)."""
+    cxx, version = compiler()
+    key = hashlib.sha256(
+        "\0".join([cpp, _shim_digest(), version, platform.machine(), *CXX_FLAGS]).encode()
+    ).hexdigest()[:32]
+    with _lock:
+        if key in _loaded:
+            return _loaded[key]
+        directory = cache_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / f"{key}.so"
+        if not target.exists():
+            _compile(cpp, target, kernel)
+        lib = ctypes.CDLL(str(target))
+        lib.mlxe_launch.argtypes = [
+            ctypes.POINTER(Buffer),
+            ctypes.c_int,
+            ctypes.POINTER(ctypes.c_int64),
+            ctypes.POINTER(ctypes.c_int64),
+            ctypes.c_uint64,
+            ctypes.c_char_p,
+            ctypes.c_int64,
+        ]
+        lib.mlxe_launch.restype = ctypes.c_int
+        _loaded[key] = lib
+        return lib

@@ -1,0 +1,314 @@
+"""`metal_kernel`: a CPU twin of `mx.fast.metal_kernel` that runs the same Metal body text."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from . import _build
+from ._translate import KernelSpec, InputSpec, cpp_source, metal_source, type_string
+
+MAX_THREADS_PER_THREADGROUP = 1024
+_ALIGNMENT = 64
+_INT_POISON = 0xA5
+_launch_lock = threading.Lock()
+
+_NUMPY_STORAGE = {
+    mx.float32: np.float32,
+    mx.float16: np.float16,
+    mx.bfloat16: np.uint16,  # bfloat16 travels as its bits
+    mx.float64: np.float64,
+    mx.bool_: np.bool_,
+    mx.int8: np.int8,
+    mx.int16: np.int16,
+    mx.int32: np.int32,
+    mx.int64: np.int64,
+    mx.uint8: np.uint8,
+    mx.uint16: np.uint16,
+    mx.uint32: np.uint32,
+    mx.uint64: np.uint64,
+}
+_FLOATING = (mx.float32, mx.float16, mx.bfloat16, mx.float64)
+
+
+class EmulatorError(RuntimeError):
+    """A kernel fault found while running it: out-of-bounds access, missed barrier, ..."""
+
+
+@dataclass(frozen=True)
+class BufferTraffic:
+    """Device-memory bytes one kernel argument moved during a launch."""
+
+    name: str
+    role: str
+    nbytes: int
+    bytes_read: int
+    bytes_written: int
+
+
+@dataclass(frozen=True)
+class LaunchStats:
+    """What a launch did: its geometry and the bytes read and written per buffer."""
+
+    kernel: str
+    grid: tuple[int, int, int]
+    threadgroup: tuple[int, int, int]
+    threadgroups: int
+    buffers: tuple[BufferTraffic, ...]
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(b.bytes_read for b in self.buffers)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(b.bytes_written for b in self.buffers)
+
+    @property
+    def bytes_moved(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+    def __getitem__(self, name: str) -> BufferTraffic:
+        for buffer in self.buffers:
+            if buffer.name == name:
+                return buffer
+        raise KeyError(f"no buffer named {name!r}; buffers: {[b.name for b in self.buffers]}")
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    # Metal buffers are page aligned; aligned host buffers keep float4 loads checkable.
+    itemsize = np.dtype(dtype).itemsize
+    nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
+    raw = np.empty(nbytes + _ALIGNMENT, dtype=np.uint8)
+    start = -raw.ctypes.data % _ALIGNMENT
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def _to_numpy(array: mx.array) -> np.ndarray:
+    if array.dtype == mx.bfloat16:
+        array = array.view(mx.uint16)
+    return np.asarray(array)
+
+
+def _from_numpy(data: np.ndarray, dtype: mx.Dtype) -> mx.array:
+    out = mx.array(data)
+    return out.view(mx.bfloat16) if dtype == mx.bfloat16 else out
+
+
+def _check_triple(value: object, what: str, minimum: int) -> tuple[int, int, int]:
+    if (
+        not isinstance(value, Sequence)
+        or len(value) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value)
+    ):
+        raise ValueError(
+            f"[metal_kernel] `{what}` must be 3 integers >= {minimum}, got {value!r}"
+        )
+    return (int(value[0]), int(value[1]), int(value[2]))
+
+
+class EmulatedKernel:
+    """A custom Metal kernel run on the CPU. Call it like the object `mx.fast.metal_kernel`
+    returns; `last_stats` holds the traffic of the latest launch."""
+
+    def __init__(
+        self,
+        name: str,
+        input_names: Sequence[str],
+        output_names: Sequence[str],
+        source: str,
+        header: str = "",
+        ensure_row_contiguous: bool = True,
+        atomic_outputs: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        for what, names in (("input_names", input_names), ("output_names", output_names)):
+            if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+                raise TypeError(f"[metal_kernel] `{what}` must be a list of names, got {names!r}")
+        if not output_names:
+            raise ValueError("[metal_kernel] Must specify at least one output.")
+        if not isinstance(source, str) or not isinstance(header, str):
+            raise TypeError("[metal_kernel] `source` and `header` must be strings")
+        self.name = name
+        self.input_names = tuple(input_names)
+        self.output_names = tuple(output_names)
+        self.source = source
+        self.header = header
+        self.ensure_row_contiguous = ensure_row_contiguous
+        self.atomic_outputs = atomic_outputs
+        # The threadgroup order is a seeded shuffle: runs are reproducible, races still show.
+        self.seed = int(os.environ.get("MLX_LOCALNORM_EMULATE_SEED", 0)) if seed is None else seed
+        self.last_stats: LaunchStats | None = None
+
+    def spec(
+        self,
+        inputs: Sequence[mx.array],
+        output_dtypes: Sequence[mx.Dtype],
+        template: Sequence[tuple[str, bool | int | mx.Dtype]] | None = None,
+    ) -> KernelSpec:
+        """The generated-source description of a call with these inputs."""
+        template_args = []
+        for item in template or ():
+            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+                raise TypeError(f"[metal_kernel] template entries are (name, value), got {item!r}")
+            if not isinstance(item[1], (bool, int, mx.Dtype)):
+                raise TypeError(
+                    "[metal_kernel] Invalid template argument. Must be `mlx.core.Dtype`, `int` "
+                    f"or `bool`, got {item[0]}={item[1]!r}"
+                )
+            template_args.append((item[0], item[1]))
+        return KernelSpec(
+            name=self.name,
+            inputs=tuple(
+                InputSpec(n, a.dtype, a.ndim, a.size) for n, a in zip(self.input_names, inputs)
+            ),
+            output_names=self.output_names,
+            output_dtypes=tuple(output_dtypes),
+            template=tuple(template_args),
+            source=self.source,
+            header=self.header,
+            atomic_outputs=self.atomic_outputs,
+        )
+
+    def __call__(
+        self,
+        *,
+        inputs: Sequence[mx.array | float | int | bool],
+        output_shapes: Sequence[Sequence[int]],
+        output_dtypes: Sequence[mx.Dtype],
+        grid: tuple[int, int, int],
+        threadgroup: tuple[int, int, int],
+        template: Sequence[tuple[str, bool | int | mx.Dtype]] | None = None,
+        init_value: float | None = None,
+        verbose: bool = False,
+        stream: object = None,
+    ) -> list[mx.array]:
+        del stream  # the emulator always runs on the host
+        for what, given, expected in (
+            ("inputs", len(inputs), len(self.input_names)),
+            ("output_shapes", len(output_shapes), len(self.output_names)),
+            ("output_dtypes", len(output_dtypes), len(self.output_names)),
+        ):
+            if given != expected:
+                raise ValueError(
+                    f"[metal_kernel] Expected `{what}` to have size {expected} but got size {given}."
+                )
+        grid = _check_triple(grid, "grid", 0)
+        threadgroup = _check_triple(threadgroup, "threadgroup", 1)
+        threads = threadgroup[0] * threadgroup[1] * threadgroup[2]
+        if threads > MAX_THREADS_PER_THREADGROUP:
+            raise ValueError(
+                f"[metal_kernel] Thread group size ({threads}) is greater than the maximum "
+                f"allowed threads per threadgroup ({MAX_THREADS_PER_THREADGROUP}); got "
+                f"threadgroup={threadgroup}"
+            )
+        arrays = [a if isinstance(a, mx.array) else mx.array(a) for a in inputs]
+        mx.eval(arrays)
+        spec = self.spec(arrays, output_dtypes, template)
+        if verbose:
+            print(f"Generated source code for `{self.name}`:\n```\n{metal_source(spec)}\n```")
+        library = _build.load(cpp_source(spec), self.name)
+
+        keep_alive = []
+        buffers = (_build.Buffer * (len(arrays) + len(output_dtypes)))()
+        for slot, (name, array) in enumerate(zip(self.input_names, arrays)):
+            host = _aligned_empty(array.shape, _NUMPY_STORAGE[array.dtype])
+            host[...] = _to_numpy(array)
+            self._describe(buffers[slot], name, array.dtype, host, False, keep_alive)
+        outputs = []
+        for offset, (name, shape, dtype) in enumerate(
+            zip(self.output_names, output_shapes, output_dtypes)
+        ):
+            type_string(dtype, f"output '{name}'")
+            host = _aligned_empty(tuple(int(s) for s in shape), _NUMPY_STORAGE[dtype])
+            if init_value is not None:
+                host[...] = _to_numpy(mx.full(host.shape, init_value, dtype=dtype))
+            elif dtype in _FLOATING:
+                host.view(np.uint8).fill(0xFF)  # NaN: an element the kernel never writes shows
+            elif dtype == mx.bool_:
+                host.fill(True)
+            else:
+                host.view(np.uint8).fill(_INT_POISON)
+            self._describe(buffers[len(arrays) + offset], name, dtype, host, True, keep_alive)
+            outputs.append(host)
+
+        err = ctypes.create_string_buffer(4096)
+        grid_c = (ctypes.c_int64 * 3)(*grid)
+        group_c = (ctypes.c_int64 * 3)(*threadgroup)
+        with _launch_lock:
+            status = library.mlxe_launch(
+                buffers, len(buffers), grid_c, group_c, self.seed, err, len(err)
+            )
+        if status != 0:
+            raise EmulatorError(f"[metal_kernel] kernel '{self.name}': {err.value.decode()}")
+
+        group = tuple(min(t, g) for t, g in zip(threadgroup, grid))
+        self.last_stats = LaunchStats(
+            kernel=spec.kernel_name(),
+            grid=grid,
+            threadgroup=threadgroup,
+            threadgroups=int(np.prod([-(-g // t) for g, t in zip(grid, group) if t > 0])),
+            buffers=tuple(
+                BufferTraffic(
+                    name=b.name.decode(),
+                    role="output" if b.is_output else "input",
+                    nbytes=b.nbytes,
+                    bytes_read=b.bytes_read,
+                    bytes_written=b.bytes_written,
+                )
+                for b in buffers
+            ),
+        )
+        return [_from_numpy(host, dtype) for host, dtype in zip(outputs, output_dtypes)]
+
+    @staticmethod
+    def _describe(
+        buffer: _build.Buffer,
+        name: str,
+        dtype: mx.Dtype,
+        host: np.ndarray,
+        is_output: bool,
+        keep_alive: list,
+    ) -> None:
+        shape = np.ascontiguousarray(host.shape, dtype=np.int32)
+        strides = np.ascontiguousarray([s // host.itemsize for s in host.strides], dtype=np.int64)
+        name_b = name.encode()
+        dtype_b = type_string(dtype, name).encode()
+        keep_alive.extend([host, shape, strides, name_b, dtype_b])
+        buffer.data = host.ctypes.data
+        buffer.nbytes = host.nbytes
+        buffer.itemsize = host.itemsize
+        buffer.name = name_b
+        buffer.dtype = dtype_b
+        buffer.is_output = int(is_output)
+        buffer.ndim = host.ndim
+        buffer.shape = shape.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        buffer.strides = strides.ctypes.data_as(ctypes.POINTER(ctypes.c_int64))
+
+
+def metal_kernel(
+    name: str,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    source: str,
+    header: str = "",
+    ensure_row_contiguous: bool = True,
+    atomic_outputs: bool = False,
+    compile_options: dict | None = None,
+) -> EmulatedKernel:
+    """Drop-in twin of `mx.fast.metal_kernel` that runs the kernel on the CPU.
+
+    The Metal body is compiled as C++ against a shim of Metal's types and functions, with the
+    signature MLX generates, and every GPU thread runs as a fiber with real threadgroup-barrier
+    and simdgroup semantics. `compile_options` (Metal math mode) is accepted and ignored.
+    """
+    del compile_options
+    return EmulatedKernel(
+        name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs
+    )
