@@ -699,7 +699,7 @@ void resolve_shuffle(Fiber** lanes) {
 inline void resolve_ballot(Fiber** lanes) {
   uint64_t bits = 0;
   for (int l = 0; l < kSimdWidth; ++l)
-    if (lanes[l] && load_bytes<bool>(lanes[l]->in)) bits |= uint64_t(1) << l;
+    if (lanes[l] && load_bytes<bool>(lanes[l]->in2)) bits |= uint64_t(1) << l;
   for (int l = 0; l < kSimdWidth; ++l)
     if (lanes[l]) store_bytes(lanes[l]->out, bits);
 }

@@ -1,0 +1,489 @@
+"""The CPU Metal emulator on small kernels with known answers (references in float64 NumPy)."""
+
+import re
+
+import mlx_localnorm  # noqa: F401  (must precede mlx.core: it swaps MLX's CPU BLAS)
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_localnorm.emulate import EmulatorError, KernelCompileError, metal_kernel
+
+
+def f64(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32), dtype=np.float64)
+
+
+def run(kernel, inputs, shapes, dtypes, grid, threadgroup, **kw):
+    return kernel(
+        inputs=inputs,
+        output_shapes=shapes,
+        output_dtypes=dtypes,
+        grid=grid,
+        threadgroup=threadgroup,
+        **kw,
+    )
+
+
+def test_elementwise_matches_mlx_op():
+    kernel = metal_kernel(
+        "emu_exp",
+        ["inp"],
+        ["out"],
+        "uint elem = thread_position_in_grid.x;\nT tmp = inp[elem];\nout[elem] = metal::exp(tmp);",
+    )
+    x = mx.random.normal((4, 16), key=mx.random.key(0))
+    (out,) = run(kernel, [x], [x.shape], [mx.float32], (x.size, 1, 1), (32, 1, 1),
+                 template=[("T", mx.float32)])
+    assert out.shape == x.shape and out.dtype == mx.float32
+    np.testing.assert_allclose(f64(out), np.exp(f64(x)), rtol=1e-6)
+
+
+def test_threadgroup_tree_reduction_with_barriers():
+    source = """
+    threadgroup float partial[256];
+    uint lid = thread_position_in_threadgroup.x;
+    uint row = threadgroup_position_in_grid.x;
+    partial[lid] = x[row * 256 + lid];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint stride = 128; stride > 0; stride /= 2) {
+      if (lid < stride) partial[lid] += partial[lid + stride];
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    if (lid == 0) out[row] = partial[0];
+    """
+    kernel = metal_kernel("emu_tree_sum", ["x"], ["out"], source)
+    x = mx.random.uniform(shape=(5, 256), key=mx.random.key(1))
+    (out,) = run(kernel, [x], [(5,)], [mx.float32], (5 * 256, 1, 1), (256, 1, 1))
+    np.testing.assert_allclose(f64(out), f64(x).sum(axis=1), rtol=1e-5)
+
+
+def test_race_on_threadgroup_memory_shows_as_nan():
+    # Reading a neighbour's slot without a barrier reads poisoned threadgroup memory.
+    source = """
+    threadgroup float shared[64];
+    uint lid = thread_position_in_threadgroup.x;
+    shared[lid] = x[lid];
+    out[lid] = shared[(lid + 1) % 64];
+    """
+    kernel = metal_kernel("emu_race", ["x"], ["out"], source)
+    x = mx.arange(64, dtype=mx.float32)
+    (out,) = run(kernel, [x], [(64,)], [mx.float32], (64, 1, 1), (64, 1, 1))
+    assert np.isnan(f64(out)).any()
+
+
+# Each collective runs inside `if (simd_group_id == 1)` of a 3-simdgroup threadgroup: a
+# threadgroup-wide rendezvous would deadlock or mix simdgroups.
+def _lanes_reference(name: str, v: np.ndarray) -> np.ndarray:
+    lane = np.arange(32)
+    table = {
+        "simd_sum(v)": np.full(32, v.sum()),
+        "simd_product(v)": np.full(32, v.prod()),
+        "simd_max(v)": np.full(32, v.max()),
+        "simd_min(v)": np.full(32, v.min()),
+        "simd_prefix_inclusive_sum(v)": np.cumsum(v),
+        "simd_prefix_exclusive_sum(v)": np.cumsum(v) - v,
+        "simd_shuffle(v, (lane * 7) % 32)": v[(lane * 7) % 32],
+        "simd_shuffle_down(v, 3)": np.where(lane + 3 < 32, v[np.minimum(lane + 3, 31)], v),
+        "simd_shuffle_up(v, 5)": np.where(lane >= 5, v[np.maximum(lane - 5, 0)], v),
+        "simd_shuffle_xor(v, 6)": v[lane ^ 6],
+        "simd_broadcast(v, 9)": np.full(32, v[9]),
+        "float(uint64_t(simd_ballot(v > 1.0f)) & 0xffffu)": np.full(
+            32, float(sum(1 << i for i in range(16) if v[i] > 1.0))
+        ),
+        "float(simd_any(v > 1.9f))": np.full(32, float((v > 1.9).any())),
+        "float(simd_all(v > 0.0f))": np.full(32, float((v > 0).all())),
+    }
+    return table[name]
+
+
+COLLECTIVES = [
+    "simd_sum(v)",
+    "simd_product(v)",
+    "simd_max(v)",
+    "simd_min(v)",
+    "simd_prefix_inclusive_sum(v)",
+    "simd_prefix_exclusive_sum(v)",
+    "simd_shuffle(v, (lane * 7) % 32)",
+    "simd_shuffle_down(v, 3)",
+    "simd_shuffle_up(v, 5)",
+    "simd_shuffle_xor(v, 6)",
+    "simd_broadcast(v, 9)",
+    "float(uint64_t(simd_ballot(v > 1.0f)) & 0xffffu)",
+    "float(simd_any(v > 1.9f))",
+    "float(simd_all(v > 0.0f))",
+]
+
+
+@pytest.mark.parametrize("expr", COLLECTIVES)
+def test_simd_collective_inside_one_simdgroup_branch(expr):
+    source = f"""
+    uint lane = thread_index_in_simdgroup;
+    uint simd_group_id = simdgroup_index_in_threadgroup;
+    uint i = thread_position_in_grid.x;
+    float v = x[i];
+    if (simd_group_id == 1) {{
+      out[i] = {expr};
+    }} else {{
+      out[i] = -1.0f;
+    }}
+    """
+    kernel = metal_kernel("emu_collective", ["x"], ["out"], source)
+    # Products and sums of these values are exact in float32.
+    rng = np.random.default_rng(2)
+    values = rng.choice([0.5, 1.0, 1.25, 2.0], size=96).astype(np.float32)
+    (out,) = run(kernel, [mx.array(values)], [(96,)], [mx.float32], (96, 1, 1), (96, 1, 1))
+    got = f64(out)
+    np.testing.assert_array_equal(got[:32], -1.0)
+    np.testing.assert_array_equal(got[64:], -1.0)
+    np.testing.assert_allclose(got[32:64], _lanes_reference(expr, values[32:64].astype(np.float64)))
+
+
+def test_simd_sum_over_active_lanes_of_a_divergent_branch():
+    source = """
+    uint lane = thread_index_in_simdgroup;
+    float v = x[lane];
+    out[lane] = lane < 12 ? simd_sum(v) : 0.0f;
+    """
+    kernel = metal_kernel("emu_divergent_sum", ["x"], ["out"], source)
+    x = mx.arange(32, dtype=mx.float32)
+    (out,) = run(kernel, [x], [(32,)], [mx.float32], (32, 1, 1), (32, 1, 1))
+    expected = np.where(np.arange(32) < 12, np.arange(12).sum(), 0.0)
+    np.testing.assert_array_equal(f64(out), expected)
+
+
+def test_partial_threadgroups_at_the_grid_edge():
+    source = """
+    uint i = thread_position_in_grid.x + thread_position_in_grid.y * threads_per_grid.x;
+    out[i * 4 + 0] = threads_per_threadgroup.x;
+    out[i * 4 + 1] = threads_per_threadgroup.y;
+    out[i * 4 + 2] = threadgroup_position_in_grid.x;
+    out[i * 4 + 3] = simdgroups_per_threadgroup;
+    """
+    kernel = metal_kernel("emu_partial", ["x"], ["out"], source)
+    grid, group = (10, 3, 1), (4, 2, 1)
+    (out,) = run(kernel, [mx.zeros((1,))], [(30 * 4,)], [mx.uint32], grid, group)
+    got = np.array(out).reshape(3, 10, 4)
+    xs, ys = np.meshgrid(np.arange(10), np.arange(3))
+    tx = np.minimum(4, 10 - (xs // 4) * 4)
+    ty = np.minimum(2, 3 - (ys // 2) * 2)
+    np.testing.assert_array_equal(got[..., 0], tx)
+    np.testing.assert_array_equal(got[..., 1], ty)
+    np.testing.assert_array_equal(got[..., 2], xs // 4)
+    np.testing.assert_array_equal(got[..., 3], (tx * ty + 31) // 32)
+
+
+def test_template_arguments_and_shape_strides():
+    source = """
+    uint elem = thread_position_in_grid.x;
+    int64_t loc = elem_to_loc(elem, inp_shape, inp_strides, inp_ndim);
+    T v = inp[loc];
+    out[elem] = FLIP ? T(-v * SCALE) : T(v * SCALE);
+    """
+    kernel = metal_kernel("emu_strided", ["inp"], ["out"], source, ensure_row_contiguous=False)
+    x = mx.arange(24, dtype=mx.float32).reshape(2, 3, 4).transpose(2, 0, 1)
+    template = [("T", mx.float32), ("SCALE", 3), ("FLIP", True)]
+    (out,) = run(kernel, [x], [x.shape], [mx.float32], (x.size, 1, 1), (8, 1, 1),
+                 template=template)
+    np.testing.assert_array_equal(f64(out), -3.0 * f64(x))
+
+
+def test_generated_signature_follows_mlx(capsys):
+    source = "out[thread_position_in_grid.x] = a[0] + b + float(c[c_ndim]); (void)c_shape;"
+    kernel = metal_kernel("emu_sig", ["a", "b", "c"], ["out"], source)
+    a, b, c = mx.zeros((4,)), mx.array(2.0), mx.zeros((3, 4), dtype=mx.float16)
+    run(kernel, [a, b, c], [(1,)], [mx.float32], (1, 1, 1), (1, 1, 1),
+        template=[("N", 2), ("T", mx.bfloat16)], verbose=True)
+    printed = capsys.readouterr().out
+    name = "custom_kernel_emu_sig__2_bfloat16_t_floatc_floats_float16_t_float"
+    expected = (
+        "template <int N, typename T>\n"
+        f"[[kernel]] void {name}(\n"
+        "  const constant float* a [[buffer(0)]],\n"
+        "  const constant float& b [[buffer(1)]],\n"
+        "  const device float16_t* c [[buffer(2)]],\n"
+        "  const constant int* c_shape [[buffer(3)]],\n"
+        "  const constant int& c_ndim [[buffer(4)]],\n"
+        "  device float* out [[buffer(5)]],\n"
+        "  uint3 thread_position_in_grid [[thread_position_in_grid]]) {\n"
+    )
+    assert expected in printed
+    assert f'template [[host_name("{name}")]] [[kernel]] decltype({name}<2, bfloat16_t>)' in printed
+
+
+def _bf16_bits_rne(x: np.ndarray) -> np.ndarray:
+    u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def test_half_and_bfloat_round_trips():
+    source = """
+    uint i = thread_position_in_grid.x;
+    as_half[i] = half(x[i]);
+    as_bf[i] = bfloat16_t(x[i]);
+    bf_back[i] = float(bf[i]);
+    """
+    kernel = metal_kernel("emu_round", ["x", "bf"], ["as_half", "as_bf", "bf_back"], source)
+    rng = np.random.default_rng(3)
+    ties = 1.0 + np.array([1, 3, 5, 7], dtype=np.float64) * 2.0**-8  # exact bfloat16 ties
+    values = np.concatenate([rng.normal(size=60) * 100, ties]).astype(np.float32)
+    x = mx.array(values)
+    outs = run(kernel, [x, x.astype(mx.bfloat16)], [(64,)] * 3,
+               [mx.float16, mx.bfloat16, mx.float32], (64, 1, 1), (64, 1, 1))
+    np.testing.assert_array_equal(np.array(outs[0]), values.astype(np.float16))
+    np.testing.assert_array_equal(np.array(outs[1].view(mx.uint16)), _bf16_bits_rne(values))
+    np.testing.assert_array_equal(
+        np.array(outs[1].view(mx.uint16)), np.array(x.astype(mx.bfloat16).view(mx.uint16))
+    )
+    np.testing.assert_array_equal(np.array(outs[2]), f64(x.astype(mx.bfloat16)))
+
+
+def test_output_an_unwritten_element_is_poisoned():
+    source = """
+    uint i = thread_position_in_grid.x;
+    if (i % 2 == 0) { out[i] = x[i]; counts[i] = 1; }
+    """
+    kernel = metal_kernel("emu_forgot", ["x"], ["out", "counts"], source)
+    x = mx.ones((8,))
+    out, counts = run(kernel, [x], [(8,), (8,)], [mx.float32, mx.int32], (8, 1, 1), (8, 1, 1))
+    got = f64(out)
+    assert np.isnan(got[1::2]).all() and (got[::2] == 1).all()
+    assert (np.array(counts)[1::2] == np.int32(np.uint32(0xA5A5A5A5).view(np.int32))).all()
+    out, counts = run(kernel, [x], [(8,), (8,)], [mx.float32, mx.int32], (8, 1, 1), (8, 1, 1),
+                      init_value=0)
+    np.testing.assert_array_equal(f64(out), [1, 0] * 4)
+
+
+def test_missed_barrier_is_an_error():
+    source = """
+    uint lid = thread_position_in_threadgroup.x;
+    if (lid >= 40) return;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[lid] = x[lid];
+    """
+    kernel = metal_kernel("emu_missed_barrier", ["x"], ["out"], source)
+    with pytest.raises(EmulatorError, match=r"missed barrier.*threads \[40, 41"):
+        run(kernel, [mx.ones((64,))], [(64,)], [mx.float32], (64, 1, 1), (64, 1, 1))
+
+
+def test_lanes_at_different_collectives_is_an_error():
+    source = """
+    uint lane = thread_index_in_simdgroup;
+    float v = x[lane];
+    out[lane] = lane < 16 ? simd_sum(v) : simd_max(v);
+    """
+    kernel = metal_kernel("emu_split_collective", ["x"], ["out"], source)
+    with pytest.raises(EmulatorError, match="different simd collectives.*simd_sum.*simd_max"):
+        run(kernel, [mx.ones((32,))], [(32,)], [mx.float32], (32, 1, 1), (32, 1, 1))
+
+
+def test_out_of_bounds_read_and_write_are_errors():
+    read = metal_kernel("emu_oob_read", ["x"], ["out"],
+                        "uint i = thread_position_in_grid.x; out[i] = x[i + 1];")
+    with pytest.raises(EmulatorError) as info:
+        run(read, [mx.ones((8,))], [(8,)], [mx.float32], (8, 1, 1), (8, 1, 1))
+    message = str(info.value)
+    assert "read" in message and "input 'x'" in message and "element index 8" in message
+    assert "thread_position_in_grid (7, 0, 0)" in message
+
+    write = metal_kernel("emu_oob_write", ["x"], ["out"],
+                         "uint i = thread_position_in_grid.x; out[i == 3 ? 8 : i] = x[i];")
+    with pytest.raises(EmulatorError, match=r"write.*output 'out'.*element index 8 .*\(3, 0, 0\)"):
+        run(write, [mx.ones((8,))], [(8,)], [mx.float32], (8, 1, 1), (8, 1, 1))
+
+
+def test_threadgroup_array_index_out_of_range_is_an_error():
+    source = """
+    threadgroup float tile[32];
+    uint lid = thread_position_in_threadgroup.x;
+    tile[lid == 5 ? 32 : lid % 32] = 1.0f;
+    out[0] = tile[0];
+    """
+    kernel = metal_kernel("emu_tile_oob", ["x"], ["out"], source)
+    with pytest.raises(EmulatorError, match=r"index 32 outside threadgroup array 'tile' of 32 elements by .*\(5, 0, 0\)"):
+        run(kernel, [mx.ones((1,))], [(1,)], [mx.float32], (64, 1, 1), (64, 1, 1))
+
+
+def test_metal_limits_are_enforced():
+    kernel = metal_kernel("emu_limits", ["x"], ["out"], "out[0] = x[0];")
+    for group in [(1025, 1, 1), (32, 32, 2)]:
+        with pytest.raises(ValueError, match="greater than the maximum allowed threads"):
+            run(kernel, [mx.ones((1,))], [(1,)], [mx.float32], (2048, 1, 1), group)
+    big = metal_kernel("emu_tg_memory", ["x"], ["out"],
+                       "threadgroup float a[4096];\nthreadgroup float b[4097];\n"
+                       "a[0] = 1; b[0] = 1; out[0] = a[0] + b[0];")
+    with pytest.raises(EmulatorError, match="32768 bytes.*'b'|'b'.*32 KiB"):
+        run(big, [mx.ones((1,))], [(1,)], [mx.float32], (1, 1, 1), (1, 1, 1))
+
+
+def test_copy_kernel_bytes_are_counted_exactly():
+    source = """
+    uint i = thread_position_in_grid.x;
+    const device float4* src = (const device float4*)(x);
+    device float4* dst = reinterpret_cast<device float4*>(out);
+    dst[i] = src[i];
+    """
+    kernel = metal_kernel("emu_copy4", ["x"], ["out"], source)
+    x = mx.random.normal((1000, 12), key=mx.random.key(4))
+    (out,) = run(kernel, [x], [x.shape], [mx.float32], (x.size // 4, 1, 1), (256, 1, 1))
+    np.testing.assert_array_equal(np.array(out), np.array(x))
+    stats = kernel.last_stats
+    assert stats["x"].bytes_read == x.nbytes and stats["x"].bytes_written == 0
+    assert stats["out"].bytes_written == x.nbytes and stats["out"].bytes_read == 0
+    assert stats.bytes_moved == 2 * x.nbytes
+
+
+def test_atomic_outputs():
+    source = """
+    uint i = thread_position_in_grid.x;
+    atomic_fetch_add_explicit(&hist[uint(x[i]) % 4], 1, memory_order_relaxed);
+    """
+    kernel = metal_kernel("emu_hist", ["x"], ["hist"], source, atomic_outputs=True)
+    values = np.arange(37) % 7
+    (hist,) = run(kernel, [mx.array(values.astype(np.float32))], [(4,)], [mx.int32],
+                  (37, 1, 1), (16, 1, 1), init_value=0)
+    np.testing.assert_array_equal(np.array(hist), np.bincount(values % 4, minlength=4))
+
+
+def test_bad_arguments_name_what_is_wrong():
+    kernel = metal_kernel("emu_args", ["x"], ["out"], "out[0] = x[0];")
+    with pytest.raises(ValueError, match="`inputs` to have size 1 but got size 2"):
+        run(kernel, [mx.ones((1,)), mx.ones((1,))], [(1,)], [mx.float32], (1, 1, 1), (1, 1, 1))
+    with pytest.raises(ValueError, match="`grid` must be 3 integers"):
+        run(kernel, [mx.ones((1,))], [(1,)], [mx.float32], (1, 1), (1, 1, 1))
+    with pytest.raises(TypeError, match="Invalid template argument"):
+        run(kernel, [mx.ones((1,))], [(1,)], [mx.float32], (1, 1, 1), (1, 1, 1),
+            template=[("T", 1.5)])
+    with pytest.raises(TypeError, match="complex64"):
+        run(kernel, [mx.ones((1,))], [(1,)], [mx.complex64], (1, 1, 1), (1, 1, 1))
+    with pytest.raises(ValueError, match="at least one output"):
+        metal_kernel("emu_none", ["x"], [], "")
+
+
+def test_compile_error_points_at_the_source_line():
+    kernel = metal_kernel("emu_typo", ["x"], ["out"], "uint i = 0;\nout[i] = x[i] +;\n")
+    with pytest.raises(KernelCompileError, match="emu_typo:source:2"):
+        run(kernel, [mx.ones((1,))], [(1,)], [mx.float32], (1, 1, 1), (1, 1, 1))
+
+
+# An RMSNorm kernel in MLX's own style (mlx/backend/metal/kernels/rms_norm.metal): per-thread
+# N_READS, simd_sum -> threadgroup partials (zeroed by simdgroup 0) -> barrier -> simdgroup 0
+# sums the partials -> barrier -> scale.
+RMS_SOURCE = """
+  constexpr int N_READS = 4;
+  constexpr int SIMD_SIZE = 32;
+  uint gid = threadgroup_position_in_grid.x;
+  uint lid = thread_position_in_threadgroup.x;
+  uint simd_lane_id = thread_index_in_simdgroup;
+  uint simd_group_id = simdgroup_index_in_threadgroup;
+  uint lsize = threads_per_threadgroup.x;
+  int axis_size = x_shape[x_ndim - 1];
+  threadgroup float local_inv_mean[1];
+  threadgroup float local_sums[SIMD_SIZE];
+
+  const device T* xr = x + gid * size_t(axis_size);
+  float acc = 0;
+  for (int r = 0; r < axis_size; r += lsize * N_READS) {
+    if (r + int(lid * N_READS) + N_READS <= axis_size) {
+      for (int i = 0; i < N_READS; i++) {
+        float xi = xr[r + lid * N_READS + i];
+        acc += xi * xi;
+      }
+    } else {
+      for (int i = 0; i < N_READS; i++) {
+        if (r + int(lid * N_READS) + i < axis_size) {
+          float xi = xr[r + lid * N_READS + i];
+          acc += xi * xi;
+        }
+      }
+    }
+  }
+  acc = simd_sum(acc);
+  if (simd_group_id == 0) {
+    local_sums[simd_lane_id] = 0;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (simd_lane_id == 0) {
+    local_sums[simd_group_id] = acc;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (simd_group_id == 0) {
+    acc = simd_sum(local_sums[simd_lane_id]);
+    if (simd_lane_id == 0) {
+      local_inv_mean[0] = metal::precise::rsqrt(acc / axis_size + eps);
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+
+  device T* yr = out + gid * size_t(axis_size);
+  for (int r = 0; r < axis_size; r += lsize * N_READS) {
+    for (int i = 0; i < N_READS; i++) {
+      int c = r + lid * N_READS + i;
+      if (c < axis_size) {
+        yr[c] = static_cast<T>(w[c] * static_cast<T>(xr[c] * local_inv_mean[0]));
+      }
+    }
+  }
+"""
+
+NORM_TOLERANCE = {mx.float32: 1e-5, mx.float16: 2e-3, mx.bfloat16: 2e-2}
+
+
+def _rms_kernel():
+    return metal_kernel("emu_rms_norm", ["x", "w", "eps"], ["out"], RMS_SOURCE)
+
+
+def _rms_call(kernel, x, w, eps):
+    rows, dims = x.shape
+    groups_of_four = -(-dims // 4)
+    threads = min(1024, 32 * -(-groups_of_four // 32))
+    return run(kernel, [x, w, eps], [x.shape], [x.dtype], (rows * threads, 1, 1),
+               (threads, 1, 1), template=[("T", x.dtype)])[0]
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 33), (2, 1024), (3, 4099)])
+def test_mlx_style_rms_norm_kernel_against_numpy(dtype, shape):
+    key = mx.random.key(5)
+    x = (mx.random.normal(shape, key=key) * 3).astype(dtype)
+    w = (1 + 0.1 * mx.random.normal((shape[1],), key=mx.random.split(key)[0])).astype(dtype)
+    eps = 1e-6
+    out = _rms_call(_rms_kernel(), x, w, eps)
+    xd, wd = f64(x), f64(w)
+    ref = wd * xd / np.sqrt((xd**2).mean(axis=1, keepdims=True) + eps)
+    np.testing.assert_allclose(f64(out), ref, rtol=NORM_TOLERANCE[dtype],
+                               atol=NORM_TOLERANCE[dtype])
+
+
+@pytest.mark.metal
+@pytest.mark.skipif(not mx.metal.is_available(), reason="needs a Metal device (Apple silicon)")
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_emulator_matches_real_metal(dtype, capfd):
+    x = mx.random.normal((7, 4099), key=mx.random.key(6)).astype(dtype)
+    w = mx.random.uniform(shape=(4099,), key=mx.random.key(7)).astype(dtype)
+    real = mx.fast.metal_kernel("emu_rms_norm", ["x", "w", "eps"], ["out"], RMS_SOURCE)
+    emulated = _rms_kernel()
+    np.testing.assert_allclose(
+        f64(_rms_call(emulated, x, w, 1e-6)), f64(_rms_call(real, x, w, 1e-6)),
+        rtol=NORM_TOLERANCE[dtype], atol=NORM_TOLERANCE[dtype],
+    )
+    args = dict(template=[("T", dtype)], verbose=True)
+    run(real, [x, w, 1e-6], [x.shape], [dtype], (7 * 1024, 1, 1), (1024, 1, 1), **args)
+    metal_text = capfd.readouterr().out
+    run(emulated, [x, w, 1e-6], [x.shape], [dtype], (7 * 1024, 1, 1), (1024, 1, 1), **args)
+    assert capfd.readouterr().out == metal_text
+
+
+def test_mlx_style_kernel_traffic_is_counted():
+    x = mx.random.normal((4, 100), key=mx.random.key(8))
+    w = mx.ones((100,))
+    kernel = _rms_kernel()
+    _rms_call(kernel, x, w, 1e-6)
+    stats = kernel.last_stats
+    # x is read twice (statistics, then scale), w once per row, the output written once.
+    assert stats["x"].bytes_read == 2 * x.nbytes
+    assert stats["w"].bytes_read == 4 * w.nbytes
+    assert stats["out"].bytes_written == x.nbytes and stats["out"].bytes_read == 0
+    assert stats["eps"].bytes_read == 0
+    assert re.fullmatch(r"custom_kernel_emu_rms_norm__float_float_float_floats_float",
+                        stats.kernel)
