@@ -136,7 +136,8 @@ def patchnorm(
         u = u + bias
     fused = _fused(float(eps), patch_size, patch_ndim, affine, dims * patch_size**patch_ndim,
                    chosen)
-    y = fused(x, u)[0]
+    # The divisor also reads the float32 copy, so both gradient paths of x meet in float32.
+    y = fused(xf, u)[0]
     if bias is not None and not affine:
         y = y + bias
     return y.astype(x.dtype)

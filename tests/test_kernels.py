@@ -1,0 +1,426 @@
+"""Fused kernels (SeeDNorm, RMSNorm, PatchNorm) run through the CPU emulator of Metal.
+
+Every kernel's exact Metal source runs in :mod:`mlx_localnorm.emulate` and is checked, forward
+and backward, against a float64 NumPy reference written here from SPEC.md and against the ops
+twin in :mod:`mlx_localnorm.norms`. Per-dtype tolerances are relative to the reference's
+scale. The emulator's device-memory byte counts check the traffic targets.
+"""
+
+import itertools
+import warnings
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_localnorm  # noqa: F401  (first: swaps MLX's CPU BLAS before mlx.core loads)
+from mlx_localnorm import kernels, norms
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+# Max error allowed, relative to the element and to the RMS of the reference (storage rounding
+# of float16 is 4.9e-4 and of bfloat16 3.9e-3; the rest is float32 accumulation).
+TOL = {"float32": 2e-5, "float16": 3e-3, "bfloat16": 2.5e-2}
+EPS = 1e-6
+
+
+# ----------------------------------------------------------------- float64 references (SPEC)
+
+def ref_seednorm(x, w, a, b, eps=EPS, heads=1, scale=1.0, head_rms=False, g=None):
+    """SeeDNorm forward and (with cotangent g) its gradients, float64, rows x D.
+
+    s_k = tanh(c <x_k, b_k>); y_k = (w_k + a_k s_k) x_k / r, r = RMS of the row (or head);
+    dx = (w g - xh mean_G(w g xh)) / r + (1 - s^2) c C_k b, C_k = sum_{head k} g a xh;
+    dw = sum g xh, da = sum g xh s, db = sum (1 - s^2) c C_k x.
+    """
+    n, d = x.shape
+    hd = d // heads
+    xk = x.reshape(n, heads, hd)
+    wk, ak, bk = (p.reshape(1, heads, hd) for p in (w, a, b))
+    s = np.tanh(scale * (xk * bk).sum(-1, keepdims=True))
+    ms = (xk**2).mean(-1, keepdims=True) if head_rms else (x**2).mean(-1)[:, None, None]
+    inv = 1 / np.sqrt(ms + eps)
+    xh = xk * inv
+    gain = wk + ak * s
+    y = (gain * xh).reshape(n, d)
+    if g is None:
+        return y
+    gk = g.reshape(n, heads, hd)
+    m = (gk * gain * xh).sum(-1, keepdims=True)
+    mean = m / hd if head_rms else m.sum(1, keepdims=True) / d
+    ds = (1 - s**2) * scale * (gk * ak * xh).sum(-1, keepdims=True)
+    dx = (gain * gk - xh * mean) * inv + ds * bk
+    grads = [dx.reshape(n, d), (gk * xh).sum(0).reshape(d), (gk * xh * s).sum(0).reshape(d),
+             (ds * xk).sum(0).reshape(d)]
+    return y, grads
+
+
+def window(a, k, ndim, transpose=False):
+    """Zero-padded window sum over the last `ndim` axes: out[p] = sum_o a[p + o] with o in
+    -(k-1)..0 (causal 1-D) or -((k-1)//2)..k//2 (centred 2-D); `transpose` mirrors o."""
+    lo, hi = (-(k - 1), 0) if ndim == 1 else (-((k - 1) // 2), k // 2)
+    if transpose:
+        lo, hi = -hi, -lo
+    pad = max(-lo, hi)
+    padded = np.pad(a, [(0, 0)] * (a.ndim - ndim) + [(pad, pad)] * ndim)
+    out = np.zeros_like(a)
+    for off in itertools.product(range(lo, hi + 1), repeat=ndim):
+        index = [slice(None)] * (a.ndim - ndim) + [
+            slice(pad + o, pad + o + n) for o, n in zip(off, a.shape[a.ndim - ndim:])]
+        out += padded[tuple(index)]
+    return out
+
+
+def ref_patchnorm(x, weight, bias, k, ndim, mode, eps=EPS, g=None):
+    """PatchNorm forward and gradients (x, weight, bias), float64.
+
+    u = W x (+ b in mode affine); y = u / d (+ b in mode rms); d^2 = S / n + eps (rms) or
+    S + 1 (affine), S = window of sum_c x_c^2, n = D k^ndim. Backward: du = g / d,
+    q = -sum_c g u / (2 n' d^3) (n' = n or 1), dx = W^T du + 2 x window^T(q).
+    """
+    d_in = x.shape[-1]
+    count = d_in * k**ndim
+    S = window((x**2).sum(-1), k, ndim)[..., None]
+    affine = mode == "affine"
+    dd = np.sqrt(S + 1) if affine else np.sqrt(S / count + eps)
+    u = x * weight if weight.ndim == 1 else x @ weight.T
+    if bias is not None and affine:
+        u = u + bias
+    y = u / dd + (bias if bias is not None and not affine else 0)
+    if g is None:
+        return y
+    du = g / dd
+    q = -(g * u).sum(-1) / (2 * (1 if affine else count) * dd[..., 0] ** 3)
+    dx = (du * weight if weight.ndim == 1 else du @ weight) + 2 * x * window(q, k, ndim, True)[
+        ..., None]
+    lead = tuple(range(x.ndim - 1))
+    dw = (du * x).sum(lead) if weight.ndim == 1 else du.reshape(-1, du.shape[-1]).T @ x.reshape(-1, d_in)
+    grads = [dx, dw]
+    if bias is not None:
+        grads.append((du if affine else g).sum(lead))
+    return y, grads
+
+
+# ----------------------------------------------------------------- helpers
+
+def f64(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32), dtype=np.float64)
+
+
+def cast(a: np.ndarray, dtype: str) -> mx.array:
+    return mx.array(a.astype(np.float32)).astype(DTYPES[dtype])
+
+
+def assert_close(got: mx.array, ref: np.ndarray, dtype: str, what: str, factor: float = 1.0,
+                 scale: float | None = None):
+    """|got - ref| <= tol * (|ref| + scale), scale the RMS of ref unless given."""
+    got = f64(got)
+    assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
+    assert np.isfinite(got).all(), f"{what}: non-finite values"
+    tol = TOL[dtype] * factor
+    scale = (np.sqrt(np.mean(ref**2)) if scale is None else scale) + 1e-30
+    err = np.abs(got - ref)
+    bad = err > tol * (np.abs(ref) + scale)
+    assert not bad.any(), (f"{what} ({dtype}): {bad.sum()} of {bad.size} off, max err "
+                           f"{err.max():.3g} at scale {scale:.3g} (tol {tol})")
+
+
+def dx_scale(x, w, g, eps=EPS):
+    """RMS of the terms w g / RMS(x) whose difference is dx: float32 rounding is relative to
+    them, and dx itself nearly vanishes when they cancel (D = 1: y = w sign(x))."""
+    return np.sqrt(np.mean((w * g / np.sqrt((x**2).mean(-1, keepdims=True) + eps)) ** 2))
+
+
+def seed_inputs(rows, dims, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, dims))
+    w = 1 + 0.2 * rng.normal(size=dims)
+    a = 0.5 + 0.2 * rng.normal(size=dims)
+    b = rng.normal(size=dims) * 0.8 / np.sqrt(dims)
+    g = rng.normal(size=(rows, dims))
+    mx_args = [cast(v, dtype) for v in (x, w, a, b, g)]
+    return mx_args, [f64(v) for v in mx_args]
+
+
+def run_vjp(fn, primals, cotangents):
+    outs, grads = mx.vjp(fn, primals, cotangents)
+    mx.eval(outs, grads)
+    return outs, grads
+
+
+# ----------------------------------------------------------------- SeeDNorm
+
+SEED_CASES = (
+    [(3, d, t) for d in (1, 31, 32, 33, 1024, 4096, 4099, 8192) for t in DTYPES]
+    + [(1, d, "float32") for d in (1, 33, 4099)]
+    + [(1000, 33, "float16"), (1000, 1024, "bfloat16"), (1000, 4099, "float32")]
+)
+
+
+@pytest.mark.parametrize("rows,dims,dtype", SEED_CASES)
+def test_seednorm_forward_and_gradients(rows, dims, dtype):
+    (x, w, a, b, g), (x64, w64, a64, b64, g64) = seed_inputs(rows, dims, dtype)
+    y_ref, grads_ref = ref_seednorm(x64, w64, a64, b64, g=g64)
+    fn = lambda *p: kernels.seednorm(*p, backend="emulate")
+    (y,), grads = run_vjp(fn, [x, w, a, b], [g])
+    assert y.dtype == x.dtype
+    assert_close(y, y_ref, dtype, "y")
+    for name, got, ref in zip(("dx", "dweight", "dalpha", "dbeta"), grads, grads_ref):
+        assert got.dtype == x.dtype
+        assert_close(got, ref, dtype, name)
+
+    ops = lambda *p: norms.seednorm(*p)
+    (y_ops,), grads_ops = run_vjp(ops, [x, w, a, b], [g])
+    assert_close(y, f64(y_ops), dtype, "y vs ops twin", factor=2)
+    for name, got, twin in zip(("dx", "dweight", "dalpha", "dbeta"), grads, grads_ops):
+        assert_close(got, f64(twin), dtype, f"{name} vs ops twin", factor=2)
+
+
+@pytest.mark.parametrize("heads,head_rms,dot_scale,dims,dtype", [
+    (4, False, "none", 1024, "float32"),
+    (4, True, "rsqrt_d", 1024, "bfloat16"),
+    (16, False, "rsqrt_d", 4096, "float16"),
+    (3, True, "none", 33, "float32"),
+    (2, False, "none", 8192, "float32"),
+])
+def test_seednorm_multi_head(heads, head_rms, dot_scale, dims, dtype):
+    (x, w, a, b, g), (x64, w64, a64, b64, g64) = seed_inputs(5, dims, dtype, seed=heads)
+    scale = (dims // heads) ** -0.5 if dot_scale == "rsqrt_d" else 1.0
+    y_ref, grads_ref = ref_seednorm(x64, w64, a64, b64, heads=heads, scale=scale,
+                                    head_rms=head_rms, g=g64)
+    fn = lambda *p: kernels.seednorm(*p, num_heads=heads, backend="emulate",
+                                     dot_scale=dot_scale, head_rms=head_rms)
+    (y,), grads = run_vjp(fn, [x, w, a, b], [g])
+    assert_close(y, y_ref, dtype, "y")
+    for name, got, ref in zip(("dx", "dweight", "dalpha", "dbeta"), grads, grads_ref):
+        assert_close(got, ref, dtype, name)
+
+
+@pytest.mark.parametrize("dims,dtype", [(33, "float32"), (1024, "float16"), (8192, "bfloat16")])
+def test_seednorm_frozen_parameters(dims, dtype):
+    (x, w, a, b, g), (x64, w64, a64, b64, g64) = seed_inputs(3, dims, dtype, seed=7)
+    _, (dx_ref, *_) = ref_seednorm(x64, w64, a64, b64, g=g64)
+    fn = lambda *p: kernels.seednorm(*p, backend="emulate", frozen=True)
+    (y,), (dx, dw, da, db) = run_vjp(fn, [x, w, a, b], [g])
+    assert_close(y, ref_seednorm(x64, w64, a64, b64), dtype, "y")
+    assert_close(dx, dx_ref, dtype, "dx")
+    for grad in (dw, da, db):
+        assert not f64(grad).any(), "frozen parameters must get zero gradients"
+
+
+@pytest.mark.parametrize("rows,dims,dtype", [
+    (3, 1, "float32"), (3, 33, "float16"), (1000, 1024, "float32"), (3, 4099, "bfloat16"),
+])
+def test_seednorm_fused_residual(rows, dims, dtype):
+    (x, w, a, b, g), _ = seed_inputs(rows, dims, dtype, seed=3)
+    rng = np.random.default_rng(4)
+    r = cast(rng.normal(size=(rows, dims)), dtype)
+    g_h = cast(rng.normal(size=(rows, dims)), dtype)
+    h64 = f64(x + r)  # the sum rounded to the dtype, as the caller receives it
+    w64, a64, b64, g64 = (f64(v) for v in (w, a, b, g))
+    y_ref, (dh, *param_refs) = ref_seednorm(h64, w64, a64, b64, g=g64)
+    dx_ref = dh + f64(g_h)
+
+    fn = lambda x, r, w, a, b: kernels.seednorm(x, w, a, b, residual=r,
+                                                backend="emulate")
+    (h, y), (dx, dr, *param_grads) = run_vjp(fn, [x, r, w, a, b], [g_h, g])
+    assert_close(h, h64, dtype, "h")
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(dx, dx_ref, dtype, "dx")
+    assert_close(dr, dx_ref, dtype, "dresidual")
+    for name, got, ref in zip(("dweight", "dalpha", "dbeta"), param_grads, param_refs):
+        assert_close(got, ref, dtype, name)
+
+
+# ----------------------------------------------------------------- RMSNorm from the same template
+
+@pytest.mark.parametrize("rows,dims,dtype", [
+    (3, 1, "float32"), (3, 31, "bfloat16"), (3, 32, "float16"), (1, 1024, "float32"),
+    (3, 4099, "float16"), (3, 8192, "bfloat16"), (1000, 33, "float32"),
+])
+def test_rms_norm_kernel(rows, dims, dtype):
+    (x, w, _, _, g), (x64, w64, _, _, g64) = seed_inputs(rows, dims, dtype, seed=11)
+    zero = np.zeros(dims)
+    y_ref, (dx_ref, dw_ref, *_) = ref_seednorm(x64, w64, zero, zero, g=g64)
+    fn = lambda x, w: kernels.rms_norm(x, w, backend="emulate")
+    (y,), (dx, dw) = run_vjp(fn, [x, w], [g])
+    assert_close(y, y_ref, dtype, "y")
+    cancel = dx_scale(x64, w64, g64)
+    assert_close(dx, dx_ref, dtype, "dx", scale=cancel)
+    assert_close(dw, dw_ref, dtype, "dweight")
+    (y_fast,), (dx_fast, dw_fast) = run_vjp(lambda x, w: mx.fast.rms_norm(x, w, EPS), [x, w], [g])
+    assert_close(y, f64(y_fast), dtype, "y vs mx.fast.rms_norm", factor=2)
+    assert_close(dx, f64(dx_fast), dtype, "dx vs mx.fast.rms_norm", factor=2, scale=cancel)
+
+
+# ----------------------------------------------------------------- PatchNorm
+
+PATCH_CASES = [
+    # shape, patch_size, patch_ndim, mode, full weight, bias, dtype
+    ((2, 7, 33), 3, 1, "rms", False, True, "float32"),
+    ((2, 7, 33), 4, 1, "affine", True, True, "float32"),
+    ((1, 5, 1024), 2, 1, "rms", True, False, "bfloat16"),
+    ((3, 1), 1, 1, "rms", False, True, "float16"),
+    ((1, 9, 4099), 5, 1, "affine", False, True, "float16"),
+    ((2, 4, 5, 31), 3, 2, "rms", True, True, "float32"),
+    ((1, 3, 4, 32), 2, 2, "affine", False, True, "bfloat16"),
+    ((1, 2, 2, 8192), 2, 2, "rms", False, False, "float32"),
+]
+
+
+@pytest.mark.parametrize("shape,k,ndim,mode,full,bias,dtype", PATCH_CASES)
+def test_patchnorm_forward_and_gradients(shape, k, ndim, mode, full, bias, dtype):
+    rng = np.random.default_rng(k + 10 * ndim)
+    dims = shape[-1]
+    out = min(dims, 48) if full else dims
+    x = cast(rng.normal(size=shape), dtype)
+    weight = cast(rng.normal(size=(out, dims)) / np.sqrt(dims) if full
+                  else 1 + 0.2 * rng.normal(size=dims), dtype)
+    b = cast(0.1 * rng.normal(size=out), dtype) if bias else None
+    g = cast(rng.normal(size=shape[:-1] + (out,)), dtype)
+    y_ref, grads_ref = ref_patchnorm(f64(x), f64(weight), f64(b) if bias else None, k, ndim,
+                                     mode, g=f64(g))
+    primals = [x, weight] + ([b] if bias else [])
+
+    def run(fn):
+        return run_vjp(lambda x, w, *b: fn(x, w, b[0] if b else None, EPS, k, ndim, mode),
+                       primals, [g])
+
+    (y,), grads = run(lambda *a: kernels.patchnorm(*a, backend="emulate"))
+    assert y.dtype == x.dtype
+    assert_close(y, y_ref, dtype, "y")
+    for name, got, ref in zip(("dx", "dweight", "dbias"), grads, grads_ref):
+        assert_close(got, ref, dtype, name)
+    (y_ops,), grads_ops = run(norms.patchnorm)
+    assert_close(y, f64(y_ops), dtype, "y vs ops twin", factor=2)
+    for name, got, twin in zip(("dx", "dweight", "dbias"), grads, grads_ops):
+        assert_close(got, f64(twin), dtype, f"{name} vs ops twin", factor=2)
+
+
+# ----------------------------------------------------------------- the references themselves
+
+def test_references_match_finite_differences():
+    rng = np.random.default_rng(0)
+
+    def check(f, primals, grads, g):
+        for i, v in enumerate(primals):
+            num = np.zeros_like(v)
+            for j in np.ndindex(v.shape):
+                e = np.zeros_like(v)
+                e[j] = 1e-6
+                plus, minus = list(primals), list(primals)
+                plus[i], minus[i] = v + e, v - e
+                num[j] = ((f(*plus) - f(*minus)) * g).sum() / 2e-6
+            np.testing.assert_allclose(grads[i], num, atol=1e-7, rtol=1e-6)
+
+    for heads, head_rms, scale in ((1, False, 1.0), (2, True, 0.5), (4, False, 0.3)):
+        p = [rng.normal(size=(3, 8))] + [rng.normal(size=8) for _ in range(3)]
+        g = rng.normal(size=(3, 8))
+        kw = dict(heads=heads, scale=scale, head_rms=head_rms)
+        check(lambda *q: ref_seednorm(*q, **kw), p, ref_seednorm(*p, **kw, g=g)[1], g)
+    for shape, k, ndim, mode, full in (((2, 5, 3), 3, 1, "rms", False),
+                                       ((1, 4, 5, 3), 2, 2, "affine", True)):
+        p = [rng.normal(size=shape), rng.normal(size=(4, 3) if full else 3), rng.normal(size=4 if full else 3)]
+        g = rng.normal(size=shape[:-1] + (p[1].shape[0],))
+        check(lambda x, w, b: ref_patchnorm(x, w, b, k, ndim, mode), p,
+              ref_patchnorm(*p, k, ndim, mode, g=g)[1], g)
+
+
+# ----------------------------------------------------------------- dispatch and errors
+
+def test_backend_choice_and_env_override(monkeypatch):
+    monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
+    expected = "metal" if mx.metal.is_available() else "ops"
+    assert kernels.resolve_backend("auto") == expected
+    assert kernels.resolve_backend("emulate") == "emulate"
+    monkeypatch.setenv(kernels.BACKEND_ENV, "ops")
+    assert kernels.resolve_backend("emulate") == "ops"
+    monkeypatch.setenv(kernels.BACKEND_ENV, "gpu")
+    with pytest.raises(ValueError, match="MLX_LOCALNORM_BACKEND"):
+        kernels.resolve_backend("auto")
+    monkeypatch.delenv(kernels.BACKEND_ENV)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kernels.resolve_backend("cuda")
+    if not mx.metal.is_available():
+        with pytest.raises(ValueError, match="needs a Metal GPU"):
+            kernels.resolve_backend("metal")
+
+
+def test_ops_backend_is_the_ops_twin():
+    (x, w, a, b, _), _ = seed_inputs(4, 64, "float32")
+    y = kernels.seednorm(x, w, a, b, backend="ops")
+    assert mx.array_equal(y, norms.seednorm(x, w, a, b))
+    h, y = kernels.seednorm(x, w, a, b, residual=x, backend="ops")
+    assert mx.array_equal(h, x + x) and mx.array_equal(y, norms.seednorm(x + x, w, a, b))
+
+
+def test_unsupported_shapes_fall_back_once_with_a_warning():
+    dims = 32768 + 4
+    (x, w, a, b, _), (x64, w64, a64, b64, _) = seed_inputs(2, dims, "float32")
+    with pytest.warns(UserWarning, match="wider than 32768; using the MLX ops twin"):
+        y = kernels.seednorm(x, w, a, b, backend="emulate")
+    assert_close(y, ref_seednorm(x64, w64, a64, b64), "float32", "fallback y")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.seednorm(x, w, a, b, backend="emulate")  # said once already
+    x16 = x.astype(mx.float16)
+    with pytest.warns(UserWarning, match="parameter dtypes"):
+        kernels.seednorm(x16[:, :64], w[:64], a[:64].astype(mx.float16), b[:64],
+                         backend="emulate")
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda x, w: kernels.seednorm(x, w[:-1], w, w, backend="emulate"), "weight must have shape"),
+    (lambda x, w: kernels.seednorm(x, w, w, w, num_heads=5, backend="emulate"), "num_heads=5"),
+    (lambda x, w: kernels.seednorm(x, w, w, w, eps=0.0, backend="emulate"), "eps"),
+    (lambda x, w: kernels.seednorm(x, w, w, w, residual=x[:1], backend="emulate"), "residual"),
+    (lambda x, w: kernels.seednorm(x, w, w, w, backend="tpu"), "backend must be one of"),
+    (lambda x, w: kernels.patchnorm(x, w, patch_size=0, backend="emulate"), "patch_size"),
+    (lambda x, w: kernels.patchnorm(x, w, mode="l1", backend="emulate"), "mode"),
+    (lambda x, w: kernels.rms_norm(x, w[:3], backend="emulate"), "weight must have shape"),
+])
+def test_bad_arguments_raise_clear_errors(call, match):
+    x, w = mx.ones((2, 8)), mx.ones((8,))
+    with pytest.raises(ValueError, match=match):
+        call(x, w)
+    with pytest.raises(TypeError, match="mx.array"):
+        kernels.seednorm(np.ones((2, 8)), w, w, w)
+
+
+def test_emulated_kernel_gradients_under_value_and_grad():
+    from mlx import nn
+
+    class Block(nn.Module):
+        def __init__(self, dims):
+            super().__init__()
+            self.weight, self.alpha = mx.ones((dims,)), mx.full((dims,), 0.5)
+            self.beta = 0.1 * mx.random.normal((dims,), key=mx.random.key(0))
+
+        def __call__(self, x, backend):
+            return kernels.seednorm(x, self.weight, self.alpha, self.beta, backend=backend)
+
+    block = Block(40)
+    x = mx.random.normal((6, 40), key=mx.random.key(1))
+    results = {}
+    for backend in ("emulate", "ops"):
+        loss = lambda m, x: (m(x, backend) ** 3).sum()
+        results[backend] = nn.value_and_grad(block, loss)(block, x)
+    (v_emu, g_emu), (v_ops, g_ops) = results["emulate"], results["ops"]
+    assert abs(v_emu.item() - v_ops.item()) <= 1e-4 * abs(v_ops.item())
+    for name in ("weight", "alpha", "beta"):
+        assert_close(g_emu[name], f64(g_ops[name]), "float32", name, factor=5)
+
+
+# ----------------------------------------------------------------- on a real Mac
+
+@pytest.mark.metal
+@pytest.mark.parametrize("dims", [33, 4096, 8192])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_metal_matches_ops_twin_eager_and_compiled(dims, dtype):
+    (x, w, a, b, g), (x64, w64, a64, b64, g64) = seed_inputs(64, dims, dtype)
+    y_ref, grads_ref = ref_seednorm(x64, w64, a64, b64, g=g64)
+    fn = lambda *p: kernels.seednorm(*p, backend="metal")
+    for f in (fn, mx.compile(fn)):
+        (y,), grads = run_vjp(f, [x, w, a, b], [g])
+        assert_close(y, y_ref, dtype, "y")
+        for name, got, ref in zip(("dx", "dweight", "dalpha", "dbeta"), grads, grads_ref):
+            assert_close(got, ref, dtype, name)
