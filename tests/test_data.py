@@ -328,6 +328,17 @@ def test_write_tokens_with_sentencepiece(tmp_path, shakespeare):
     tf.check_tokenizer(sp)
 
 
+def test_long_documents_encode_to_the_whole_text_ids(run_dir, shakespeare, tmp_path, monkeypatch):
+    from mlx_localnorm.data import tokens
+
+    sp = load_tokenizer(run_dir)
+    works = shakespeare.valid[:2]  # held-out text, ~100 kB each
+    monkeypatch.setattr(tokens, "BLOCK_CHARS", 300)  # BPE: blocks of a few lines
+    assert all("".join(tokens._line_blocks(w, 300)) == w for w in works)
+    tf = write_tokens(works, sp, tmp_path / "long.bin")
+    assert tf.tokens.tolist() == [t for w in works for t in [1, *sp.encode(w), 2]]
+
+
 def _bpe_run(tmp_path: Path, shakespeare: Corpus) -> Path:
     train_tokenizer(shakespeare.train[:2], tmp_path / "run", vocab_size=400)
     return tmp_path / "run"
