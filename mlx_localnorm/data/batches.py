@@ -18,8 +18,8 @@ class Batches:
     Packing: the token stream ``t`` (documents back to back, ``<s> ... </s>``) is cut into
     ``S = (len(t) - 1) // seq_len`` sequences; sequence ``i`` is
     ``t[i*seq_len : i*seq_len + seq_len + 1]``, its first ``seq_len`` tokens the inputs and
-    its last ``seq_len`` the targets, so every token after the first is a target exactly
-    once per epoch. Tokens past the last whole sequence are not used.
+    its last ``seq_len`` the targets, so no token is a target twice in an epoch. Tokens past
+    the last whole sequence are not used.
 
     Order: epoch ``e`` visits the sequences in ``np.random.default_rng([seed, e])
     .permutation(S)`` (or ``0..S-1`` with ``shuffle=False``), ``batch_size`` at a time; the
