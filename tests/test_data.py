@@ -561,6 +561,11 @@ def test_prepare_data_trains_once_and_reuses(tmp_path, shakespeare):
     assert again.tokenizer.serialized_model_proto() == sp.serialized_model_proto()
     with pytest.raises(ValueError, match=r"vocab_size=400, model_type='bpe', but vocab_size=512"):
         prepare_data(small, out, vocab_size=512)
+    # a lost tokenizer.json is rebuilt from tokenizer.model, byte for byte
+    hf_json = (out / "tokenizer.json").read_bytes()
+    (out / "tokenizer.json").unlink()
+    prepare_data(small, out, vocab_size=400)
+    assert (out / "tokenizer.json").read_bytes() == hf_json
     # a token file damaged after writing (same size) is detected and rewritten
     written = data.train.tokens.tolist()
     damaged = bytearray((out / "train.bin").read_bytes())

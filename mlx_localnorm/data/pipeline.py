@@ -10,7 +10,14 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from .corpus import Corpus, Source, load_corpus
-from .tokenizer import SPM_FILE, load_tokenizer, tokenizer_hash, train_tokenizer
+from .tokenizer import (
+    HF_FILE,
+    SPM_FILE,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_hash,
+    train_tokenizer,
+)
 from .tokens import TokenFile, write_tokens
 
 
@@ -32,7 +39,8 @@ def prepare_data(
     """Train (or reuse) the run's tokenizer and write (or reuse) ``train.bin``/``valid.bin``.
 
     An existing ``out_dir/tokenizer.model`` is reused, never retrained, so a resumed run
-    keeps its ids; it must match ``vocab_size`` and ``model_type``. Token files are reused
+    keeps its ids; it must match ``vocab_size`` and ``model_type`` (a missing
+    ``tokenizer.json`` is rebuilt from it). Token files are reused
     when intact (``TokenFile.verify``) and their manifest names the same tokenizer, source
     and document count; otherwise they are rewritten.
 
@@ -46,6 +54,8 @@ def prepare_data(
     if (out_dir / SPM_FILE).is_file():
         tokenizer = load_tokenizer(out_dir)
         _check_reused_tokenizer(tokenizer, out_dir, vocab_size, model_type)
+        if not (out_dir / HF_FILE).is_file():  # e.g. a run interrupted while saving it
+            save_tokenizer(tokenizer.serialized_model_proto(), out_dir)
     else:
         tokenizer = train_tokenizer(corpus.train, out_dir, vocab_size, model_type)
     train = _tokens(corpus.train, tokenizer, out_dir / "train.bin", corpus.source)

@@ -29,6 +29,7 @@ from ._io import atomic_write_bytes
 MODEL_TYPES = ("bpe", "unigram")
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 SPM_FILE = "tokenizer.model"
+HF_FILE = "tokenizer.json"
 MAX_TRAINING_LINES = 10_000_000
 _NORMAL, _USER_DEFINED = (
     sp_pb2.ModelProto.SentencePiece.NORMAL,
