@@ -14,7 +14,17 @@ import threading
 from pathlib import Path
 
 INCLUDE_DIR = Path(__file__).parent / "include"
-CXX_FLAGS = ("-std=c++20", "-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-w")
+# Stack-clash protection probes every page of a big thread-local array, so an oversized one
+# hits the guard page below its fiber stack instead of silently overwriting a neighbour.
+CXX_FLAGS = (
+    "-std=c++20",
+    "-O2",
+    "-fPIC",
+    "-shared",
+    "-fno-strict-aliasing",
+    "-fstack-clash-protection",
+    "-w",
+)
 
 
 class KernelCompileError(RuntimeError):
@@ -131,6 +141,7 @@ def load(cpp: str, kernel: str) -> ctypes.CDLL:
             ctypes.POINTER(ctypes.c_int64),
             ctypes.POINTER(ctypes.c_int64),
             ctypes.c_uint64,
+            ctypes.c_double,
             ctypes.c_char_p,
             ctypes.c_int64,
         ]

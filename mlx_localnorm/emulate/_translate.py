@@ -219,7 +219,11 @@ _THREADGROUP_DECL = re.compile(
 _DEVICE_POINTER = re.compile(
     rf"(?<![\w])(const\s+)?device\s+(const\s+)?({_TYPE})\s*(const\s*)?\*"
 )
+_DEVICE_REFERENCE = re.compile(
+    rf"(?<![\w])(const\s+)?device\s+(const\s+)?({_TYPE})\s*(const\s*)?&(?!&)"
+)
 _CASTS = re.compile(r"\b(?:reinterpret_cast|const_cast)\s*<")
+_SWIZZLE = re.compile(r"(?<=[\w\])])\.([xyzw]{2,4})\b(?!\s*\()")
 
 
 def _threadgroup_storage(match: re.Match, site: int) -> str:
@@ -238,6 +242,19 @@ def _device_pointer(match: re.Match) -> str:
     return f"mlxe::device_ptr<{'const ' if const else ''}{match.group(3)}>"
 
 
+def _device_reference(match: re.Match) -> str:
+    type_ = match.group(3)
+    if match.group(1) or match.group(2) or match.group(4):
+        return f"const {type_}&"
+    # A writable device reference must count its reads and writes: it becomes a proxy.
+    return f"{type_}&" if re.match(r"(metal::)?atomic", type_) else f"mlxe::dref<{type_}>"
+
+
+def _swizzle(match: re.Match) -> str:
+    lanes = ", ".join(str("xyzw".index(c)) for c in match.group(1))
+    return f".template swizzle<{lanes}>()"
+
+
 def to_cpp(text: str, first_site: int = 0) -> tuple[str, int]:
     """Rewrite Metal text as C++ for the shim; returns the text and the next threadgroup site.
 
@@ -254,7 +271,9 @@ def to_cpp(text: str, first_site: int = 0) -> tuple[str, int]:
 
     text = _THREADGROUP_DECL.sub(storage, text)
     text = _DEVICE_POINTER.sub(_device_pointer, text)
+    text = _DEVICE_REFERENCE.sub(_device_reference, text)
     text = _CASTS.sub("mlxe::ptr_cast<", text)
+    text = _SWIZZLE.sub(_swizzle, text)
     return text, site
 
 
@@ -322,9 +341,10 @@ def cpp_source(spec: KernelSpec) -> str:
             f"  {call}(\n      " + ",\n      ".join(args) + ");\n",
             "}\n",
             'extern "C" int mlxe_launch(mlxe::Buffer* bufs, int nbufs, const int64_t* grid,\n',
-            "                           const int64_t* group, uint64_t seed, char* err,\n",
-            "                           int64_t errlen) {\n",
-            "  return mlxe::launch(&mlxe_thread_main, bufs, nbufs, grid, group, seed, err, errlen);\n",
+            "                           const int64_t* group, uint64_t seed, double timeout,\n",
+            "                           char* err, int64_t errlen) {\n",
+            "  return mlxe::launch(&mlxe_thread_main, bufs, nbufs, grid, group, seed, timeout, err,\n",
+            "                      errlen);\n",
             "}\n",
         ]
     )

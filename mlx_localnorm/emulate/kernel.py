@@ -15,6 +15,9 @@ from . import _build
 from ._translate import KernelSpec, InputSpec, cpp_source, metal_source, type_string
 
 MAX_THREADS_PER_THREADGROUP = 1024
+SEED_ENV = "MLX_LOCALNORM_EMULATE_SEED"
+SCHEDULES_ENV = "MLX_LOCALNORM_EMULATE_SCHEDULES"
+TIMEOUT_ENV = "MLX_LOCALNORM_EMULATE_TIMEOUT"
 _ALIGNMENT = 64
 _INT_POISON = 0xA5
 _launch_lock = threading.Lock()
@@ -126,7 +129,10 @@ class EmulatedKernel:
         header: str = "",
         ensure_row_contiguous: bool = True,
         atomic_outputs: bool = False,
+        *,
         seed: int | None = None,
+        schedules: int | None = None,
+        timeout: float | None = None,
     ) -> None:
         for what, names in (("input_names", input_names), ("output_names", output_names)):
             if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
@@ -142,8 +148,15 @@ class EmulatedKernel:
         self.header = header
         self.ensure_row_contiguous = ensure_row_contiguous
         self.atomic_outputs = atomic_outputs
-        # The threadgroup order is a seeded shuffle: runs are reproducible, races still show.
-        self.seed = int(os.environ.get("MLX_LOCALNORM_EMULATE_SEED", 0)) if seed is None else seed
+        # Threadgroup and thread order are a seeded shuffle: runs are reproducible; with
+        # schedules > 1 every launch runs that many times and the outputs must agree bitwise.
+        self.seed = int(os.environ.get(SEED_ENV, 0)) if seed is None else int(seed)
+        self.schedules = int(os.environ.get(SCHEDULES_ENV, 1)) if schedules is None else schedules
+        self.timeout = float(os.environ.get(TIMEOUT_ENV, 300)) if timeout is None else timeout
+        if not isinstance(self.schedules, int) or self.schedules < 1:
+            raise ValueError(f"schedules must be an integer >= 1, got {self.schedules!r}")
+        if self.timeout < 0:
+            raise ValueError(f"timeout must be >= 0 seconds (0: no limit), got {self.timeout!r}")
         self.last_stats: LaunchStats | None = None
 
     def spec(
@@ -214,46 +227,100 @@ class EmulatedKernel:
         if verbose:
             print(f"Generated source code for `{self.name}`:\n```\n{metal_source(spec)}\n```")
         library = _build.load(cpp_source(spec), self.name)
-
-        keep_alive = []
-        buffers = (_build.Buffer * (len(arrays) + len(output_dtypes)))()
-        for slot, (name, array) in enumerate(zip(self.input_names, arrays)):
-            host = _aligned_empty(array.shape, _NUMPY_STORAGE[array.dtype])
-            host[...] = _to_numpy(array)
-            self._describe(buffers[slot], name, array.dtype, host, False, keep_alive)
-        outputs = []
-        for offset, (name, shape, dtype) in enumerate(
-            zip(self.output_names, output_shapes, output_dtypes)
-        ):
+        for name, dtype in zip(self.output_names, output_dtypes):
             type_string(dtype, f"output '{name}'")
-            host = _aligned_empty(tuple(int(s) for s in shape), _NUMPY_STORAGE[dtype])
-            if init_value is not None:
-                host[...] = _to_numpy(mx.full(host.shape, init_value, dtype=dtype))
-            elif dtype in _FLOATING:
-                host.view(np.uint8).fill(0xFF)  # NaN: an element the kernel never writes shows
-            elif dtype == mx.bool_:
-                host.fill(True)
-            else:
-                host.view(np.uint8).fill(_INT_POISON)
-            self._describe(buffers[len(arrays) + offset], name, dtype, host, True, keep_alive)
-            outputs.append(host)
+        hosts = [self._input_layout(a) for a in arrays]
+        shapes = [tuple(int(s) for s in shape) for shape in output_shapes]
 
+        first = None
+        for schedule in range(self.schedules):
+            outputs = [self._output(shape, dtype, init_value) for shape, dtype in zip(shapes, output_dtypes)]
+            buffers = self._launch(library, hosts, outputs, output_dtypes, grid, threadgroup,
+                                   self.seed + schedule)
+            if first is None:
+                first = outputs
+                self.last_stats = self._stats(spec, grid, threadgroup, buffers)
+                continue
+            for name, a, b in zip(self.output_names, first, outputs):
+                differ = a.view(np.uint8).reshape(a.size, -1) != b.view(np.uint8).reshape(b.size, -1)
+                if differ.any():
+                    index = np.flatnonzero(differ.any(axis=1))
+                    raise EmulatorError(
+                        f"[metal_kernel] kernel '{self.name}': output '{name}' depends on the "
+                        f"thread schedule (a race, or float atomics in a varying order): "
+                        f"{index.size} elements differ between schedule 0 and {schedule}, "
+                        f"first at flat index {index[0]}"
+                    )
+        return [_from_numpy(host, dtype) for host, dtype in zip(first, output_dtypes)]
+
+    def _input_layout(self, array: mx.array) -> tuple[np.ndarray, tuple[int, ...], list[int], str]:
+        """(buffer, shape, element strides, type) as a Metal launch would see them."""
+        view = _to_numpy(array)
+        type_name = type_string(array.dtype, "input")
+        storage = _NUMPY_STORAGE[array.dtype]
+        itemsize = view.itemsize
+        keep_layout = (
+            not self.ensure_row_contiguous
+            and not view.flags.c_contiguous
+            and view.size > 0
+            and all(s >= 0 for s in view.strides)
+        )
+        if not keep_layout:
+            host = _aligned_empty(view.shape, storage)
+            host[...] = view
+            return host, host.shape, [s // itemsize for s in host.strides], type_name
+        # ensure_row_contiguous=False: MLX binds the array's own memory with its strides
+        # (transposes, broadcasts); the buffer spans exactly the elements the view can reach.
+        strides = [s // itemsize for s in view.strides]
+        span = 1 + sum((n - 1) * s for n, s in zip(view.shape, strides))
+        flat = _aligned_empty((span,), storage)
+        flat.view(np.uint8).fill(0xFF)
+        np.lib.stride_tricks.as_strided(flat, view.shape, view.strides)[...] = view
+        return flat, view.shape, strides, type_name
+
+    @staticmethod
+    def _output(shape: tuple[int, ...], dtype: mx.Dtype, init_value: float | None) -> np.ndarray:
+        host = _aligned_empty(shape, _NUMPY_STORAGE[dtype])
+        if init_value is not None:
+            host[...] = _to_numpy(mx.full(shape, init_value, dtype=dtype))
+        elif dtype in _FLOATING:
+            host.view(np.uint8).fill(0xFF)  # NaN: an element the kernel never writes shows
+        elif dtype == mx.bool_:
+            host.fill(True)
+        else:
+            host.view(np.uint8).fill(_INT_POISON)
+        return host
+
+    def _launch(self, library, hosts, outputs, output_dtypes, grid, threadgroup, seed):
+        keep_alive = []
+        buffers = (_build.Buffer * (len(hosts) + len(outputs)))()
+        for slot, (name, (data, shape, strides, type_name)) in enumerate(
+            zip(self.input_names, hosts)
+        ):
+            _describe(buffers[slot], name, type_name, data, shape, strides, False, keep_alive)
+        for offset, (name, host, dtype) in enumerate(zip(self.output_names, outputs, output_dtypes)):
+            strides = [s // host.itemsize for s in host.strides]
+            _describe(buffers[len(hosts) + offset], name, type_string(dtype, name), host,
+                      host.shape, strides, True, keep_alive)
         err = ctypes.create_string_buffer(4096)
         grid_c = (ctypes.c_int64 * 3)(*grid)
         group_c = (ctypes.c_int64 * 3)(*threadgroup)
         with _launch_lock:
             status = library.mlxe_launch(
-                buffers, len(buffers), grid_c, group_c, self.seed, err, len(err)
+                buffers, len(buffers), grid_c, group_c, seed, self.timeout, err, len(err)
             )
         if status != 0:
             raise EmulatorError(f"[metal_kernel] kernel '{self.name}': {err.value.decode()}")
+        return buffers
 
-        group = tuple(min(t, g) for t, g in zip(threadgroup, grid))
-        self.last_stats = LaunchStats(
+    @staticmethod
+    def _stats(spec: KernelSpec, grid, threadgroup, buffers) -> LaunchStats:
+        group = [min(t, g) for t, g in zip(threadgroup, grid)]
+        return LaunchStats(
             kernel=spec.kernel_name(),
             grid=grid,
             threadgroup=threadgroup,
-            threadgroups=int(np.prod([-(-g // t) for g, t in zip(grid, group) if t > 0])),
+            threadgroups=int(np.prod([-(-g // t) if t else 0 for g, t in zip(grid, group)])),
             buffers=tuple(
                 BufferTraffic(
                     name=b.name.decode(),
@@ -265,31 +332,32 @@ class EmulatedKernel:
                 for b in buffers
             ),
         )
-        return [_from_numpy(host, dtype) for host, dtype in zip(outputs, output_dtypes)]
 
-    @staticmethod
-    def _describe(
-        buffer: _build.Buffer,
-        name: str,
-        dtype: mx.Dtype,
-        host: np.ndarray,
-        is_output: bool,
-        keep_alive: list,
-    ) -> None:
-        shape = np.ascontiguousarray(host.shape, dtype=np.int32)
-        strides = np.ascontiguousarray([s // host.itemsize for s in host.strides], dtype=np.int64)
-        name_b = name.encode()
-        dtype_b = type_string(dtype, name).encode()
-        keep_alive.extend([host, shape, strides, name_b, dtype_b])
-        buffer.data = host.ctypes.data
-        buffer.nbytes = host.nbytes
-        buffer.itemsize = host.itemsize
-        buffer.name = name_b
-        buffer.dtype = dtype_b
-        buffer.is_output = int(is_output)
-        buffer.ndim = host.ndim
-        buffer.shape = shape.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        buffer.strides = strides.ctypes.data_as(ctypes.POINTER(ctypes.c_int64))
+
+def _describe(
+    buffer: _build.Buffer,
+    name: str,
+    type_name: str,
+    data: np.ndarray,
+    shape: Sequence[int],
+    strides: Sequence[int],
+    is_output: bool,
+    keep_alive: list,
+) -> None:
+    shape_c = np.ascontiguousarray(shape, dtype=np.int32)
+    strides_c = np.ascontiguousarray(strides, dtype=np.int64)
+    name_b = name.encode()
+    dtype_b = type_name.encode()
+    keep_alive.extend([shape_c, strides_c, name_b, dtype_b])
+    buffer.data = data.ctypes.data
+    buffer.nbytes = data.nbytes
+    buffer.itemsize = data.itemsize
+    buffer.name = name_b
+    buffer.dtype = dtype_b
+    buffer.is_output = int(is_output)
+    buffer.ndim = len(shape)
+    buffer.shape = shape_c.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+    buffer.strides = strides_c.ctypes.data_as(ctypes.POINTER(ctypes.c_int64))
 
 
 def metal_kernel(
@@ -301,14 +369,31 @@ def metal_kernel(
     ensure_row_contiguous: bool = True,
     atomic_outputs: bool = False,
     compile_options: dict | None = None,
+    *,
+    seed: int | None = None,
+    schedules: int | None = None,
+    timeout: float | None = None,
 ) -> EmulatedKernel:
     """Drop-in twin of `mx.fast.metal_kernel` that runs the kernel on the CPU.
 
     The Metal body is compiled as C++ against a shim of Metal's types and functions, with the
     signature MLX generates, and every GPU thread runs as a fiber with real threadgroup-barrier
     and simdgroup semantics. `compile_options` (Metal math mode) is accepted and ignored.
+    Emulator-only options (defaults from the environment): `seed` of the thread and
+    threadgroup order (MLX_LOCALNORM_EMULATE_SEED, 0); `schedules`, how many differently
+    ordered runs must give bitwise-equal outputs (MLX_LOCALNORM_EMULATE_SCHEDULES, 1);
+    `timeout` in seconds per launch, 0 for none (MLX_LOCALNORM_EMULATE_TIMEOUT, 300).
     """
     del compile_options
     return EmulatedKernel(
-        name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs
+        name,
+        input_names,
+        output_names,
+        source,
+        header,
+        ensure_row_contiguous,
+        atomic_outputs,
+        seed=seed,
+        schedules=schedules,
+        timeout=timeout,
     )

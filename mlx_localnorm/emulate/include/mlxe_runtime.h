@@ -5,6 +5,9 @@
 #pragma once
 
 #include <new>
+#include <setjmp.h>
+#include <signal.h>
+#include <sys/time.h>
 #include <source_location>
 #include <stdarg.h>
 #include <stdio.h>
@@ -803,11 +806,13 @@ inline bool release_barrier(Fiber* fibers, int n) {
   return true;
 }
 
-inline bool run_threadgroup(Fiber* fibers, int n, bool reverse) {
+// Threads run between synchronisation points in `order`: forward, reverse or shuffled per
+// threadgroup, so a race on threadgroup or device memory changes the result between schedules.
+inline bool run_threadgroup(Fiber* fibers, int n, const int* order) {
   for (int i = 0; i < n; ++i) start_fiber(&fibers[i], i);
   for (;;) {
     for (int k = 0; k < n; ++k) {
-      Fiber* f = &fibers[reverse ? n - 1 - k : k];
+      Fiber* f = &fibers[order[k]];
       if (f->state != READY) continue;
       run_fiber(f);
       if (L.failed) return false;
@@ -844,8 +849,70 @@ inline void free_threadgroup_memory() {
   L.tg_memory = 0;
 }
 
+// Faults inside kernel code (a raw pointer out of range, a fiber stack overflow, an integer
+// division by zero) and a time limit end the launch with an error instead of the process.
+inline sigjmp_buf fault_jump;
+inline double time_limit = 0;
+
+inline void on_fault(int sig, siginfo_t* info, void*) {
+  char who[256] = "the scheduler";
+  if (cur) describe_thread(who, sizeof who, cur);
+  const char* addr = static_cast<const char*>(info->si_addr);
+  bool in_stacks = stack_pool && addr >= stack_pool && addr < stack_pool + kStackSize * kMaxThreads;
+  if (sig == SIGALRM) {
+    set_error("kernel still running after %.1f s (an infinite loop, or a launch too large for "
+              "the emulator; the limit is MLX_LOCALNORM_EMULATE_TIMEOUT); last thread: %s",
+              time_limit, who);
+  } else if (sig == SIGFPE) {
+    set_error("arithmetic fault (integer division or remainder by zero) by %s", who);
+  } else if (in_stacks && (addr - stack_pool) % kStackSize < 4096) {
+    set_error("thread stack overflow (over %zu KiB of thread-local data or recursion) by %s",
+              kStackSize / 1024, who);
+  } else {
+    set_error("invalid memory access at address %p by %s: not through a kernel buffer (those "
+              "are bounds-checked), so a thread-local array indexed out of range or a pointer "
+              "converted to a raw `constant`/`thread` pointer",
+              info->si_addr, who);
+  }
+  siglongjmp(fault_jump, 1);
+}
+
+struct FaultGuard {
+  static constexpr int kSignals[4] = {SIGSEGV, SIGBUS, SIGFPE, SIGALRM};
+  struct sigaction saved[4];
+  stack_t saved_stack;
+  itimerval saved_timer;
+  alignas(16) char alt_stack[64 * 1024];
+
+  void install() {
+    stack_t ss{};
+    ss.ss_sp = alt_stack;
+    ss.ss_size = sizeof alt_stack;
+    sigaltstack(&ss, &saved_stack);
+    struct sigaction sa{};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    for (int i = 0; i < 4; ++i) sigaction(kSignals[i], &sa, &saved[i]);
+    itimerval timer{};
+    timer.it_value.tv_sec = time_t(time_limit);
+    timer.it_value.tv_usec = suseconds_t((time_limit - double(time_t(time_limit))) * 1e6);
+    setitimer(ITIMER_REAL, &timer, &saved_timer);
+  }
+  void remove() {
+    itimerval off{};
+    setitimer(ITIMER_REAL, &off, nullptr);
+    for (int i = 0; i < 4; ++i) sigaction(kSignals[i], &saved[i], nullptr);
+    sigaltstack(&saved_stack, nullptr);
+    if (saved_timer.it_value.tv_sec || saved_timer.it_value.tv_usec)
+      setitimer(ITIMER_REAL, &saved_timer, nullptr);
+  }
+};
+inline FaultGuard fault_guard;
+
 inline int launch(void (*thread_main)(Fiber*), Buffer* bufs, int nbufs, const int64_t* grid,
-                  const int64_t* group, uint64_t seed, char* err, int64_t errlen) {
+                  const int64_t* group, uint64_t seed, double timeout, char* err,
+                  int64_t errlen) {
   L.bufs = bufs;
   L.nbufs = nbufs;
   L.grid = uint3(grid[0], grid[1], grid[2]);
@@ -873,7 +940,14 @@ inline int launch(void (*thread_main)(Fiber*), Buffer* bufs, int nbufs, const in
     order[j] = t;
   }
   Fiber* fibers = new Fiber[L.dispatch_threads];
-  bool ok = true;
+  int* thread_order = new int[L.dispatch_threads];
+  time_limit = timeout;
+  fault_guard.install();
+  volatile bool ok = true;
+  if (sigsetjmp(fault_jump, 1)) {
+    ok = false;
+    cur = nullptr;
+  }
   for (uint64_t k = 0; k < count && ok; ++k) {
     uint64_t t = order[k];
     L.tg_pos = uint3(t % tpg.x, (t / tpg.x) % tpg.y, t / (uint64_t(tpg.x) * tpg.y));
@@ -890,9 +964,21 @@ inline int launch(void (*thread_main)(Fiber*), Buffer* bufs, int nbufs, const in
                     i / (L.tg_size.x * L.tg_size.y));
       f.gpos = start + f.pos;
     }
-    // Alternate the order threads run in between barriers: a race then changes the result.
-    ok = run_threadgroup(fibers, int(L.tg_threads), splitmix64(rng) & 1);
+    int n = int(L.tg_threads);
+    uint64_t mode = splitmix64(rng) % 3;
+    for (int i = 0; i < n; ++i) thread_order[i] = mode == 1 ? n - 1 - i : i;
+    if (mode == 2) {
+      for (int i = n - 1; i > 0; --i) {
+        int j = int(splitmix64(rng) % uint64_t(i + 1));
+        int t = thread_order[i];
+        thread_order[i] = thread_order[j];
+        thread_order[j] = t;
+      }
+    }
+    ok = run_threadgroup(fibers, n, thread_order);
   }
+  fault_guard.remove();
+  delete[] thread_order;
   delete[] fibers;
   delete[] order;
   free_threadgroup_memory();

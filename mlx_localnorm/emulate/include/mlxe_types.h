@@ -210,6 +210,15 @@ struct vec : vec_storage<T, N> {
 
   T& operator[](int i) { return this->e[i]; }
   const T& operator[](int i) const { return this->e[i]; }
+
+  // `v.xy`, `v.zyx`, ... are rewritten to v.swizzle<0, 1>() etc. (read-only).
+  template <int... I>
+  vec<T, int(sizeof...(I))> swizzle() const {
+    vec<T, int(sizeof...(I))> r;
+    int k = 0;
+    ((r.e[k++] = this->e[I]), ...);
+    return r;
+  }
 };
 
 template <class T>
