@@ -248,6 +248,38 @@ def test_mlx_lm_streaming_detokenizer_reproduces_text(run_dir):
     assert detok.text == text
 
 
+def test_mlx_lm_load_and_generate_with_the_run_tokenizer(run_dir, tmp_path):
+    """A (random, tiny) mlx-lm Llama saved beside the tokenizer loads and streams text."""
+    import shutil
+
+    from mlx.utils import tree_flatten
+    from mlx_lm import load, stream_generate
+    from mlx_lm.models import llama
+
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(run_dir / name, tmp_path / name)
+    config = {
+        "model_type": "llama",
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "intermediate_size": 32,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": 600,
+        "tie_word_embeddings": True,
+    }
+    mx.random.seed(0)
+    weights = dict(tree_flatten(llama.Model(llama.ModelArgs.from_dict(config)).parameters()))
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), weights)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model, wrapper = load(str(tmp_path))
+    pieces = list(stream_generate(model, wrapper, "To be, or not to be", max_tokens=12))
+    tokens = [p.token for p in pieces]
+    assert len(tokens) >= 1
+    assert "".join(p.text for p in pieces) == load_tokenizer(run_dir).decode(tokens)
+
+
 def test_train_tokenizer_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"model_type.*\('bpe', 'unigram'\), got 'wordpiece'"):
         train_tokenizer(["some text"], tmp_path, model_type="wordpiece")
