@@ -231,6 +231,45 @@ def test_seednorm_fused_residual(rows, dims, dtype):
         assert_close(got, ref, dtype, name)
 
 
+# ----------------------------------------------------------------- memory traffic (emulator counts)
+
+@pytest.mark.parametrize("dims,dtype,residual,heads,frozen", [
+    (1024, "float16", False, 1, False),
+    (4096, "float32", False, 1, False),
+    (4099, "bfloat16", True, 1, False),
+    (1024, "float16", False, 4, True),
+])
+def test_seednorm_traffic_near_the_minimum(dims, dtype, residual, heads, frozen):
+    """Minimum: every input read once, every output written once. Forward <= 1.05x, backward
+    (with the column sum of the parameter partials) <= 1.15x."""
+    rows = 256
+    (x, w, a, b, g), _ = seed_inputs(rows, dims, dtype)
+    tensor, params = x.nbytes, w.nbytes + a.nbytes + b.nbytes
+    extra = [x] if residual else []
+    cotangents = [g, g][: 1 + residual]
+
+    def fn(x, w, a, b, *r):
+        return kernels.seednorm(x, w, a, b, num_heads=heads, residual=r[0] if r else None,
+                                backend="emulate", frozen=frozen)
+
+    with kernels.record_traffic() as forward:
+        mx.eval(fn(x, w, a, b, *extra))
+    (launch,) = forward
+    assert launch["x"].bytes_read == tensor and launch["y"].bytes_written == tensor
+    fwd_min = (2 + 2 * residual) * tensor + params
+    assert launch.bytes_moved <= 1.05 * fwd_min, f"forward moved {launch.bytes_moved / fwd_min:.3f}x"
+
+    with kernels.record_traffic() as launches:
+        run_vjp(fn, [x, w, a, b, *extra], cotangents)
+    backward = [s for s in launches if "bwd" in s.kernel or "column_sum" in s.kernel]
+    assert len(backward) == 1 + (not frozen)
+    assert backward[0]["cotangent"].bytes_read == tensor
+    assert backward[0]["grad_x"].bytes_written == tensor
+    bwd_min = (3 + residual) * tensor + params * (1 if frozen else 2)
+    moved = sum(s.bytes_moved for s in backward)
+    assert moved <= 1.15 * bwd_min, f"backward moved {moved / bwd_min:.3f}x"
+
+
 # ----------------------------------------------------------------- RMSNorm from the same template
 
 @pytest.mark.parametrize("rows,dims,dtype", [

@@ -5,8 +5,8 @@ MLX ops twin elsewhere, or the same Metal source run on the CPU by :mod:`mlx_loc
 ``MLX_LOCALNORM_BACKEND`` overrides the choice for a whole run.
 """
 
-from ._launch import BACKEND_ENV, BACKENDS, resolve_backend
+from ._launch import BACKEND_ENV, BACKENDS, record_traffic, resolve_backend
 from .patchnorm import patchnorm
 from .seednorm import rms_norm, seednorm
 
-__all__ = ["BACKENDS", "BACKEND_ENV", "patchnorm", "resolve_backend", "rms_norm", "seednorm"]
+__all__ = ["BACKENDS", "BACKEND_ENV", "patchnorm", "record_traffic", "resolve_backend", "rms_norm", "seednorm"]

@@ -7,10 +7,12 @@ inputs and outputs differ), and each variant gets its own kernel name.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -65,22 +67,43 @@ def _read(filename: str) -> str:
     return path.read_text()
 
 
+_traffic_logs: list[list] = []
+
+
+@contextlib.contextmanager
+def record_traffic() -> Iterator[list]:
+    """Collect the emulator's ``LaunchStats`` (bytes read and written per buffer) of every
+    emulated kernel launch inside the block, in launch order."""
+    log: list = []
+    _traffic_logs.append(log)
+    try:
+        yield log
+    finally:
+        _traffic_logs.remove(log)
+
+
+def _recorded(launch: Callable) -> Callable:
+    def call(**kwargs):
+        outputs = launch(**kwargs)
+        for log in _traffic_logs:
+            log.append(launch.last_stats)
+        return outputs
+    return call
+
+
 @functools.cache
 def kernel(name: str, body: str, backend: str, input_names: tuple[str, ...],
            output_names: tuple[str, ...], defines: tuple[tuple[str, int], ...] = ()):
     """The kernel object of one variant, built once: Metal's on a Mac, the CPU emulator's otherwise."""
-    if backend == "metal":
-        factory = mx.fast.metal_kernel
-    else:
-        from ..emulate import metal_kernel as factory
     prefix = "".join(f"#define {key} {value}\n" for key, value in defines)
-    return factory(
-        name=f"mlx_localnorm_{name}",
-        input_names=list(input_names),
-        output_names=list(output_names),
-        source=prefix + _read(body),
-        header=_read("common.h"),
-    )
+    arguments = dict(name=f"mlx_localnorm_{name}", input_names=list(input_names),
+                     output_names=list(output_names), source=prefix + _read(body),
+                     header=_read("common.h"))
+    if backend == "metal":
+        return mx.fast.metal_kernel(**arguments)
+    from ..emulate import metal_kernel
+
+    return _recorded(metal_kernel(**arguments))
 
 
 def tile(dims: int) -> tuple[int, int]:
