@@ -345,6 +345,81 @@ def test_atomic_outputs():
     np.testing.assert_array_equal(np.array(hist), np.bincount(values % 4, minlength=4))
 
 
+def test_strided_input_keeps_its_layout_without_ensure_row_contiguous():
+    source = """
+    uint i = thread_position_in_grid.x;
+    out[i] = x[elem_to_loc(i, x_shape, x_strides, x_ndim)] + 100 * x_strides[0];
+    """
+    x = mx.broadcast_to(mx.arange(4, dtype=mx.int32), (3, 4))
+    expected = np.broadcast_to(np.arange(4), (3, 4)).ravel()
+    for contiguous, row_stride in [(False, 0), (True, 4)]:
+        kernel = metal_kernel("emu_broadcast", ["x"], ["out"], source,
+                              ensure_row_contiguous=contiguous)
+        (out,) = run(kernel, [x], [(12,)], [mx.int32], (12, 1, 1), (12, 1, 1))
+        np.testing.assert_array_equal(np.array(out), expected + 100 * row_stride)
+
+
+def test_vectors_swizzles_and_device_references():
+    source = """
+    uint i = thread_position_in_grid.x;
+    half4 v = ((const device half4*)x)[i];
+    float4 f = float4(v) * 2.0f + 1.0h;
+    float2 hi = f.zw;
+    device float& o = out[i];
+    o = hi.x + dot(f.xyz, float3(1.0f)) + float(bfloat4(f).w);
+    o += simd_shuffle_down(v, 1).w;
+    """
+    kernel = metal_kernel("emu_vectors", ["x"], ["out"], source)
+    x = mx.arange(64, dtype=mx.float16)
+    (out,) = run(kernel, [x], [(16,)], [mx.float32], (16, 1, 1), (16, 1, 1))
+    v = np.arange(64, dtype=np.float64).reshape(16, 4)
+    f = 2 * v + 1
+    # Lane 15 shuffles from lane 16, absent in this 16-thread simdgroup: poison, not a value.
+    below = np.concatenate([v[1:, 3], [np.nan]])
+    np.testing.assert_array_equal(f64(out), f[:, 2] + f[:, :3].sum(axis=1) + f[:, 3] + below)
+
+
+def test_threadgroup_atomics_and_partial_groups():
+    source = """
+    threadgroup atomic_int count;
+    if (thread_index_in_threadgroup == 0) atomic_store_explicit(&count, 0, memory_order_relaxed);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    atomic_fetch_add_explicit(&count, 1, memory_order_relaxed);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[threadgroup_position_in_grid.x] = atomic_load_explicit(&count, memory_order_relaxed);
+    """
+    kernel = metal_kernel("emu_tg_atomic", ["x"], ["out"], source)
+    (out,) = run(kernel, [mx.zeros((1,))], [(3,)], [mx.int32], (100, 1, 1), (40, 1, 1))
+    np.testing.assert_array_equal(np.array(out), [40, 40, 20])
+
+
+def test_race_found_by_comparing_schedules():
+    kernel = metal_kernel("emu_last_writer", ["x"], ["out"],
+                          "out[0] = float(thread_position_in_grid.x) + x[0];", schedules=4)
+    with pytest.raises(EmulatorError, match="depends on the thread schedule"):
+        run(kernel, [mx.zeros((1,))], [(1,)], [mx.float32], (64, 1, 1), (64, 1, 1))
+    # A race-free kernel gives bitwise-equal outputs under every schedule.
+    _rms_call(metal_kernel("emu_rms_norm", ["x", "w", "eps"], ["out"], RMS_SOURCE,
+                           schedules=3), mx.ones((5, 70)), mx.ones((70,)), 1e-6)
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("int d = int(x[0]); out[thread_position_in_grid.x] = 10 / d;", "division or remainder by zero"),
+        ("float big[200000];\nfor (int k = 0; k < 200000; k++) big[k] = x[0] + k;\n"
+         "out[thread_position_in_grid.x] = big[thread_position_in_grid.x * 7919];",
+         "thread stack overflow"),
+        ("volatile int spin = 1;\nwhile (spin) {}\nout[0] = 1;", "still running after 0.5 s"),
+    ],
+    ids=["division_by_zero", "stack_overflow", "infinite_loop"],
+)
+def test_faults_become_errors_naming_the_thread(source, message):
+    kernel = metal_kernel("emu_fault", ["x"], ["out"], source, timeout=0.5)
+    with pytest.raises(EmulatorError, match=message + ".*thread_position_in_grid"):
+        run(kernel, [mx.zeros((1,))], [(4,)], [mx.int32], (4, 1, 1), (4, 1, 1))
+
+
 def test_bad_arguments_name_what_is_wrong():
     kernel = metal_kernel("emu_args", ["x"], ["out"], "out[0] = x[0];")
     with pytest.raises(ValueError, match="`inputs` to have size 1 but got size 2"):
