@@ -1,5 +1,8 @@
 """A sentencepiece tokenizer trained on the corpus, saved so mlx-lm loads it with the same ids.
 
+SentencePiece: Kudo & Richardson, arXiv 1808.06226; BPE: Sennrich et al., arXiv 1508.07909;
+unigram language model: Kudo, arXiv 1804.10959.
+
 ``train_tokenizer`` writes three views of one vocabulary into the run directory:
 
 - ``tokenizer.model``: the sentencepiece model (the data pipeline encodes with it);
