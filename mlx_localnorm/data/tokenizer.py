@@ -3,7 +3,7 @@
 SentencePiece: Kudo & Richardson, arXiv 1808.06226; BPE: Sennrich et al., arXiv 1508.07909;
 unigram language model: Kudo, arXiv 1804.10959.
 
-``train_tokenizer`` writes three views of one vocabulary into the run directory:
+``train_tokenizer`` writes one vocabulary in two forms into the run directory:
 
 - ``tokenizer.model``: the sentencepiece model (the data pipeline encodes with it);
 - ``tokenizer.json`` + ``tokenizer_config.json``: the same model rebuilt with the
