@@ -531,6 +531,10 @@ def test_shuffled_batches_are_deterministic_and_cover_each_epoch_once():
                 assert x == list(range(x[0], x[0] + 4)) and y == list(range(x[0] + 1, x[0] + 5))
         assert sorted(starts) == list(range(0, 120, 4))  # every sequence exactly once
         starts_per_epoch.append(starts)
+    # the documented order: argsort of the raw PCG64 stream seeded with [seed, epoch]
+    for epoch, starts in enumerate(starts_per_epoch):
+        order = np.argsort(np.random.PCG64([7, epoch]).random_raw(30), kind="stable")
+        assert starts == (order[:30] * 4).tolist()
     assert starts_per_epoch[0] != sorted(starts_per_epoch[0])
     assert starts_per_epoch[0] != starts_per_epoch[1] != starts_per_epoch[2]
 

@@ -21,9 +21,10 @@ class Batches:
     its last ``seq_len`` the targets, so no token is a target twice in an epoch. Tokens past
     the last whole sequence are not used.
 
-    Order: epoch ``e`` visits the sequences in ``np.random.default_rng([seed, e])
-    .permutation(S)`` (or ``0..S-1`` with ``shuffle=False``), ``batch_size`` at a time; the
-    last ``S % batch_size`` of the permutation are skipped, and the next epoch starts.
+    Order: epoch ``e`` visits the sequences in the order
+    ``argsort(np.random.PCG64([seed, e]).random_raw(S))`` (or ``0..S-1`` with
+    ``shuffle=False``), ``batch_size`` at a time; the last ``S % batch_size`` of that order
+    are skipped, and the next epoch starts.
 
     Sharding: ``batch_size`` is the global batch. Rank ``r`` of ``world_size`` gets rows
     ``[r*b, (r+1)*b)`` of every global batch, ``b = batch_size // world_size``, so the
@@ -139,10 +140,11 @@ class Batches:
     def _order_for(self, epoch: int) -> np.ndarray:
         if epoch != self._order_epoch:
             self._order_epoch = epoch
+            # A BitGenerator's raw stream is stable across NumPy versions (Generator.permutation
+            # is not guaranteed to be), so a run resumes with the same order after an upgrade.
+            keys = np.random.PCG64([self.seed, epoch]).random_raw(self.num_sequences)
             self._order = (
-                np.random.default_rng([self.seed, epoch]).permutation(self.num_sequences)
-                if self.shuffle
-                else np.arange(self.num_sequences)
+                np.argsort(keys, kind="stable") if self.shuffle else np.arange(self.num_sequences)
             )
         return self._order
 
