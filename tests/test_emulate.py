@@ -2,11 +2,11 @@
 
 import re
 
-import mlx_localnorm  # noqa: F401  (must precede mlx.core: it swaps MLX's CPU BLAS)
 import mlx.core as mx
 import numpy as np
 import pytest
 
+import mlx_localnorm  # noqa: F401  (must precede mlx.core: it swaps MLX's CPU BLAS)
 from mlx_localnorm.emulate import EmulatorError, KernelCompileError, metal_kernel
 
 
@@ -33,8 +33,15 @@ def test_elementwise_matches_mlx_op():
         "uint elem = thread_position_in_grid.x;\nT tmp = inp[elem];\nout[elem] = metal::exp(tmp);",
     )
     x = mx.random.normal((4, 16), key=mx.random.key(0))
-    (out,) = run(kernel, [x], [x.shape], [mx.float32], (x.size, 1, 1), (32, 1, 1),
-                 template=[("T", mx.float32)])
+    (out,) = run(
+        kernel,
+        [x],
+        [x.shape],
+        [mx.float32],
+        (x.size, 1, 1),
+        (32, 1, 1),
+        template=[("T", mx.float32)],
+    )
     assert out.shape == x.shape and out.dtype == mx.float32
     np.testing.assert_allclose(f64(out), np.exp(f64(x)), rtol=1e-6)
 
@@ -183,8 +190,7 @@ def test_template_arguments_and_shape_strides():
     kernel = metal_kernel("emu_strided", ["inp"], ["out"], source, ensure_row_contiguous=False)
     x = mx.arange(24, dtype=mx.float32).reshape(2, 3, 4).transpose(2, 0, 1)
     template = [("T", mx.float32), ("SCALE", 3), ("FLIP", True)]
-    (out,) = run(kernel, [x], [x.shape], [mx.float32], (x.size, 1, 1), (8, 1, 1),
-                 template=template)
+    (out,) = run(kernel, [x], [x.shape], [mx.float32], (x.size, 1, 1), (8, 1, 1), template=template)
     np.testing.assert_array_equal(f64(out), -3.0 * f64(x))
 
 
@@ -192,8 +198,16 @@ def test_generated_signature_follows_mlx(capsys):
     source = "out[thread_position_in_grid.x] = a[0] + b + float(c[c_ndim]); (void)c_shape;"
     kernel = metal_kernel("emu_sig", ["a", "b", "c"], ["out"], source)
     a, b, c = mx.zeros((4,)), mx.array(2.0), mx.zeros((3, 4), dtype=mx.float16)
-    run(kernel, [a, b, c], [(1,)], [mx.float32], (1, 1, 1), (1, 1, 1),
-        template=[("N", 2), ("T", mx.bfloat16)], verbose=True)
+    run(
+        kernel,
+        [a, b, c],
+        [(1,)],
+        [mx.float32],
+        (1, 1, 1),
+        (1, 1, 1),
+        template=[("N", 2), ("T", mx.bfloat16)],
+        verbose=True,
+    )
     printed = capsys.readouterr().out
     name = "custom_kernel_emu_sig__2_bfloat16_t_floatc_floats_float16_t_float"
     expected = (
@@ -228,8 +242,14 @@ def test_half_and_bfloat_round_trips():
     ties = 1.0 + np.array([1, 3, 5, 7], dtype=np.float64) * 2.0**-8  # exact bfloat16 ties
     values = np.concatenate([rng.normal(size=60) * 100, ties]).astype(np.float32)
     x = mx.array(values)
-    outs = run(kernel, [x, x.astype(mx.bfloat16)], [(64,)] * 3,
-               [mx.float16, mx.bfloat16, mx.float32], (64, 1, 1), (64, 1, 1))
+    outs = run(
+        kernel,
+        [x, x.astype(mx.bfloat16)],
+        [(64,)] * 3,
+        [mx.float16, mx.bfloat16, mx.float32],
+        (64, 1, 1),
+        (64, 1, 1),
+    )
     np.testing.assert_array_equal(np.array(outs[0]), values.astype(np.float16))
     np.testing.assert_array_equal(np.array(outs[1].view(mx.uint16)), _bf16_bits_rne(values))
     np.testing.assert_array_equal(
@@ -249,8 +269,9 @@ def test_output_an_unwritten_element_is_poisoned():
     got = f64(out)
     assert np.isnan(got[1::2]).all() and (got[::2] == 1).all()
     assert (np.array(counts)[1::2] == np.int32(np.uint32(0xA5A5A5A5).view(np.int32))).all()
-    out, counts = run(kernel, [x], [(8,), (8,)], [mx.float32, mx.int32], (8, 1, 1), (8, 1, 1),
-                      init_value=0)
+    out, counts = run(
+        kernel, [x], [(8,), (8,)], [mx.float32, mx.int32], (8, 1, 1), (8, 1, 1), init_value=0
+    )
     np.testing.assert_array_equal(f64(out), [1, 0] * 4)
 
 
@@ -278,16 +299,21 @@ def test_lanes_at_different_collectives_is_an_error():
 
 
 def test_out_of_bounds_read_and_write_are_errors():
-    read = metal_kernel("emu_oob_read", ["x"], ["out"],
-                        "uint i = thread_position_in_grid.x; out[i] = x[i + 1];")
+    read = metal_kernel(
+        "emu_oob_read", ["x"], ["out"], "uint i = thread_position_in_grid.x; out[i] = x[i + 1];"
+    )
     with pytest.raises(EmulatorError) as info:
         run(read, [mx.ones((8,))], [(8,)], [mx.float32], (8, 1, 1), (8, 1, 1))
     message = str(info.value)
     assert "read" in message and "input 'x'" in message and "element index 8" in message
     assert "thread_position_in_grid (7, 0, 0)" in message
 
-    write = metal_kernel("emu_oob_write", ["x"], ["out"],
-                         "uint i = thread_position_in_grid.x; out[i == 3 ? 8 : i] = x[i];")
+    write = metal_kernel(
+        "emu_oob_write",
+        ["x"],
+        ["out"],
+        "uint i = thread_position_in_grid.x; out[i == 3 ? 8 : i] = x[i];",
+    )
     with pytest.raises(EmulatorError, match=r"write.*output 'out'.*element index 8 .*\(3, 0, 0\)"):
         run(write, [mx.ones((8,))], [(8,)], [mx.float32], (8, 1, 1), (8, 1, 1))
 
@@ -300,7 +326,10 @@ def test_threadgroup_array_index_out_of_range_is_an_error():
     out[0] = tile[0];
     """
     kernel = metal_kernel("emu_tile_oob", ["x"], ["out"], source)
-    with pytest.raises(EmulatorError, match=r"index 32 outside threadgroup array 'tile' of 32 elements by .*\(5, 0, 0\)"):
+    with pytest.raises(
+        EmulatorError,
+        match=r"index 32 outside threadgroup array 'tile' of 32 elements by .*\(5, 0, 0\)",
+    ):
         run(kernel, [mx.ones((1,))], [(1,)], [mx.float32], (64, 1, 1), (64, 1, 1))
 
 
@@ -309,9 +338,13 @@ def test_metal_limits_are_enforced():
     for group in [(1025, 1, 1), (32, 32, 2)]:
         with pytest.raises(ValueError, match="greater than the maximum allowed threads"):
             run(kernel, [mx.ones((1,))], [(1,)], [mx.float32], (2048, 1, 1), group)
-    big = metal_kernel("emu_tg_memory", ["x"], ["out"],
-                       "threadgroup float a[4096];\nthreadgroup float b[4097];\n"
-                       "a[0] = 1; b[0] = 1; out[0] = a[0] + b[0];")
+    big = metal_kernel(
+        "emu_tg_memory",
+        ["x"],
+        ["out"],
+        "threadgroup float a[4096];\nthreadgroup float b[4097];\n"
+        "a[0] = 1; b[0] = 1; out[0] = a[0] + b[0];",
+    )
     with pytest.raises(EmulatorError, match="32768 bytes.*'b'|'b'.*32 KiB"):
         run(big, [mx.ones((1,))], [(1,)], [mx.float32], (1, 1, 1), (1, 1, 1))
 
@@ -340,8 +373,15 @@ def test_atomic_outputs():
     """
     kernel = metal_kernel("emu_hist", ["x"], ["hist"], source, atomic_outputs=True)
     values = np.arange(37) % 7
-    (hist,) = run(kernel, [mx.array(values.astype(np.float32))], [(4,)], [mx.int32],
-                  (37, 1, 1), (16, 1, 1), init_value=0)
+    (hist,) = run(
+        kernel,
+        [mx.array(values.astype(np.float32))],
+        [(4,)],
+        [mx.int32],
+        (37, 1, 1),
+        (16, 1, 1),
+        init_value=0,
+    )
     np.testing.assert_array_equal(np.array(hist), np.bincount(values % 4, minlength=4))
 
 
@@ -353,8 +393,9 @@ def test_strided_input_keeps_its_layout_without_ensure_row_contiguous():
     x = mx.broadcast_to(mx.arange(4, dtype=mx.int32), (3, 4))
     expected = np.broadcast_to(np.arange(4), (3, 4)).ravel()
     for contiguous, row_stride in [(False, 0), (True, 4)]:
-        kernel = metal_kernel("emu_broadcast", ["x"], ["out"], source,
-                              ensure_row_contiguous=contiguous)
+        kernel = metal_kernel(
+            "emu_broadcast", ["x"], ["out"], source, ensure_row_contiguous=contiguous
+        )
         (out,) = run(kernel, [x], [(12,)], [mx.int32], (12, 1, 1), (12, 1, 1))
         np.testing.assert_array_equal(np.array(out), expected + 100 * row_stride)
 
@@ -394,22 +435,36 @@ def test_threadgroup_atomics_and_partial_groups():
 
 
 def test_race_found_by_comparing_schedules():
-    kernel = metal_kernel("emu_last_writer", ["x"], ["out"],
-                          "out[0] = float(thread_position_in_grid.x) + x[0];", schedules=4)
+    kernel = metal_kernel(
+        "emu_last_writer",
+        ["x"],
+        ["out"],
+        "out[0] = float(thread_position_in_grid.x) + x[0];",
+        schedules=4,
+    )
     with pytest.raises(EmulatorError, match="depends on the thread schedule"):
         run(kernel, [mx.zeros((1,))], [(1,)], [mx.float32], (64, 1, 1), (64, 1, 1))
     # A race-free kernel gives bitwise-equal outputs under every schedule.
-    _rms_call(metal_kernel("emu_rms_norm", ["x", "w", "eps"], ["out"], RMS_SOURCE,
-                           schedules=3), mx.ones((5, 70)), mx.ones((70,)), 1e-6)
+    _rms_call(
+        metal_kernel("emu_rms_norm", ["x", "w", "eps"], ["out"], RMS_SOURCE, schedules=3),
+        mx.ones((5, 70)),
+        mx.ones((70,)),
+        1e-6,
+    )
 
 
 @pytest.mark.parametrize(
     "source, message",
     [
-        ("int d = int(x[0]); out[thread_position_in_grid.x] = 10 / d;", "division or remainder by zero"),
-        ("float big[200000];\nfor (int k = 0; k < 200000; k++) big[k] = x[0] + k;\n"
-         "out[thread_position_in_grid.x] = big[thread_position_in_grid.x * 7919];",
-         "thread stack overflow"),
+        (
+            "int d = int(x[0]); out[thread_position_in_grid.x] = 10 / d;",
+            "division or remainder by zero",
+        ),
+        (
+            ("float big[200000];\nfor (int k = 0; k < 200000; k++) big[k] = x[0] + k;\n"
+            "out[thread_position_in_grid.x] = big[thread_position_in_grid.x * 7919];"),
+            "thread stack overflow",
+        ),
         ("volatile int spin = 1;\nwhile (spin) {}\nout[0] = 1;", "still running after 0.5 s"),
     ],
     ids=["division_by_zero", "stack_overflow", "infinite_loop"],
@@ -427,8 +482,15 @@ def test_bad_arguments_name_what_is_wrong():
     with pytest.raises(ValueError, match="`grid` must be 3 integers"):
         run(kernel, [mx.ones((1,))], [(1,)], [mx.float32], (1, 1), (1, 1, 1))
     with pytest.raises(TypeError, match="Invalid template argument"):
-        run(kernel, [mx.ones((1,))], [(1,)], [mx.float32], (1, 1, 1), (1, 1, 1),
-            template=[("T", 1.5)])
+        run(
+            kernel,
+            [mx.ones((1,))],
+            [(1,)],
+            [mx.float32],
+            (1, 1, 1),
+            (1, 1, 1),
+            template=[("T", 1.5)],
+        )
     with pytest.raises(TypeError, match="complex64"):
         run(kernel, [mx.ones((1,))], [(1,)], [mx.complex64], (1, 1, 1), (1, 1, 1))
     with pytest.raises(ValueError, match="at least one output"):
@@ -512,8 +574,15 @@ def _rms_call(kernel, x, w, eps):
     rows, dims = x.shape
     groups_of_four = -(-dims // 4)
     threads = min(1024, 32 * -(-groups_of_four // 32))
-    return run(kernel, [x, w, eps], [x.shape], [x.dtype], (rows * threads, 1, 1),
-               (threads, 1, 1), template=[("T", x.dtype)])[0]
+    return run(
+        kernel,
+        [x, w, eps],
+        [x.shape],
+        [x.dtype],
+        (rows * threads, 1, 1),
+        (threads, 1, 1),
+        template=[("T", x.dtype)],
+    )[0]
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
@@ -526,8 +595,9 @@ def test_mlx_style_rms_norm_kernel_against_numpy(dtype, shape):
     out = _rms_call(_rms_kernel(), x, w, eps)
     xd, wd = f64(x), f64(w)
     ref = wd * xd / np.sqrt((xd**2).mean(axis=1, keepdims=True) + eps)
-    np.testing.assert_allclose(f64(out), ref, rtol=NORM_TOLERANCE[dtype],
-                               atol=NORM_TOLERANCE[dtype])
+    np.testing.assert_allclose(
+        f64(out), ref, rtol=NORM_TOLERANCE[dtype], atol=NORM_TOLERANCE[dtype]
+    )
 
 
 @pytest.mark.metal
@@ -539,10 +609,12 @@ def test_emulator_matches_real_metal(dtype, capfd):
     real = mx.fast.metal_kernel("emu_rms_norm", ["x", "w", "eps"], ["out"], RMS_SOURCE)
     emulated = _rms_kernel()
     np.testing.assert_allclose(
-        f64(_rms_call(emulated, x, w, 1e-6)), f64(_rms_call(real, x, w, 1e-6)),
-        rtol=NORM_TOLERANCE[dtype], atol=NORM_TOLERANCE[dtype],
+        f64(_rms_call(emulated, x, w, 1e-6)),
+        f64(_rms_call(real, x, w, 1e-6)),
+        rtol=NORM_TOLERANCE[dtype],
+        atol=NORM_TOLERANCE[dtype],
     )
-    args = dict(template=[("T", dtype)], verbose=True)
+    args = {"template": [("T", dtype)], "verbose": True}
     run(real, [x, w, 1e-6], [x.shape], [dtype], (7 * 1024, 1, 1), (1024, 1, 1), **args)
     metal_text = capfd.readouterr().out
     run(emulated, [x, w, 1e-6], [x.shape], [dtype], (7 * 1024, 1, 1), (1024, 1, 1), **args)
@@ -560,5 +632,4 @@ def test_mlx_style_kernel_traffic_is_counted():
     assert stats["w"].bytes_read == 4 * w.nbytes
     assert stats["out"].bytes_written == x.nbytes and stats["out"].bytes_read == 0
     assert stats["eps"].bytes_read == 0
-    assert re.fullmatch(r"custom_kernel_emu_rms_norm__float_float_float_floats_float",
-                        stats.kernel)
+    assert re.fullmatch(r"custom_kernel_emu_rms_norm__float_float_float_floats_float", stats.kernel)

@@ -122,7 +122,7 @@ def _compile(cpp: str, target: Path, kernel: str) -> None:
 
 def load(cpp: str, kernel: str) -> ctypes.CDLL:
     """The loaded library for `cpp`, compiling it on first use (cached by content hash)."""
-    cxx, version = compiler()
+    _cxx, version = compiler()
     key = hashlib.sha256(
         "\0".join([cpp, _shim_digest(), version, platform.machine(), *CXX_FLAGS]).encode()
     ).hexdigest()[:32]

@@ -165,7 +165,13 @@ def metal_source(spec: KernelSpec) -> str:
     if spec.template:
         kinds = []
         for name, value in spec.template:
-            kind = "bool" if isinstance(value, bool) else "int" if isinstance(value, int) else "typename"
+            kind = (
+                "bool"
+                if isinstance(value, bool)
+                else "int"
+                if isinstance(value, int)
+                else "typename"
+            )
             kinds.append(f"{kind} {name}")
         parts.append("template <" + ", ".join(kinds) + ">\n")
     kname = spec.kernel_name()
@@ -216,9 +222,7 @@ _HALF_LITERAL = re.compile(r"(?<![\w.])((?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+[
 _THREADGROUP_DECL = re.compile(
     rf"\bthreadgroup\s+((?:const\s+)?{_TYPE})\s+([A-Za-z_]\w*)\s*((?:\[[^\]]+\]\s*)*);"
 )
-_DEVICE_POINTER = re.compile(
-    rf"(?<![\w])(const\s+)?device\s+(const\s+)?({_TYPE})\s*(const\s*)?\*"
-)
+_DEVICE_POINTER = re.compile(rf"(?<![\w])(const\s+)?device\s+(const\s+)?({_TYPE})\s*(const\s*)?\*")
 _DEVICE_REFERENCE = re.compile(
     rf"(?<![\w])(const\s+)?device\s+(const\s+)?({_TYPE})\s*(const\s*)?&(?!&)"
 )
@@ -319,7 +323,13 @@ def cpp_source(spec: KernelSpec) -> str:
     if spec.template:
         kinds = []
         for name, value in spec.template:
-            kind = "bool" if isinstance(value, bool) else "int" if isinstance(value, int) else "typename"
+            kind = (
+                "bool"
+                if isinstance(value, bool)
+                else "int"
+                if isinstance(value, int)
+                else "typename"
+            )
             kinds.append(f"{kind} {name}")
         template_line = "template <" + ", ".join(kinds) + ">\n"
         call = kname + "<" + ", ".join(spec.template_values()) + ">"

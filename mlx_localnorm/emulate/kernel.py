@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import _build
-from ._translate import KernelSpec, InputSpec, cpp_source, metal_source, type_string
+from ._translate import InputSpec, KernelSpec, cpp_source, metal_source, type_string
 
 MAX_THREADS_PER_THREADGROUP = 1024
 SEED_ENV = "MLX_LOCALNORM_EMULATE_SEED"
@@ -104,15 +104,23 @@ def _from_numpy(data: np.ndarray, dtype: mx.Dtype) -> mx.array:
     return out.view(mx.bfloat16) if dtype == mx.bfloat16 else out
 
 
+def _env_number(name: str, default: str, kind: type) -> int | float:
+    text = os.environ.get(name, default)
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(
+            f"environment variable {name} must be a {kind.__name__}, got {text!r}"
+        ) from None
+
+
 def _check_triple(value: object, what: str, minimum: int) -> tuple[int, int, int]:
     if (
         not isinstance(value, Sequence)
         or len(value) != 3
         or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value)
     ):
-        raise ValueError(
-            f"[metal_kernel] `{what}` must be 3 integers >= {minimum}, got {value!r}"
-        )
+        raise ValueError(f"[metal_kernel] `{what}` must be 3 integers >= {minimum}, got {value!r}")
     return (int(value[0]), int(value[1]), int(value[2]))
 
 
@@ -150,9 +158,9 @@ class EmulatedKernel:
         self.atomic_outputs = atomic_outputs
         # Threadgroup and thread order are a seeded shuffle: runs are reproducible; with
         # schedules > 1 every launch runs that many times and the outputs must agree bitwise.
-        self.seed = int(os.environ.get(SEED_ENV, 0)) if seed is None else int(seed)
-        self.schedules = int(os.environ.get(SCHEDULES_ENV, 1)) if schedules is None else schedules
-        self.timeout = float(os.environ.get(TIMEOUT_ENV, 300)) if timeout is None else timeout
+        self.seed = _env_number(SEED_ENV, "0", int) if seed is None else int(seed)
+        self.schedules = _env_number(SCHEDULES_ENV, "1", int) if schedules is None else schedules
+        self.timeout = _env_number(TIMEOUT_ENV, "300", float) if timeout is None else timeout
         if not isinstance(self.schedules, int) or self.schedules < 1:
             raise ValueError(f"schedules must be an integer >= 1, got {self.schedules!r}")
         if self.timeout < 0:
@@ -168,7 +176,9 @@ class EmulatedKernel:
         """The generated-source description of a call with these inputs."""
         template_args = []
         for item in template or ():
-            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            if not (
+                isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)
+            ):
                 raise TypeError(f"[metal_kernel] template entries are (name, value), got {item!r}")
             if not isinstance(item[1], (bool, int, mx.Dtype)):
                 raise TypeError(
@@ -227,24 +237,26 @@ class EmulatedKernel:
         if verbose:
             print(f"Generated source code for `{self.name}`:\n```\n{metal_source(spec)}\n```")
         library = _build.load(cpp_source(spec), self.name)
-        for name, dtype in zip(self.output_names, output_dtypes):
-            type_string(dtype, f"output '{name}'")
         hosts = [self._input_layout(a) for a in arrays]
         shapes = [tuple(int(s) for s in shape) for shape in output_shapes]
 
         first = None
         for schedule in range(self.schedules):
-            outputs = [self._output(shape, dtype, init_value) for shape, dtype in zip(shapes, output_dtypes)]
-            buffers = self._launch(library, hosts, outputs, output_dtypes, grid, threadgroup,
-                                   self.seed + schedule)
+            outputs = [
+                self._output(shape, dtype, init_value)
+                for shape, dtype in zip(shapes, output_dtypes)
+            ]
+            buffers = self._launch(
+                library, hosts, outputs, output_dtypes, grid, threadgroup, self.seed + schedule
+            )
             if first is None:
                 first = outputs
                 self.last_stats = self._stats(spec, grid, threadgroup, buffers)
                 continue
             for name, a, b in zip(self.output_names, first, outputs):
-                differ = a.view(np.uint8).reshape(a.size, -1) != b.view(np.uint8).reshape(b.size, -1)
-                if differ.any():
-                    index = np.flatnonzero(differ.any(axis=1))
+                differ = a.reshape(-1).view(np.uint8) != b.reshape(-1).view(np.uint8)
+                index = np.unique(np.flatnonzero(differ) // a.itemsize)
+                if index.size:
                     raise EmulatorError(
                         f"[metal_kernel] kernel '{self.name}': output '{name}' depends on the "
                         f"thread schedule (a race, or float atomics in a varying order): "
@@ -291,17 +303,36 @@ class EmulatedKernel:
             host.view(np.uint8).fill(_INT_POISON)
         return host
 
-    def _launch(self, library, hosts, outputs, output_dtypes, grid, threadgroup, seed):
+    def _launch(
+        self,
+        library: ctypes.CDLL,
+        hosts: list[tuple[np.ndarray, tuple[int, ...], list[int], str]],
+        outputs: list[np.ndarray],
+        output_dtypes: Sequence[mx.Dtype],
+        grid: tuple[int, int, int],
+        threadgroup: tuple[int, int, int],
+        seed: int,
+    ) -> ctypes.Array:
         keep_alive = []
         buffers = (_build.Buffer * (len(hosts) + len(outputs)))()
         for slot, (name, (data, shape, strides, type_name)) in enumerate(
             zip(self.input_names, hosts)
         ):
             _describe(buffers[slot], name, type_name, data, shape, strides, False, keep_alive)
-        for offset, (name, host, dtype) in enumerate(zip(self.output_names, outputs, output_dtypes)):
+        for offset, (name, host, dtype) in enumerate(
+            zip(self.output_names, outputs, output_dtypes)
+        ):
             strides = [s // host.itemsize for s in host.strides]
-            _describe(buffers[len(hosts) + offset], name, type_string(dtype, name), host,
-                      host.shape, strides, True, keep_alive)
+            _describe(
+                buffers[len(hosts) + offset],
+                name,
+                type_string(dtype, name),
+                host,
+                host.shape,
+                strides,
+                True,
+                keep_alive,
+            )
         err = ctypes.create_string_buffer(4096)
         grid_c = (ctypes.c_int64 * 3)(*grid)
         group_c = (ctypes.c_int64 * 3)(*threadgroup)
@@ -314,7 +345,12 @@ class EmulatedKernel:
         return buffers
 
     @staticmethod
-    def _stats(spec: KernelSpec, grid, threadgroup, buffers) -> LaunchStats:
+    def _stats(
+        spec: KernelSpec,
+        grid: tuple[int, int, int],
+        threadgroup: tuple[int, int, int],
+        buffers: ctypes.Array,
+    ) -> LaunchStats:
         group = [min(t, g) for t, g in zip(threadgroup, grid)]
         return LaunchStats(
             kernel=spec.kernel_name(),
