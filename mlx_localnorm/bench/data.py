@@ -20,12 +20,23 @@ from ..data import Batches, Corpus, load_corpus, train_tokenizer, write_tokens
 from ..data.tokenizer import MODEL_TYPES
 from .common import device, machine, markdown_table, time_ms, write_csv
 
-COLUMNS = ["machine", "device", "mlx", "stage", "model_type", "vocab_size", "size", "seconds",
-           "throughput", "unit"]
+COLUMNS = [
+    "machine",
+    "device",
+    "mlx",
+    "stage",
+    "model_type",
+    "vocab_size",
+    "size",
+    "seconds",
+    "throughput",
+    "unit",
+]
 
 
-def pipeline_rows(corpus: Corpus, model_type: str, vocab_size: int, batch_size: int,
-                  seq_len: int) -> list[dict]:
+def pipeline_rows(
+    corpus: Corpus, model_type: str, vocab_size: int, batch_size: int, seq_len: int
+) -> list[dict]:
     """One row per stage for one tokenizer type, all in a throw-away run directory."""
     from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
 
@@ -33,8 +44,17 @@ def pipeline_rows(corpus: Corpus, model_type: str, vocab_size: int, batch_size: 
     rows = []
 
     def row(stage: str, size: str, seconds: float, throughput: float, unit: str) -> None:
-        rows.append({"stage": stage, "model_type": model_type, "vocab_size": vocab_size,
-                     "size": size, "seconds": seconds, "throughput": throughput, "unit": unit})
+        rows.append(
+            {
+                "stage": stage,
+                "model_type": model_type,
+                "vocab_size": vocab_size,
+                "size": size,
+                "seconds": seconds,
+                "throughput": throughput,
+                "unit": unit,
+            }
+        )
 
     with tempfile.TemporaryDirectory() as run_dir:
         start = time.perf_counter()
@@ -45,26 +65,44 @@ def pipeline_rows(corpus: Corpus, model_type: str, vocab_size: int, batch_size: 
         start = time.perf_counter()
         tokens = write_tokens(corpus.train, sp, Path(run_dir) / "train.bin")
         seconds = time.perf_counter() - start
-        row("write_tokens (sentencepiece)", f"{len(tokens)} tokens", seconds,
-            len(tokens) / seconds / 1e6, "M tokens/s")
+        row(
+            "write_tokens (sentencepiece)",
+            f"{len(tokens)} tokens",
+            seconds,
+            len(tokens) / seconds / 1e6,
+            "M tokens/s",
+        )
 
         wrapper = mlx_lm_load_tokenizer(Path(run_dir))
         start = time.perf_counter()
         count = sum(len(wrapper.encode(text)) for text in corpus.train)
         seconds = time.perf_counter() - start
-        row("encode (mlx-lm tokenizer)", f"{count} tokens", seconds, count / seconds / 1e6,
-            "M tokens/s")
+        row(
+            "encode (mlx-lm tokenizer)",
+            f"{count} tokens",
+            seconds,
+            count / seconds / 1e6,
+            "M tokens/s",
+        )
 
         batches = Batches(tokens, batch_size=batch_size, seq_len=seq_len, seed=0)
         ms = time_ms(lambda: next(batches), warmup=3, repeat=10)
-        row("next(Batches)", f"{batch_size}x{seq_len}", ms / 1000,
-            batch_size * seq_len / ms / 1000, "M tokens/s")
+        row(
+            "next(Batches)",
+            f"{batch_size}x{seq_len}",
+            ms / 1000,
+            batch_size * seq_len / ms / 1000,
+            "M tokens/s",
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mlx-localnorm bench data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mlx-localnorm bench data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", default="bench/results", help="output directory")
     parser.add_argument("--model-types", default=",".join(MODEL_TYPES), help="comma separated")
     parser.add_argument("--vocab-size", type=int, default=8192)
@@ -77,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--model-types: unknown {m!r}; valid: {', '.join(MODEL_TYPES)}")
     for flag in ("vocab_size", "batch_size", "seq_len"):
         if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be a positive int, "
-                         f"got {getattr(args, flag)}")
+            parser.error(
+                f"--{flag.replace('_', '-')} must be a positive int, got {getattr(args, flag)}"
+            )
     corpus = load_corpus()
     context = {"machine": machine(), "device": device(), "mlx": mx.__version__}
     rows = []
