@@ -5,7 +5,9 @@ from . import _fast_blas
 
 _fast_blas.enable()
 
+from . import constraints, data, optim  # noqa: E402
 from ._version import __version__  # noqa: E402
+from .models import Model, ModelArgs, save_model, swap_norms  # noqa: E402
 from .norms import (  # noqa: E402
     NORMS,
     ApproxNorm,
@@ -21,9 +23,13 @@ from .norms import (  # noqa: E402
     SeeDNorm,
     make_norm,
 )
+from .placements import PLACEMENTS  # noqa: E402
 
 __all__ = [
     "NORMS",
+    "PLACEMENTS",
+    "Model",
+    "ModelArgs",
     "ApproxNorm",
     "DyT",
     "L2Norm",
@@ -36,5 +42,10 @@ __all__ = [
     "RMSNorm",
     "SeeDNorm",
     "__version__",
+    "constraints",
+    "data",
     "make_norm",
+    "optim",
+    "save_model",
+    "swap_norms",
 ]

@@ -10,6 +10,7 @@ from . import __version__
 
 # bench name -> module whose main(argv) runs it; imported only when asked for.
 BENCHES = {
+    "data": "mlx_localnorm.bench.data",
     "norms": "mlx_localnorm.bench.norms",
 }
 
