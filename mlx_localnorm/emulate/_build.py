@@ -7,6 +7,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -25,6 +26,14 @@ CXX_FLAGS = (
     "-fstack-clash-protection",
     "-w",
 )
+
+
+# Extra compiler flags, e.g. "-O0 -g" to step through a kernel in gdb (they come last, so win).
+CXXFLAGS_ENV = "MLX_LOCALNORM_EMULATE_CXXFLAGS"
+
+
+def _flags() -> list[str]:
+    return [*CXX_FLAGS, *shlex.split(os.environ.get(CXXFLAGS_ENV, ""))]
 
 
 class KernelCompileError(RuntimeError):
@@ -99,32 +108,42 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def _compile(cpp: str, target: Path, kernel: str) -> None:
+def _compile(cpp: str, target: Path, kernel: str, sources: dict[str, str]) -> None:
+    # The C++ and the kernel's own text sit in <key>/, the compiler's working directory, so
+    # messages and debuggers (gdb: `break <name>.metal:LINE`) find the original lines.
     cxx, _ = compiler()
-    source = target.with_suffix(".cpp")
+    workdir = target.with_suffix("")
+    workdir.mkdir(exist_ok=True)
+    for filename, text in sources.items():
+        _write_atomically(workdir / filename, text.encode())
+    source = workdir / "kernel.cpp"
     _write_atomically(source, cpp.encode())
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
     os.close(fd)
     try:
-        cmd = [cxx, *CXX_FLAGS, f"-I{INCLUDE_DIR}", str(source), "-o", tmp]
-        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        cmd = [cxx, *_flags(), f"-I{INCLUDE_DIR}", source.name, "-o", tmp]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=workdir)
         if result.returncode != 0:
             lines = result.stderr.splitlines()
             shown = "\n".join(lines[:60]) + ("\n..." if len(lines) > 60 else "")
             raise KernelCompileError(
                 f"kernel '{kernel}' does not compile for the emulator (C++ translation in "
-                f"{source}; 'name:source' line numbers count from the start of `source`):\n{shown}"
+                f"{source}; '<name>.metal:LINE' counts lines of `source`, '<name>.h:LINE' of "
+                f"`header`):\n{shown}"
             )
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
 
-def load(cpp: str, kernel: str) -> ctypes.CDLL:
-    """The loaded library for `cpp`, compiling it on first use (cached by content hash)."""
+def load(cpp: str, kernel: str, sources: dict[str, str]) -> ctypes.CDLL:
+    """The loaded library for `cpp`, compiling it on first use (cached by content hash).
+
+    `sources` maps the file names of the `#line` directives in `cpp` to the kernel's own text.
+    """
     _cxx, version = compiler()
     key = hashlib.sha256(
-        "\0".join([cpp, _shim_digest(), version, platform.machine(), *CXX_FLAGS]).encode()
+        "\0".join([cpp, _shim_digest(), version, platform.machine(), *_flags()]).encode()
     ).hexdigest()[:32]
     with _lock:
         if key in _loaded:
@@ -133,7 +152,7 @@ def load(cpp: str, kernel: str) -> ctypes.CDLL:
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / f"{key}.so"
         if not target.exists():
-            _compile(cpp, target, kernel)
+            _compile(cpp, target, kernel, sources)
         lib = ctypes.CDLL(str(target))
         lib.mlxe_launch.argtypes = [
             ctypes.POINTER(Buffer),

@@ -281,8 +281,10 @@ def to_cpp(text: str, first_site: int = 0) -> tuple[str, int]:
     return text, site
 
 
-def _label(name: str) -> str:
-    return re.sub(r"[^\w.-]", "_", name)
+def file_names(spec: KernelSpec) -> tuple[str, str]:
+    """The names the C++ gives the kernel's `source` and `header` (compiler messages, gdb)."""
+    label = re.sub(r"[^\w.-]", "_", spec.name)
+    return f"{label}.metal", f"{label}.h"
 
 
 def cpp_source(spec: KernelSpec) -> str:
@@ -290,7 +292,7 @@ def cpp_source(spec: KernelSpec) -> str:
     header, next_site = to_cpp(spec.header)
     body, _ = to_cpp(spec.source, next_site)
     kname = spec.kernel_name()
-    label = _label(spec.name)
+    source_file, header_file = file_names(spec)
     params, args = [], []
     for index, inp in enumerate(spec.inputs):
         if inp.is_scalar:
@@ -337,12 +339,12 @@ def cpp_source(spec: KernelSpec) -> str:
     return "".join(
         [
             '#include "mlxe_shim.h"\n',
-            f'#line 1 "{label}:header"\n',
+            f'#line 1 "{header_file}"\n',
             header,
             "\n",
             template_line,
             f"void {kname}(\n    " + ",\n    ".join(params) + ") {\n",
-            f'#line 1 "{label}:source"\n',
+            f'#line 1 "{source_file}"\n',
             body,
             "\n}\n",
             '#line 1 "emulator"\n',

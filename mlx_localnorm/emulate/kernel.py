@@ -12,7 +12,14 @@ import mlx.core as mx
 import numpy as np
 
 from . import _build
-from ._translate import InputSpec, KernelSpec, cpp_source, metal_source, type_string
+from ._translate import (
+    InputSpec,
+    KernelSpec,
+    cpp_source,
+    file_names,
+    metal_source,
+    type_string,
+)
 
 MAX_THREADS_PER_THREADGROUP = 1024
 SEED_ENV = "MLX_LOCALNORM_EMULATE_SEED"
@@ -236,7 +243,10 @@ class EmulatedKernel:
         spec = self.spec(arrays, output_dtypes, template)
         if verbose:
             print(f"Generated source code for `{self.name}`:\n```\n{metal_source(spec)}\n```")
-        library = _build.load(cpp_source(spec), self.name)
+        source_file, header_file = file_names(spec)
+        library = _build.load(
+            cpp_source(spec), self.name, {source_file: self.source, header_file: self.header}
+        )
         hosts = [self._input_layout(a) for a in arrays]
         shapes = [tuple(int(s) for s in shape) for shape in output_shapes]
 
