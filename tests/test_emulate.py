@@ -98,8 +98,14 @@ def _lanes_reference(name: str, v: np.ndarray) -> np.ndarray:
         "float(uint64_t(simd_ballot(v > 1.0f)) & 0xffffu)": np.full(
             32, float(sum(1 << i for i in range(16) if v[i] > 1.0))
         ),
-        "float(simd_any(v > 1.9f))": np.full(32, float((v > 1.9).any())),
+        "float(simd_any(v > 4.0f))": np.full(32, float((v > 4.0).any())),
         "float(simd_all(v > 0.0f))": np.full(32, float((v > 0).all())),
+        "simd_broadcast_first(v)": np.full(32, v[0]),
+        "simd_shuffle_rotate_down(v, 5)": v[(lane + 5) % 32],
+        "simd_shuffle_and_fill_down(v, v * 10.0f, 4)": np.where(
+            lane + 4 < 32, v[(lane + 4) % 32], 10 * v[(lane + 4) % 32]
+        ),
+        "quad_sum(v)": np.repeat(v.reshape(8, 4).sum(axis=1), 4),
     }
     return table[name]
 
@@ -117,8 +123,12 @@ COLLECTIVES = [
     "simd_shuffle_xor(v, 6)",
     "simd_broadcast(v, 9)",
     "float(uint64_t(simd_ballot(v > 1.0f)) & 0xffffu)",
-    "float(simd_any(v > 1.9f))",
+    "float(simd_any(v > 4.0f))",
     "float(simd_all(v > 0.0f))",
+    "simd_broadcast_first(v)",
+    "simd_shuffle_rotate_down(v, 5)",
+    "simd_shuffle_and_fill_down(v, v * 10.0f, 4)",
+    "quad_sum(v)",
 ]
 
 
@@ -129,21 +139,25 @@ def test_simd_collective_inside_one_simdgroup_branch(expr):
     uint simd_group_id = simdgroup_index_in_threadgroup;
     uint i = thread_position_in_grid.x;
     float v = x[i];
-    if (simd_group_id == 1) {{
+    if (simd_group_id == uint(which)) {{
       out[i] = {expr};
     }} else {{
       out[i] = -1.0f;
     }}
     """
-    kernel = metal_kernel("emu_collective", ["x"], ["out"], source)
-    # Products and sums of these values are exact in float32.
+    kernel = metal_kernel("emu_collective", ["x", "which"], ["out"], source)
+    # Powers of two: every sum and product here is exact in float32.
     rng = np.random.default_rng(2)
-    values = rng.choice([0.5, 1.0, 1.25, 2.0], size=96).astype(np.float32)
-    (out,) = run(kernel, [mx.array(values)], [(96,)], [mx.float32], (96, 1, 1), (96, 1, 1))
-    got = f64(out)
-    np.testing.assert_array_equal(got[:32], -1.0)
-    np.testing.assert_array_equal(got[64:], -1.0)
-    np.testing.assert_allclose(got[32:64], _lanes_reference(expr, values[32:64].astype(np.float64)))
+    values = rng.choice([0.5, 1.0, 2.0, 4.0], size=96).astype(np.float32)
+    for which in (0, 1, 2):
+        (out,) = run(
+            kernel, [mx.array(values), which], [(96,)], [mx.float32], (96, 1, 1), (96, 1, 1)
+        )
+        got = f64(out).reshape(3, 32)
+        lanes = values.reshape(3, 32)[which].astype(np.float64)
+        for group in range(3):
+            expected = _lanes_reference(expr, lanes) if group == which else np.full(32, -1.0)
+            np.testing.assert_array_equal(got[group], expected)
 
 
 def test_simd_sum_over_active_lanes_of_a_divergent_branch():
