@@ -9,4 +9,12 @@ from ._launch import BACKEND_ENV, BACKENDS, record_traffic, resolve_backend
 from .patchnorm import patchnorm
 from .seednorm import rms_norm, seednorm
 
-__all__ = ["BACKENDS", "BACKEND_ENV", "patchnorm", "record_traffic", "resolve_backend", "rms_norm", "seednorm"]
+__all__ = [
+    "BACKENDS",
+    "BACKEND_ENV",
+    "patchnorm",
+    "record_traffic",
+    "resolve_backend",
+    "rms_norm",
+    "seednorm",
+]

@@ -14,6 +14,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
 
@@ -29,7 +30,7 @@ MAX_DIMS = MAX_THREADS * N_READS * MAX_ITERS
 
 
 def resolve_backend(backend: str) -> str:
-    """``"metal"``, ``"ops"`` or ``"emulate"``: the env var wins, ``"auto"`` picks Metal if present."""
+    """``"metal"``, ``"ops"`` or ``"emulate"``: the env var wins; ``"auto"`` is Metal if present."""
     forced = os.environ.get(BACKEND_ENV)
     if forced:
         if forced not in BACKENDS:
@@ -94,11 +95,11 @@ def _recorded(launch: Callable) -> Callable:
 @functools.cache
 def kernel(name: str, body: str, backend: str, input_names: tuple[str, ...],
            output_names: tuple[str, ...], defines: tuple[tuple[str, int], ...] = ()):
-    """The kernel object of one variant, built once: Metal's on a Mac, the CPU emulator's otherwise."""
+    """The kernel object of one variant, built once: Metal's on a Mac, else the CPU emulator's."""
     prefix = "".join(f"#define {key} {value}\n" for key, value in defines)
-    arguments = dict(name=f"mlx_localnorm_{name}", input_names=list(input_names),
-                     output_names=list(output_names), source=prefix + _read(body),
-                     header=_read("common.h"))
+    arguments = {"name": f"mlx_localnorm_{name}", "input_names": list(input_names),
+                 "output_names": list(output_names), "source": prefix + _read(body),
+                 "header": _read("common.h")}
     if backend == "metal":
         return mx.fast.metal_kernel(**arguments)
     from ..emulate import metal_kernel
@@ -106,11 +107,25 @@ def kernel(name: str, body: str, backend: str, input_names: tuple[str, ...],
     return _recorded(metal_kernel(**arguments))
 
 
-def tile(dims: int) -> tuple[int, int]:
-    """(iterations, threads) of the register tile that covers a row of ``dims`` elements once."""
+class Launch(NamedTuple):
+    """Geometry of a row kernel: register-tile iterations, grid and threadgroup (in threads)."""
+
+    iters: int
+    grid: tuple[int, int, int]
+    threadgroup: tuple[int, int, int]
+    groups: int
+
+
+def row_launch(rows: int, dims: int, rows_per_group: int = 1) -> Launch:
+    """One threadgroup per ``rows_per_group`` rows, its register tile covering a row once.
+
+    ``ceil(D / 4096)`` iterations of ``N_READS`` elements per thread, and the fewest threads (a
+    multiple of the 32-lane simdgroup) that cover the row with them.
+    """
     iters = math.ceil(dims / (MAX_THREADS * N_READS))
     threads = 32 * math.ceil(math.ceil(dims / (N_READS * iters)) / 32)
-    return iters, threads
+    groups = math.ceil(rows / rows_per_group)
+    return Launch(iters, (groups * threads, 1, 1), (threads, 1, 1), groups)
 
 
 def consts(*values: float) -> mx.array:

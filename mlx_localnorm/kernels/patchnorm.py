@@ -23,14 +23,9 @@ from ._launch import (
     consts,
     kernel,
     resolve_backend,
-    tile,
+    row_launch,
     warn_fallback,
 )
-
-
-def _rows_launch(rows: int, dims: int) -> dict:
-    iters, threads = tile(dims)
-    return dict(grid=(rows * threads, 1, 1), threadgroup=(threads, 1, 1), iters=iters)
 
 
 @functools.cache
@@ -55,14 +50,14 @@ def _fused(eps: float, patch_size: int, patch_ndim: int, affine: bool, count: in
     def fused(x, u):
         grid_shape = x.shape[:-1] or (1,)
         rows = math.prod(grid_shape)
-        geo = _rows_launch(rows, x.shape[-1])
-        (ss,) = sumsq(inputs=[x.reshape(rows, -1)], template=template(x, geo["iters"]),
-                      grid=geo["grid"], threadgroup=geo["threadgroup"],
+        geo = row_launch(rows, x.shape[-1])
+        (ss,) = sumsq(inputs=[x.reshape(rows, -1)], template=template(x, geo.iters),
+                      grid=geo.grid, threadgroup=geo.threadgroup,
                       output_shapes=[(rows,)], output_dtypes=[mx.float32])
-        geo = _rows_launch(rows, u.shape[-1])
+        geo = row_launch(rows, u.shape[-1])
         y, inv_d = divide(inputs=[u.reshape(rows, -1), ss.reshape(grid_shape), scalars],
-                          template=template(u, geo["iters"]), grid=geo["grid"],
-                          threadgroup=geo["threadgroup"],
+                          template=template(u, geo.iters), grid=geo.grid,
+                          threadgroup=geo.threadgroup,
                           output_shapes=[(rows, u.shape[-1]), (rows,)],
                           output_dtypes=[u.dtype, mx.float32])
         return y.reshape(u.shape), inv_d
@@ -72,15 +67,15 @@ def _fused(eps: float, patch_size: int, patch_ndim: int, affine: bool, count: in
         x, u = primals
         grid_shape = x.shape[:-1] or (1,)
         rows = math.prod(grid_shape)
-        geo = _rows_launch(rows, u.shape[-1])
+        geo = row_launch(rows, u.shape[-1])
         grad_u, grad_ss = divide_bwd(
             inputs=[u.reshape(rows, -1), cotangents[0].reshape(rows, -1), outputs[1], scalars],
-            template=template(u, geo["iters"]), grid=geo["grid"], threadgroup=geo["threadgroup"],
+            template=template(u, geo.iters), grid=geo.grid, threadgroup=geo.threadgroup,
             output_shapes=[(rows, u.shape[-1]), (rows,)], output_dtypes=[u.dtype, mx.float32])
-        geo = _rows_launch(rows, x.shape[-1])
+        geo = row_launch(rows, x.shape[-1])
         (grad_x,) = window_bwd(
             inputs=[x.reshape(rows, -1), grad_ss.reshape(grid_shape), scalars],
-            template=template(x, geo["iters"]), grid=geo["grid"], threadgroup=geo["threadgroup"],
+            template=template(x, geo.iters), grid=geo.grid, threadgroup=geo.threadgroup,
             output_shapes=[(rows, x.shape[-1])], output_dtypes=[x.dtype])
         return grad_x.reshape(x.shape), grad_u.reshape(u.shape)
 

@@ -22,7 +22,7 @@ from ._launch import (
     consts,
     kernel,
     resolve_backend,
-    tile,
+    row_launch,
     warn_fallback,
 )
 
@@ -43,13 +43,6 @@ def _unsupported(x: mx.array, params: list[mx.array], num_heads: int) -> str | N
     if num_heads > MAX_HEADS:
         return f"num_heads={num_heads} is more than {MAX_HEADS}"
     return None
-
-
-def _geometry(rows: int, dims: int) -> dict:
-    iters, threads = tile(dims)
-    groups = math.ceil(rows / ROWS_PER_GROUP)
-    return dict(iters=iters, grid=(groups * threads, 1, 1), threadgroup=(threads, 1, 1),
-                groups=groups)
 
 
 @functools.cache
@@ -84,13 +77,13 @@ def _fused(eps: float, num_heads: int, dot_scale: float, head_rms: bool, residua
         x, rest = primals[0], list(primals[1:])
         r = rest.pop(0) if residual else None
         rows, dims = math.prod(x.shape[:-1]), x.shape[-1]
-        geo = _geometry(rows, dims)
+        geo = row_launch(rows, dims, ROWS_PER_GROUP)
         x2 = x.reshape(rows, dims)
         inputs = [x2] + ([r.reshape(rows, dims)] if residual else []) + rest + [scalars]
         shapes = ([(rows, dims)] if residual else []) + [(rows, dims), (rows, nstat)]
         dtypes = ([x.dtype] if residual else []) + [x.dtype, mx.float32]
-        outs = fwd(inputs=inputs, template=template(x, rest[0], geo["iters"]),
-                   grid=geo["grid"], threadgroup=geo["threadgroup"],
+        outs = fwd(inputs=inputs, template=template(x, rest[0], geo.iters),
+                   grid=geo.grid, threadgroup=geo.threadgroup,
                    output_shapes=shapes, output_dtypes=dtypes)
         return tuple(o.reshape(x.shape) for o in outs[:-1]) + (outs[-1],)
 
@@ -100,17 +93,17 @@ def _fused(eps: float, num_heads: int, dot_scale: float, head_rms: bool, residua
         if residual:
             rest.pop(0)
         rows, dims = math.prod(x.shape[:-1]), x.shape[-1]
-        geo = _geometry(rows, dims)
+        geo = row_launch(rows, dims, ROWS_PER_GROUP)
         # With a residual the kernel normalized h = x + r: differentiate at h, then add dL/dh.
         source = outputs[0] if residual else x
         grad_y = cotangents[1] if residual else cotangents[0]
         extra = [cotangents[0].reshape(rows, dims)] if residual else []
         inputs = ([source.reshape(rows, dims)] + rest + [grad_y.reshape(rows, dims)] + extra
                   + [outputs[-1], scalars])
-        shapes = [(rows, dims)] + ([] if frozen else [(geo["groups"], len(params) * dims)])
+        shapes = [(rows, dims)] + ([] if frozen else [(geo.groups, len(params) * dims)])
         dtypes = [x.dtype] + ([] if frozen else [mx.float32])
-        outs = bwd(inputs=inputs, template=template(x, rest[0], geo["iters"]),
-                   grid=geo["grid"], threadgroup=geo["threadgroup"],
+        outs = bwd(inputs=inputs, template=template(x, rest[0], geo.iters),
+                   grid=geo.grid, threadgroup=geo.threadgroup,
                    output_shapes=shapes, output_dtypes=dtypes)
         grad_x = outs[0].reshape(x.shape)
         if frozen:

@@ -1,0 +1,222 @@
+"""``mlx-localnorm bench kernels``: the fused SeeDNorm, PatchNorm and RMSNorm kernels.
+
+On a Mac: forward and forward+backward time of our Metal kernels against ``mx.fast.rms_norm``,
+``mx.fast.layer_norm`` and the eager and ``mx.compile``d ops twins, as ms, GB/s of the minimum
+traffic and % of the measured copy bandwidth. Everywhere (and alone on Linux, where Metal
+timings cannot be taken): the CPU emulator's count of device-memory bytes each kernel moves,
+per element, against the minimum (every input read once, every output written once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+import mlx.core as mx
+
+from .. import kernels, norms
+from .common import device, machine, markdown_table, time_ms, write_csv
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+METAL_NOTE = ("Metal timings need a Mac with Apple silicon: this machine has no Metal device, so "
+              "only the ops paths were timed (on the CPU) and the kernels were run in the CPU "
+              "emulator to count their memory traffic.")
+
+
+def _params(dims: int, dtype: mx.Dtype) -> dict[str, mx.array]:
+    keys = mx.random.split(mx.random.key(2), 3)
+    return {"weight": (1 + 0.1 * mx.random.normal((dims,), key=keys[0])).astype(dtype),
+            "alpha": (0.5 + 0.1 * mx.random.normal((dims,), key=keys[1])).astype(dtype),
+            "beta": (0.02 * mx.random.normal((dims,), key=keys[2])).astype(dtype),
+            "bias": mx.zeros((dims,), dtype)}
+
+
+def candidates(backend_kernels: str | None) -> dict[str, Callable]:
+    """name -> f(x, params) -> y: our kernels (if a backend is given), MLX's fast norms and the
+    ops twins."""
+    out = {
+        "mx.fast.rms_norm": lambda x, p: mx.fast.rms_norm(x, p["weight"], 1e-6),
+        "mx.fast.layer_norm": lambda x, p: mx.fast.layer_norm(x, p["weight"], p["bias"], 1e-6),
+        "seednorm ops": lambda x, p: norms.seednorm(x, p["weight"], p["alpha"], p["beta"]),
+        "patchnorm ops (k=4)": lambda x, p: norms.patchnorm(x, p["weight"], p["bias"],
+                                                            patch_size=4),
+    }
+    if backend_kernels:
+        b = backend_kernels
+        out.update({
+            "seednorm kernel": lambda x, p: kernels.seednorm(
+                x, p["weight"], p["alpha"], p["beta"], backend=b),
+            "rms_norm kernel": lambda x, p: kernels.rms_norm(x, p["weight"], backend=b),
+            "patchnorm kernel (k=4)": lambda x, p: kernels.patchnorm(
+                x, p["weight"], p["bias"], patch_size=4, backend=b),
+        })
+    return out
+
+
+def timing_rows(shape: tuple[int, ...], dtype_name: str, repeat: int, on_mac: bool) -> list[dict]:
+    """ms, GB/s of the minimum traffic and % of copy bandwidth for each candidate and pass."""
+    dtype = DTYPES[dtype_name]
+    x = mx.random.normal(shape, key=mx.random.key(0)).astype(dtype)
+    cotangent = mx.random.normal(shape, key=mx.random.key(1)).astype(dtype)
+    params = _params(shape[-1], dtype)
+    # A copy reads and writes one tensor: the bandwidth attainable on this device.
+    copy_gbps = 2 * x.nbytes / time_ms(lambda: x + 1, repeat=repeat) / 1e6
+    rows = []
+    for name, f in candidates("metal" if on_mac else None).items():
+        def fwd_bwd(x, p, f=f):
+            return mx.grad(lambda x, p: (f(x, p) * cotangent).sum(), argnums=(0, 1))(x, p)
+
+        # tensors a fused pass has to move: x, y forward; also g, x again and dx backward
+        for pass_name, call, tensors in (("forward", f, 2), ("forward+backward", fwd_bwd, 5)):
+            for path, fn in (("eager", call), ("compiled", mx.compile(call))):
+                ms = time_ms(lambda fn=fn: fn(x, params), repeat=repeat)
+                gbps = tensors * x.nbytes / ms / 1e6
+                rows.append({"dtype": dtype_name, "shape": "x".join(map(str, shape)),
+                             "method": name, "path": path, "pass": pass_name, "ms": ms,
+                             "gbps": gbps, "pct_copy": 100 * gbps / copy_gbps})
+    return rows
+
+
+def _launches(fn: Callable, primals: list, cotangents: list) -> tuple[list, list]:
+    """The emulator's launch stats of ``fn``'s forward, and of its backward alone."""
+    with kernels.record_traffic() as forward:
+        mx.eval(fn(*primals))
+    with kernels.record_traffic() as both:
+        mx.eval(mx.vjp(fn, primals, cotangents))
+    return forward, both[len(forward):]
+
+
+def traffic_rows(rows: int, dims: int, dtype_name: str) -> list[dict]:
+    """Bytes each emulated kernel moves per element of x, against the minimum."""
+    dtype = DTYPES[dtype_name]
+    x = mx.random.normal((rows, dims), key=mx.random.key(0)).astype(dtype)
+    g = mx.random.normal((rows, dims), key=mx.random.key(1)).astype(dtype)
+    p = _params(dims, dtype)
+    w, a, b = p["weight"], p["alpha"], p["beta"]
+    t, vec = x.nbytes, w.nbytes
+    f32 = x.size * 4  # PatchNorm's fused part works on the float32 copy of x and on W x in float32
+    cases = {
+        # name: (function, primals, cotangents, forward minimum, backward minimum)
+        "seednorm": (lambda x, w, a, b: kernels.seednorm(x, w, a, b, backend="emulate"),
+                     [x, w, a, b], [g], 2 * t + 3 * vec, 3 * t + 6 * vec),
+        "seednorm, 8 heads": (
+            lambda x, w, a, b: kernels.seednorm(x, w, a, b, num_heads=8, backend="emulate"),
+            [x, w, a, b], [g], 2 * t + 3 * vec, 3 * t + 6 * vec),
+        "seednorm, frozen": (
+            lambda x, w, a, b: kernels.seednorm(x, w, a, b, frozen=True, backend="emulate"),
+            [x, w, a, b], [g], 2 * t + 3 * vec, 3 * t + 3 * vec),
+        "seednorm + residual": (
+            lambda x, r, w, a, b: kernels.seednorm(x, w, a, b, residual=r, backend="emulate"),
+            [x, g, w, a, b], [g, g], 4 * t + 3 * vec, 4 * t + 6 * vec),
+        "rms_norm": (lambda x, w: kernels.rms_norm(x, w, backend="emulate"), [x, w], [g],
+                     2 * t + vec, 3 * t + 2 * vec),
+        "patchnorm k=4 (fused division)": (
+            lambda x: kernels.patchnorm(x, w, patch_size=4, backend="emulate"), [x], [g],
+            3 * f32, 5 * f32),
+    }
+    out = []
+    for name, (fn, primals, cotangents, fwd_min, bwd_min) in cases.items():
+        forward, backward = _launches(fn, primals, cotangents)
+        for pass_name, launches, minimum in (("forward", forward, fwd_min),
+                                             ("backward", backward, bwd_min)):
+            moved = sum(s.bytes_moved for s in launches)
+            out.append({"dtype": dtype_name, "shape": f"{rows}x{dims}", "kernel": name,
+                        "pass": pass_name, "launches": len(launches),
+                        "bytes_per_element": moved / x.size,
+                        "min_bytes_per_element": minimum / x.size, "ratio": moved / minimum})
+    return out
+
+
+def plot(timing: list[dict], traffic: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 1 + bool(timing)
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 5.5), squeeze=False)
+    ax = axes[0][0]
+    labels = [f"{r['kernel']} {r['pass'][:3]} {r['dtype']} {r['shape']}" for r in traffic]
+    ax.barh(range(len(traffic)), [r["ratio"] for r in traffic], color="tab:blue")
+    ax.set_yticks(range(len(traffic)), labels, fontsize=6)
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xlabel("bytes moved / minimum (emulator count)")
+    ax.set_title("memory traffic of the kernels")
+    ax.invert_yaxis()
+    if timing:
+        ax = axes[0][1]
+        labels = [f"{r['method']} {r['path']} {r['pass'][:7]} {r['dtype']} {r['shape']}"
+                  for r in timing]
+        ax.barh(range(len(timing)), [r["ms"] for r in timing], color="tab:orange")
+        ax.set_yticks(range(len(timing)), labels, fontsize=5)
+        ax.set_xscale("log")
+        ax.set_xlabel("ms (median)")
+        ax.set_title(f"time on {device()}")
+        ax.invert_yaxis()
+    fig.suptitle(f"mlx_localnorm kernels, {machine()} ({device()}), MLX {mx.__version__}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for item in text.split(","):
+        parts = item.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(f"shapes are ROWSxDIMS separated by commas, "
+                                             f"got {item!r}")
+        shapes.append((int(parts[0]), int(parts[1])))
+    return shapes
+
+
+def main(argv: list[str] | None = None) -> int:
+    on_mac = mx.metal.is_available()
+    parser = argparse.ArgumentParser(prog="mlx-localnorm bench kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench/results", help="output directory")
+    parser.add_argument("--shapes", type=_shapes,
+                        default="8192x1024,8192x4096" if on_mac else "1024x1024,256x4096",
+                        help="timed shapes, ROWSxDIMS, comma separated")
+    parser.add_argument("--traffic-shapes", type=_shapes, default="256x1024,256x4096,64x8192",
+                        help="shapes run in the emulator to count bytes")
+    parser.add_argument("--dtypes", default="float32,float16,bfloat16",
+                        help=f"comma separated, from {', '.join(DTYPES)}")
+    parser.add_argument("--repeat", type=int, default=10, help="timing samples per row")
+    parser.add_argument("--no-timing", action="store_true", help="only count traffic")
+    args = parser.parse_args(argv)
+    dtypes = args.dtypes.split(",")
+    for d in dtypes:
+        if d not in DTYPES:
+            parser.error(f"--dtypes: unknown dtype {d!r}; valid: {', '.join(DTYPES)}")
+    if args.repeat < 1:
+        parser.error(f"--repeat must be >= 1, got {args.repeat}")
+
+    info = {"machine": machine(), "os": f"{platform.system()} {platform.release()}",
+            "device": device(), "mlx": mx.__version__}
+    traffic = [r for shape in args.traffic_shapes for d in dtypes for r in traffic_rows(*shape, d)]
+    timing = [] if args.no_timing else [
+        r for shape in args.shapes for d in dtypes for r in timing_rows(shape, d, args.repeat,
+                                                                         on_mac)]
+    out = Path(args.out)
+    for r in traffic:
+        for key in ("bytes_per_element", "min_bytes_per_element", "ratio"):
+            r[key] = round(r[key], 3)
+    written = [write_csv([{**info, **r} for r in traffic], out / "kernels_traffic.csv")]
+    print(markdown_table(traffic, ["kernel", "pass", "dtype", "shape", "bytes_per_element",
+                                   "min_bytes_per_element", "ratio"]))
+    if timing:
+        for r in timing:
+            r.update(ms=round(r["ms"], 4), gbps=round(r["gbps"], 2),
+                     pct_copy=round(r["pct_copy"], 1))
+        written.append(write_csv([{**info, **r} for r in timing], out / "kernels_timing.csv"))
+        print()
+        print(markdown_table(timing, ["method", "path", "pass", "dtype", "shape", "ms", "gbps",
+                                      "pct_copy"]))
+    plot(timing, traffic, out / "kernels.png")
+    if not on_mac:
+        print(f"\n{METAL_NOTE}")
+    print(f"\nwrote {', '.join(map(str, written))} and {out / 'kernels.png'}")
+    return 0
