@@ -1,0 +1,20 @@
+"""Training: pre-training with checkpoints and exact resume (fine-tuning and GRPO to come)."""
+
+from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from .config import PretrainConfig
+from .metrics import plot_metrics, read_metrics
+from .pretrain import Pretrainer, resume_config
+from .schedule import lr_schedule
+
+__all__ = [
+    "CheckpointError",
+    "PretrainConfig",
+    "Pretrainer",
+    "list_checkpoints",
+    "load_checkpoint",
+    "lr_schedule",
+    "plot_metrics",
+    "read_metrics",
+    "resume_config",
+    "save_checkpoint",
+]

@@ -1,0 +1,170 @@
+"""``PretrainConfig``: one dataclass describes a whole pre-training run.
+
+It is saved beside the checkpoints as ``train_config.json``; the CLI exposes every field as
+a flag (``--field-name``) and a JSON/YAML file may set any of them (``--config FILE``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEDULES = ("cosine", "wsd", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+# Fields a resumed run may change; everything else must match the saved config.
+RESUMABLE_CHANGES = ("steps", "tokens", "eval_every", "save_every", "keep_checkpoints",
+                     "log_every", "sample_tokens", "sample_prompt", "progress")
+
+
+def _help(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that defines a pre-training run (data, model, optimizer, schedule, I/O)."""
+
+    # Data
+    out_dir: str = _help("run directory: tokenizer, token files, checkpoints, metrics, model",
+                         default="runs/pretrain")
+    corpus: str = _help("'shakespeare' (embedded) or a .txt/.jsonl file or folder",
+                        default="shakespeare")
+    vocab_size: int = _help("sentencepiece vocabulary size", default=8192)
+    tokenizer_type: str = _help("sentencepiece model: bpe or unigram", default="bpe")
+    seq_len: int = _help("tokens per training sequence", default=256)
+    batch_size: int = _help("sequences per optimizer step (global, over all processes)",
+                            default=16)
+    grad_accum: int = _help("micro-batches per step (batch_size must be divisible)", default=1)
+    # Model
+    norm: str = _help("norm of every block (a name of ln.NORMS)", default="seednorm")
+    placement: str = _help("where the norms sit (a name of ln.PLACEMENTS)", default="peri")
+    norm_options: dict = _help("extra make_norm options as JSON, e.g. '{\"num_heads\": 4}'",
+                               default_factory=dict)
+    qk_norm: str | None = _help("per-head norm of queries and keys (e.g. rmsnorm); none = off",
+                                default=None)
+    hidden_size: int = _help("residual stream width", default=256)
+    num_layers: int = _help("transformer blocks", default=8)
+    num_heads: int = _help("attention heads", default=4)
+    num_kv_heads: int | None = _help("key/value heads (GQA); none = num_heads", default=None)
+    intermediate_size: int | None = _help("MLP width; none = 3 * hidden_size", default=None)
+    context_length: int = _help("longest sequence the model is meant for", default=1024)
+    dtype: str = _help("parameter and activation dtype (float32 on CPUs: bf16 has no BLAS)",
+                       default="float32")
+    grad_checkpoint: bool = _help("recompute block activations in the backward pass",
+                                  default=False)
+    # Optimizer and schedule
+    optimizer: str = _help("a name of ln.optim.OPTIMIZERS", default="muon")
+    learning_rate: float | None = _help(
+        "peak learning rate of the main optimizer; none = its default (muon/normuon 0.02, "
+        "scion 0.05, adamw/lamb 3e-3, lars 0.1)", default=None)
+    adamw_learning_rate: float = _help(
+        "peak learning rate of the AdamW group (embeddings, head, norms) of muon/normuon/scion",
+        default=3e-3)
+    weight_decay: float | None = _help("decoupled weight decay of the main optimizer; none = "
+                                       "its default", default=None)
+    schedule: str = _help("learning-rate schedule: cosine, wsd (warmup-stable-decay) or "
+                          "constant", default="cosine")
+    warmup_steps: int = _help("linear warm-up steps", default=20)
+    min_lr_ratio: float = _help("final learning rate as a fraction of the peak", default=0.1)
+    decay_fraction: float = _help("wsd: fraction of the steps spent decaying", default=0.2)
+    grad_clip: float = _help("clip the global gradient norm to this; 0 = off", default=1.0)
+    # Budget, evaluation, checkpoints
+    steps: int = _help("optimizer steps (ignored when tokens > 0)", default=300)
+    tokens: int = _help("token budget; > 0 sets steps = ceil(tokens / tokens per step)",
+                        default=0)
+    eval_every: int = _help("validation loss every this many steps (0 = only at the end)",
+                            default=50)
+    eval_batches: int = _help("validation batches per evaluation", default=8)
+    save_every: int = _help("checkpoint every this many steps (0 = only at the end)",
+                            default=100)
+    keep_checkpoints: int = _help("how many recent checkpoints to keep", default=3)
+    log_every: int = _help("metrics.jsonl line every this many steps", default=1)
+    seed: int = _help("seed of the initialization and the data order", default=0)
+    sample_tokens: int = _help("tokens generated from the trained model at the end (0 = none)",
+                               default=80)
+    sample_prompt: str = _help("prompt of the final sample", default="ROMEO:")
+    progress: bool = _help("show a progress bar", default=True)
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def total_steps(self) -> int:
+        per_step = self.batch_size * self.seq_len
+        return math.ceil(self.tokens / per_step) if self.tokens > 0 else self.steps
+
+    def validate(self) -> None:
+        positive = ("vocab_size", "seq_len", "batch_size", "grad_accum", "hidden_size",
+                    "num_layers", "num_heads", "context_length", "eval_batches",
+                    "keep_checkpoints", "log_every")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"PretrainConfig: {name} must be a positive int, got {value!r}")
+        for name in ("steps", "tokens", "eval_every", "save_every", "warmup_steps", "seed",
+                     "sample_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"PretrainConfig: {name} must be an int >= 0, got {value!r}")
+        if self.total_steps < 1:
+            raise ValueError("PretrainConfig: steps (or tokens) must be positive")
+        if self.seq_len > self.context_length:
+            raise ValueError(f"PretrainConfig: seq_len={self.seq_len} is longer than the "
+                             f"model's context_length={self.context_length}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"PretrainConfig: grad_accum={self.grad_accum} must divide "
+                             f"batch_size={self.batch_size}")
+        for name, choices in (("schedule", SCHEDULES), ("dtype", DTYPES),
+                              ("tokenizer_type", ("bpe", "unigram"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"PretrainConfig: {name} must be one of {choices}, got "
+                                 f"{getattr(self, name)!r}")
+        for name in ("learning_rate", "adamw_learning_rate", "weight_decay"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"PretrainConfig: {name} must be a number >= 0, got {value!r}")
+        if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"PretrainConfig: min_lr_ratio must be in [0, 1] and "
+                             f"decay_fraction in (0, 1], got {self.min_lr_ratio!r}, "
+                             f"{self.decay_fraction!r}")
+        if self.grad_clip < 0:
+            raise ValueError(f"PretrainConfig: grad_clip must be >= 0, got {self.grad_clip!r}")
+        if not isinstance(self.norm_options, dict):
+            raise TypeError(f"PretrainConfig: norm_options must be a dict, got "
+                            f"{type(self.norm_options).__name__}")
+
+    # ------------------------------------------------------------------ files
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> PretrainConfig:
+        if not isinstance(values, dict):
+            raise ValueError(f"{where}: expected a mapping of config fields, got "
+                             f"{type(values).__name__}")
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"{where}: unknown config field(s) {unknown}; valid fields: "
+                             f"{', '.join(cls.field_names())}")
+        return cls(**values)
+
+    @classmethod
+    def read(cls, path: str | Path) -> dict[str, Any]:
+        """The field values in a JSON or YAML file (validated by ``from_dict``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        text = path.read_text()
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        cls.from_dict(values or {}, where=str(path))  # fail early, naming the file
+        return values or {}
