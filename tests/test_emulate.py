@@ -384,7 +384,7 @@ def test_copy_kernel_bytes_are_counted_exactly():
     stats = kernel.last_stats
     assert stats["x"].bytes_read == x.nbytes and stats["x"].bytes_written == 0
     assert stats["out"].bytes_written == x.nbytes and stats["out"].bytes_read == 0
-    assert stats.bytes_moved == 2 * x.nbytes
+    assert stats.bytes_moved == 2 * x.nbytes and stats.traffic_ratio == 1.0
 
 
 def test_atomic_outputs():
@@ -654,5 +654,7 @@ def test_mlx_style_kernel_traffic_is_counted():
     assert stats["x"].bytes_read == 2 * x.nbytes
     assert stats["w"].bytes_read == 4 * w.nbytes
     assert stats["out"].bytes_written == x.nbytes and stats["out"].bytes_read == 0
-    assert stats["eps"].bytes_read == 0
+    assert stats["eps"].bytes_read == 0 and stats["eps"].scalar
+    assert stats.minimum_bytes == 2 * x.nbytes + w.nbytes
+    assert stats.traffic_ratio == (3 * x.nbytes + 4 * w.nbytes) / (2 * x.nbytes + w.nbytes)
     assert re.fullmatch(r"custom_kernel_emu_rms_norm__float_float_float_floats_float", stats.kernel)

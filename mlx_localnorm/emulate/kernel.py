@@ -60,6 +60,7 @@ class BufferTraffic:
     nbytes: int
     bytes_read: int
     bytes_written: int
+    scalar: bool = False  # a 0-d input, bound as `constant T&`: its reads are not counted
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,16 @@ class LaunchStats:
     @property
     def bytes_moved(self) -> int:
         return self.bytes_read + self.bytes_written
+
+    @property
+    def minimum_bytes(self) -> int:
+        """The least traffic possible: every array input read once, every output written once."""
+        return sum(b.nbytes for b in self.buffers if not b.scalar)
+
+    @property
+    def traffic_ratio(self) -> float:
+        """`bytes_moved / minimum_bytes`: 1.0 for a kernel that touches every byte once."""
+        return self.bytes_moved / self.minimum_bytes if self.minimum_bytes else float("nan")
 
     def __getitem__(self, name: str) -> BufferTraffic:
         for buffer in self.buffers:
@@ -374,6 +385,7 @@ class EmulatedKernel:
                     nbytes=b.nbytes,
                     bytes_read=b.bytes_read,
                     bytes_written=b.bytes_written,
+                    scalar=b.ndim == 0 and not b.is_output,
                 )
                 for b in buffers
             ),

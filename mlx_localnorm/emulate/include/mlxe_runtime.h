@@ -16,7 +16,12 @@
 
 #include "mlxe_math.h"
 
-#if !defined(__x86_64__)
+// A hand-written context switch on x86-64 ELF (Linux); ucontext elsewhere (or with
+// -DMLXE_UCONTEXT).
+#if defined(__x86_64__) && defined(__ELF__) && !defined(MLXE_UCONTEXT)
+#define MLXE_ASM_SWITCH 1
+#else
+#define MLXE_ASM_SWITCH 0
 #include <ucontext.h>
 #endif
 
@@ -64,7 +69,7 @@ constexpr int kMaxThreadgroupSites = 256;
 
 struct Fiber {
   void* sp;
-#if !defined(__x86_64__)
+#if !MLXE_ASM_SWITCH
   ucontext_t ctx;
 #endif
   int state;
@@ -107,7 +112,7 @@ struct Launch {
 inline Launch L;
 inline Fiber* cur = nullptr;
 inline void* sched_sp = nullptr;
-#if !defined(__x86_64__)
+#if !MLXE_ASM_SWITCH
 inline ucontext_t sched_ctx;
 #endif
 
@@ -115,7 +120,7 @@ inline ucontext_t sched_ctx;
 // Fibers. On x86-64 a hand-written switch (callee-saved registers + stack pointer) is ~50x
 // cheaper than swapcontext, which makes a system call per switch.
 
-#if defined(__x86_64__)
+#if MLXE_ASM_SWITCH
 extern "C" void mlxe_switch(void** save_sp, void* to_sp);
 asm(R"(
   .text
@@ -159,7 +164,7 @@ inline char* stack_top(int i) {
 }
 
 inline void yield_to_scheduler(Fiber* f) {
-#if defined(__x86_64__)
+#if MLXE_ASM_SWITCH
   mlxe_switch(&f->sp, sched_sp);
 #else
   swapcontext(&f->ctx, &sched_ctx);
@@ -168,7 +173,7 @@ inline void yield_to_scheduler(Fiber* f) {
 
 inline void run_fiber(Fiber* f) {
   cur = f;
-#if defined(__x86_64__)
+#if MLXE_ASM_SWITCH
   mlxe_switch(&sched_sp, f->sp);
 #else
   swapcontext(&sched_ctx, &f->ctx);
@@ -186,7 +191,7 @@ __attribute__((noinline, used)) inline void fiber_entry() {
 
 inline void start_fiber(Fiber* f, int slot) {
   char* top = stack_top(slot);
-#if defined(__x86_64__)
+#if MLXE_ASM_SWITCH
   // Frame popped by mlxe_switch: six callee-saved registers, then the return address.
   void** s = reinterpret_cast<void**>(reinterpret_cast<uintptr_t>(top) & ~uintptr_t(15));
   s[-1] = nullptr;

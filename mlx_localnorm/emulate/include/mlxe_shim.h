@@ -2,6 +2,12 @@
 // (the text `mx.fast.metal_kernel` prepends), and the address-space keywords as no-ops.
 #pragma once
 
+// macOS hides the (deprecated) ucontext functions unless _XOPEN_SOURCE is set before any header.
+#if defined(__APPLE__) && !defined(_XOPEN_SOURCE)
+#define _XOPEN_SOURCE 700
+#define _DARWIN_C_SOURCE
+#endif
+
 #include "mlxe_runtime.h"
 
 namespace mlxe {
