@@ -14,6 +14,8 @@ import mlx.core as mx
 
 # Inputs with fewer elements are passed in the `constant` address space (as in MLX).
 MAX_CONSTANT_ARRAY_SIZE = 8
+# kMaxThreadgroupSites in include/mlxe_runtime.h.
+MAX_THREADGROUP_DECLARATIONS = 256
 
 # Metal attributes MLX adds as parameters when their name occurs in the source, in MLX's order.
 METAL_ATTRIBUTES: tuple[tuple[str, str], ...] = (
@@ -290,7 +292,12 @@ def file_names(spec: KernelSpec) -> tuple[str, str]:
 def cpp_source(spec: KernelSpec) -> str:
     """The C++ translation unit for the emulator: shim, header, kernel, launch entry point."""
     header, next_site = to_cpp(spec.header)
-    body, _ = to_cpp(spec.source, next_site)
+    body, sites = to_cpp(spec.source, next_site)
+    if sites > MAX_THREADGROUP_DECLARATIONS:
+        raise ValueError(
+            f"kernel '{spec.name}': {sites} `threadgroup` declarations, the emulator takes at "
+            f"most {MAX_THREADGROUP_DECLARATIONS}"
+        )
     kname = spec.kernel_name()
     source_file, header_file = file_names(spec)
     params, args = [], []

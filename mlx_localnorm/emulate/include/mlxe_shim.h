@@ -10,11 +10,6 @@
 
 #include "mlxe_runtime.h"
 
-namespace mlxe {
-template <class T>
-struct is_atomic;
-}
-
 namespace metal {
 
 using mlxe::mem_flags;
