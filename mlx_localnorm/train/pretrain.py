@@ -189,7 +189,7 @@ class Pretrainer:
                 return finish(*loss_and_grad(model, inputs, targets))
             return step
 
-        grad_fn = mx.compile(partial(loss_and_grad, model), inputs=state)
+        grad_fn = mx.compile(partial(loss_and_grad, model), inputs=state, outputs=state)
         apply = mx.compile(finish, inputs=state, outputs=state)
 
         def accumulated_step(inputs, targets):

@@ -1,0 +1,307 @@
+"""Pre-training: exact resume, Ctrl-C, data parallel, golden losses, export, CLI, bad input."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx_localnorm as ln
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_localnorm.train import (
+    CheckpointError,
+    PretrainConfig,
+    Pretrainer,
+    list_checkpoints,
+    lr_schedule,
+    read_metrics,
+    resume_config,
+)
+from mlx_localnorm.train.command import build_parser, parse_config
+
+GOLDEN = Path(__file__).parent / "fixtures" / "losses" / "pretrain_tiny.txt"
+TINY = dict(vocab_size=512, hidden_size=32, num_layers=2, num_heads=2, seq_len=32,
+            batch_size=4, steps=12, eval_every=4, eval_batches=2, save_every=4,
+            warmup_steps=2, sample_tokens=0, progress=False)
+PREPARED_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "train.bin",
+                  "train.json", "valid.bin", "valid.json")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Tokenizer and token files of the embedded corpus, made once for the whole module."""
+    out = tmp_path_factory.mktemp("prepared")
+    ln.data.prepare_data(None, out, vocab_size=TINY["vocab_size"])
+    return out
+
+
+def run_dir(prepared, tmp_path, name="run"):
+    out = tmp_path / name
+    out.mkdir()
+    for f in PREPARED_FILES:  # prepare_data reuses them: same tokenizer, same source
+        shutil.copy(prepared / f, out / f)
+    return out
+
+
+def config(out, **kw):
+    return PretrainConfig(out_dir=str(out), **{**TINY, **kw})
+
+
+def losses(out):
+    return [(r["step"], r["loss"]) for r in read_metrics(Path(out) / "metrics.jsonl")]
+
+
+def val_losses(out):
+    return [(r["step"], r["val_loss"]) for r in read_metrics(Path(out) / "metrics.jsonl")
+            if "val_loss" in r]
+
+
+@pytest.fixture(scope="module")
+def full_run(prepared, tmp_path_factory):
+    """An uninterrupted 12-step run (the reference for resume and export tests)."""
+    out = run_dir(prepared, tmp_path_factory.mktemp("full"))
+    summary = Pretrainer(config(out)).run()
+    return out, summary
+
+
+# ----------------------------------------------------------------------------- resume
+def test_resume_reproduces_the_uninterrupted_run(prepared, tmp_path, full_run):
+    reference, summary = full_run
+    assert not summary["interrupted"] and summary["step"] == 12
+    out = run_dir(prepared, tmp_path)
+    first = Pretrainer(config(out)).run(until=5)  # stops like Ctrl-C after step 5
+    assert first["interrupted"] and [c.name for c in list_checkpoints(out)] == [
+        "step_0000004", "step_0000005"]
+    Pretrainer(resume_config(out), resume=True).run()
+    assert losses(out) == losses(reference)  # every step, bit for bit
+    assert val_losses(out) == val_losses(reference)
+    assert [s for s, _ in losses(out)] == list(range(1, 13))
+
+
+def test_loss_is_sane_and_decreases(full_run):
+    out, _ = full_run
+    curve = [loss for _, loss in losses(out)]
+    # A fresh LM predicts nearly uniformly: initial loss within a nat of log(vocab).
+    assert abs(curve[0] - math.log(TINY["vocab_size"])) < 1.0
+    assert np.mean(curve[-3:]) < curve[0] - 0.3
+
+
+def test_golden_loss_curve(full_run):
+    """The tiny run's losses equal the recorded ones (tests/fixtures/losses/make_pretrain_golden.py)."""
+    out, _ = full_run
+    golden = [float(line) for line in GOLDEN.read_text().split()]
+    # Same machine kind, same seed: only float32 reduction order may differ.
+    np.testing.assert_allclose([loss for _, loss in losses(out)], golden, rtol=2e-4)
+
+
+def test_grad_accumulation_equals_one_big_batch(prepared, tmp_path, full_run):
+    reference, _ = full_run
+    out = run_dir(prepared, tmp_path)
+    Pretrainer(config(out, grad_accum=2, steps=4)).run()
+    ref = dict(losses(reference))
+    for step, loss in losses(out):
+        assert loss == pytest.approx(ref[step], rel=1e-5), step
+
+
+def test_sigint_checkpoints_and_exits_cleanly(prepared, tmp_path):
+    out = run_dir(prepared, tmp_path)
+    cmd = [sys.executable, "-m", "mlx_localnorm", "pretrain", "--out-dir", str(out),
+           *_flags({**TINY, "steps": 10_000, "save_every": 0, "eval_every": 0})]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while len(read_metrics(out / "metrics.jsonl")) < 3 and time.time() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output
+    assert f"mlx-localnorm pretrain --out-dir {out} --resume" in output
+    last = read_metrics(out / "metrics.jsonl")[-1]["step"]
+    assert [c.name for c in list_checkpoints(out)] == [f"step_{last:07d}"]
+
+
+# ----------------------------------------------------------------------------- distributed
+def test_two_processes_match_one_process_with_the_combined_batch(prepared, tmp_path,
+                                                                 full_run):
+    reference, _ = full_run
+    out = run_dir(prepared, tmp_path)
+    launch = Path(sys.executable).with_name("mlx.launch")
+    cmd = [str(launch), "--hosts", "127.0.0.1,127.0.0.1", "--backend", "ring",
+           sys.executable, "-m", "mlx_localnorm", "pretrain", "--out-dir", str(out),
+           *_flags({**TINY, "steps": 4})]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=240)
+    finally:  # never leave rank processes behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, output[-3000:]
+    ref = dict(losses(reference))
+    got = losses(out)
+    assert [s for s, _ in got] == [1, 2, 3, 4]  # rank 0 alone writes the metrics
+    for step, loss in got:  # each rank has half the batch; gradients are averaged
+        assert loss == pytest.approx(ref[step], rel=1e-5), step
+
+
+# ----------------------------------------------------------------------------- export
+def test_run_directory_loads_in_mlx_lm(full_run):
+    from mlx_lm import load
+
+    out, _ = full_run
+    model, tokenizer = load(str(out), trust_remote_code=True)
+    trained = ln.Model(ln.ModelArgs.from_dict(json.loads((out / "config.json").read_text())))
+    trained.load_weights(str(out / "model.safetensors"))
+    tokens = mx.array([tokenizer.encode("ROMEO: But soft, what light")])
+    np.testing.assert_array_equal(np.array(model(tokens)), np.array(trained(tokens)))
+    ckpt = mx.load(str(list_checkpoints(out)[-1] / "model.safetensors"))
+    for key, value in tree_flatten(trained.parameters()):
+        np.testing.assert_array_equal(np.array(value), np.array(ckpt[key]), err_msg=key)
+    assert (out / "loss.png").stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------- schedule
+@pytest.mark.parametrize("kind", ["cosine", "wsd", "constant"])
+def test_lr_schedule(kind):
+    peak, steps, warmup = 0.02, 100, 10
+    f = lr_schedule(peak, steps, warmup, kind, min_ratio=0.1, decay_fraction=0.2)
+    for step in (0, 5, 9, 10, 50, 79, 80, 90, 99, 100):
+        warm = min(1.0, (step + 1) / warmup)
+        if kind == "cosine":
+            p = min(max((step - warmup) / (steps - warmup), 0.0), 1.0)
+            shape = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+        elif kind == "wsd":
+            shape = 1 - 0.9 * min(max((step - 80) / 20, 0.0), 1.0)
+        else:
+            shape = 1.0
+        assert f(mx.array(step)).item() == pytest.approx(peak * warm * shape, rel=1e-6), step
+
+
+# ----------------------------------------------------------------------------- CLI
+def _flags(values):
+    out = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        out += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [
+            flag, str(value)]
+    return out
+
+
+def test_every_field_is_a_flag_with_help():
+    text = build_parser().format_help()
+    for name in PretrainConfig.field_names():
+        assert "--" + name.replace("_", "-") in text, name
+    for required in ("out_dir", "corpus", "vocab_size", "seq_len", "batch_size", "steps",
+                     "learning_rate", "norm", "placement", "optimizer", "hidden_size",
+                     "num_layers", "num_heads", "eval_every", "save_every", "seed"):
+        assert required in PretrainConfig.field_names()
+    assert "--resume" in text and "sentencepiece vocabulary size" in text
+
+
+def test_flags_and_config_files(tmp_path):
+    cfg, resume = parse_config(["--hidden-size", "48", "--norm-options", '{"num_heads": 2}',
+                                "--no-progress", "--qk-norm", "rmsnorm", "--learning-rate",
+                                "0.01"])
+    assert (cfg.hidden_size, cfg.norm_options, cfg.progress, cfg.qk_norm, resume) == (
+        48, {"num_heads": 2}, False, "rmsnorm", False)
+    (tmp_path / "run.yaml").write_text("hidden_size: 64\nsteps: 7\n")
+    cfg, _ = parse_config(["--config", str(tmp_path / "run.yaml"), "--steps", "9"])
+    assert (cfg.hidden_size, cfg.steps) == (64, 9)  # flags override the file
+    (tmp_path / "bad.json").write_text(json.dumps({"hidden_sise": 64}))
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['hidden_sise'\]; "
+                                         r"valid fields: out_dir, corpus"):
+        parse_config(["--config", str(tmp_path / "bad.json")])
+    with pytest.raises(SystemExit):
+        parse_config(["--hidden-sise", "3"])
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_seq_len_over_context_length():
+    with pytest.raises(ValueError, match=r"seq_len=2048 is longer than the model's "
+                                         r"context_length=1024"):
+        PretrainConfig(seq_len=2048)
+
+
+def test_bad_corpus_sources(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        Pretrainer(config(tmp_path / "a", corpus=str(tmp_path / "missing.txt")))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="empty.txt"):
+        Pretrainer(config(tmp_path / "b", corpus=str(tmp_path / "empty.txt")))
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        Pretrainer(config(tmp_path / "c", corpus=str(tmp_path / "bad.jsonl")))
+
+
+def _snapshot(out):
+    return {p: p.read_bytes() for p in sorted(Path(out).rglob("*")) if p.is_file()}
+
+
+def test_corrupt_checkpoint_on_resume_changes_nothing(prepared, tmp_path):
+    out = run_dir(prepared, tmp_path)
+    Pretrainer(config(out)).run(until=4)
+    newest = list_checkpoints(out)[-1]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    before = _snapshot(out)
+    with pytest.raises(CheckpointError, match=r"step_0000004 is unreadable"):
+        Pretrainer(resume_config(out), resume=True)
+    assert _snapshot(out) == before
+
+
+def test_incompatible_checkpoint_on_resume(prepared, tmp_path):
+    out = run_dir(prepared, tmp_path)
+    Pretrainer(config(out)).run(until=4)
+    other = run_dir(prepared, tmp_path, "other")
+    Pretrainer(config(other, hidden_size=48)).run(until=4)
+    victim = list_checkpoints(out)[-1] / "model.safetensors"
+    shutil.copy(list_checkpoints(other)[-1] / "model.safetensors", victim)
+    before = _snapshot(out)
+    with pytest.raises(CheckpointError, match=r"is \(512, 48\) mlx.core.float32, the run "
+                                              r"expects \(512, 32\)"):
+        Pretrainer(resume_config(out), resume=True)
+    assert _snapshot(out) == before
+    with pytest.raises(ValueError, match=r"hidden_size cannot change in a resumed run"):
+        resume_config(out, {"hidden_size": 48})
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(prepared, tmp_path, monkeypatch):
+    out = run_dir(prepared, tmp_path)
+    trainer = Pretrainer(config(out))
+    trainer.run(until=4)
+    before = _snapshot(out / "checkpoints")
+    real_save = mx.save_safetensors
+
+    def disk_full(path, arrays, *args, **kw):
+        if path.endswith("optimizer.safetensors"):
+            real_save(path, {"partial": mx.zeros(3)})  # a half-written file ...
+            raise OSError(28, "No space left on device")  # ... then the disk is full
+        return real_save(path, arrays, *args, **kw)
+
+    monkeypatch.setattr(mx, "save_safetensors", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.run(until=8)
+    assert _snapshot(out / "checkpoints") == before  # step 4 intact, nothing half-written
+    monkeypatch.undo()
+    Pretrainer(resume_config(out), resume=True)  # and it still resumes
+
+
+def test_run_directory_rules(prepared, tmp_path):
+    out = run_dir(prepared, tmp_path)
+    with pytest.raises(CheckpointError, match="has no checkpoint to resume from"):
+        Pretrainer(config(out), resume=True)
+    Pretrainer(config(out)).run(until=4)
+    with pytest.raises(ValueError, match=r"already holds a run .* pass --resume"):
+        Pretrainer(config(out))
+    with pytest.raises(FileNotFoundError, match="train_config.json does not exist"):
+        resume_config(tmp_path / "nowhere")
