@@ -272,6 +272,19 @@ def test_quantization():
     assert max_rel_error(incremental_logits(model, TOKENS, 4), model(TOKENS)) < 1e-5
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_pre_rmsnorm_model_is_mlx_lm_llama(tie):
+    """Same names, same math: Llama's weights load into our Pre-LN RMSNorm model unchanged."""
+    mx.random.seed(0)
+    reference = llama.Model(llama.ModelArgs(
+        model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=VOCAB,
+        tie_word_embeddings=tie))
+    ours = tiny_model(tie_word_embeddings=tie)
+    ours.load_weights(tree_flatten(reference.parameters()), strict=True)
+    np.testing.assert_array_equal(np.array(ours(TOKENS)), np.array(reference(TOKENS)))
+
+
 # ---- swap_norms on mlx-lm models ------------------------------------------------------------
 
 def mlx_lm_model(kind):

@@ -134,13 +134,13 @@ def forward_ref(cfg, P, tokens):
         b = f"model.layers.{layer}"
         window = cfg.sliding_window if cfg.layer_types[layer] == "sliding_attention" else None
 
-        def A(h):
+        def A(h, b=b, window=window):
             return attention_ref(cfg, P, f"{b}.self_attn", h, window)
 
-        def M(h):
+        def M(h, b=b):
             return mlp_ref(cfg, P, f"{b}.mlp", h)
 
-        def N(name, h):
+        def N(name, h, b=b):
             return norm_ref(kind, P, f"{b}.{name}", h)
 
         post = cfg.placement == "post" or (
@@ -239,7 +239,7 @@ def test_hypersphere_placements_match_spec(placement):
 
 
 def test_mix_uses_post_ln_for_the_first_quarter():
-    cfg, model, _ = fixed_model(placement="mix", num_hidden_layers=8)
+    _, model, _ = fixed_model(placement="mix", num_hidden_layers=8)
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds == ["PostLN"] * 2 + ["PreLN"] * 6
 

@@ -21,7 +21,6 @@ from .localnorm import Model
 MODEL_FILE = "localnorm_model.py"
 _MODEL_FILE_SOURCE = '''"""LocalNorm transformer for mlx-lm: load with trust_remote_code=True (needs mlx-localnorm)."""
 
-import mlx_localnorm  # noqa: F401  (first: it picks MLX's CPU BLAS on Linux)
 from mlx_localnorm.models import Model, ModelArgs  # noqa: F401
 '''
 

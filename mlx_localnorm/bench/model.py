@@ -1,0 +1,183 @@
+"""``mlx-localnorm bench model``: training-step throughput of the LocalNorm transformer.
+
+Times one compiled AdamW training step (forward, backward, update; nGPT/anGPT also project
+their weights) in tokens/s for ``mlx_lm.models.llama.Model`` and for our model with every
+norm x placement at the same size, in the same run. ``vs_llama`` is tokens/s relative to
+mlx-lm's Llama (our RMSNorm + Pre-LN is the like-for-like row: the flexibility should cost
+nothing, target >= 0.97); ``vs_pre_rmsnorm`` is relative to our RMSNorm + Pre-LN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+from mlx_lm.models import llama
+
+from ..models import Model, ModelArgs
+from ..norms import NORMS
+from ..placements import HYPERSPHERE_NORMS, PLACEMENTS
+from .common import device, machine, markdown_table, write_csv
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+# ApproxNorm is anGPT's own constant; it is benchmarked as the angpt placement.
+BENCH_NORMS = [n for n in NORMS if n != "angpt"]
+
+
+def training_step(model: nn.Module, tokens: mx.array) -> Callable[[], list]:
+    """A compiled AdamW step on next-token cross-entropy: a call returning [loss, state]."""
+    optimizer = optim.AdamW(learning_rate=1e-4)
+    project = getattr(model, "project_weights", lambda: None)
+
+    def loss_fn(model, tokens):
+        logits = model(tokens[:, :-1])
+        return nn.losses.cross_entropy(logits, tokens[:, 1:], reduction="mean")
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(tokens):
+        loss, grads = loss_and_grad(model, tokens)
+        optimizer.update(model, grads)
+        project()
+        return loss
+
+    return lambda: [step(tokens), state]
+
+
+def llama_model(size: dict) -> nn.Module:
+    return llama.Model(llama.ModelArgs(
+        model_type="llama", hidden_size=size["hidden_size"],
+        num_hidden_layers=size["num_hidden_layers"],
+        intermediate_size=size["intermediate_size"],
+        num_attention_heads=size["num_attention_heads"],
+        num_key_value_heads=size["num_key_value_heads"], rms_norm_eps=1e-6,
+        vocab_size=size["vocab_size"], tie_word_embeddings=True))
+
+
+def configurations(norms: list[str], placements: list[str]) -> list[tuple[str, str]]:
+    """(norm, placement) pairs; nGPT and anGPT have their one fixed norm."""
+    pairs = [("rmsnorm", "pre")]
+    for placement in placements:
+        for norm in ([HYPERSPHERE_NORMS[placement]] if placement in HYPERSPHERE_NORMS
+                     else norms):
+            if (norm, placement) not in pairs:
+                pairs.append((norm, placement))
+    return pairs
+
+
+def run(size: dict, batch: int, seq_len: int, dtype_name: str, norms: list[str],
+        placements: list[str], rounds: int, repeat: int) -> list[dict]:
+    dtype = DTYPES[dtype_name]
+    tokens = mx.random.randint(0, size["vocab_size"], (batch, seq_len + 1), key=mx.random.key(0))
+    n_tokens = batch * seq_len
+    candidates = [("mlx_lm.llama", "rmsnorm", "pre", partial(llama_model, size))] + [
+        ("localnorm", norm, placement,
+         partial(lambda n, p: Model(ModelArgs(**size, norm_type=n, placement=p)), norm, placement))
+        for norm, placement in configurations(norms, placements)]
+
+    steps, params = [], []
+    for name, norm, placement, build in candidates:
+        mx.random.seed(0)
+        model = build()
+        model.set_dtype(dtype)
+        params.append(sum(v.size for _, v in tree_flatten(model.parameters())))
+        step = training_step(model, tokens)
+        for _ in range(2):  # compile and warm up
+            mx.eval(step())
+        steps.append(step)
+
+    # Every configuration is timed once per round, so a busy machine slows all of them alike;
+    # each ratio is the median over rounds of the per-round ratio.
+    samples = [[] for _ in steps]
+    for r in range(rounds):
+        print(f"  round {r + 1}/{rounds}", flush=True)
+        for step, times in zip(steps, samples):
+            start = time.perf_counter()
+            for _ in range(repeat):
+                mx.eval(step())
+            times.append(1000 * (time.perf_counter() - start) / repeat)
+
+    def ratios(reference: list[float], times: list[float]) -> list[float]:
+        return [a / b for a, b in zip(reference, times)]
+
+    def spread(values: list[float]) -> str:
+        """The interquartile range over rounds: how much machine noise the ratio carries."""
+        if len(values) < 2:
+            return ""
+        q1, _, q3 = statistics.quantiles(values, n=4)
+        return f"{q1:.3f}-{q3:.3f}"
+
+    rows = []
+    for (model, norm, placement, _), n_params, times in zip(candidates, params, samples):
+        ms = statistics.median(times)
+        rows.append({
+            "machine": machine(), "device": device(), "mlx": mx.__version__,
+            "dtype": dtype_name, "model": model, "norm": norm, "placement": placement,
+            "params": n_params, "tokens_per_step": n_tokens, "ms_per_step": round(ms, 2),
+            "tokens_per_s": round(1000 * n_tokens / ms),
+            "vs_llama": round(statistics.median(ratios(samples[0], times)), 3),
+            "vs_llama_iqr": spread(ratios(samples[0], times)),
+            "vs_pre_rmsnorm": round(statistics.median(ratios(samples[1], times)), 3),
+            "vs_pre_rmsnorm_iqr": spread(ratios(samples[1], times))})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlx-localnorm bench model", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench/results", help="output directory")
+    parser.add_argument("--hidden", type=int, default=128, help="hidden size")
+    parser.add_argument("--layers", type=int, default=4, help="number of blocks")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--kv-heads", type=int, default=2, help="key/value heads")
+    parser.add_argument("--mlp", type=int, default=352, help="MLP width")
+    parser.add_argument("--vocab", type=int, default=2048, help="vocabulary size")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--norms", default=",".join(BENCH_NORMS),
+                        help="comma separated norm names")
+    parser.add_argument("--placements", default=",".join(PLACEMENTS),
+                        help="comma separated placement names")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds over all configurations (ratios: median over rounds)")
+    parser.add_argument("--repeat", type=int, default=2, help="timed steps per round")
+    args = parser.parse_args(argv)
+    norms, placements = args.norms.split(","), args.placements.split(",")
+    for n in norms:
+        if n not in BENCH_NORMS:
+            parser.error(f"--norms: unknown norm {n!r}; valid: {', '.join(BENCH_NORMS)}")
+    for p in placements:
+        if p not in PLACEMENTS:
+            parser.error(f"--placements: unknown placement {p!r}; valid: {', '.join(PLACEMENTS)}")
+    for name in ("rounds", "repeat", "batch", "seq_len"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        size = ModelArgs(vocab_size=args.vocab, hidden_size=args.hidden,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, intermediate_size=args.mlp)
+    except ValueError as err:
+        parser.error(str(err))
+    size = {k: getattr(size, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers",
+                                          "num_attention_heads", "num_key_value_heads",
+                                          "intermediate_size")}
+
+    rows = run(size, args.batch, args.seq_len, args.dtype, norms, placements, args.rounds,
+               args.repeat)
+    path = write_csv(rows, Path(args.out) / "model.csv")
+    print(markdown_table(rows, ["model", "norm", "placement", "ms_per_step", "tokens_per_s",
+                                "vs_llama", "vs_pre_rmsnorm", "vs_pre_rmsnorm_iqr"]))
+    print(f"\nlocalnorm RMSNorm+Pre-LN / mlx_lm llama tokens/s: {rows[1]['vs_llama']} "
+          f"(interquartile {rows[1]['vs_llama_iqr']} over rounds; target >= 0.97)\nwrote {path}")
+    return 0
