@@ -8,6 +8,13 @@ import numpy as np
 import pytest
 
 from mlx_localnorm.emulate import EmulatorError, KernelCompileError, metal_kernel
+from mlx_localnorm.emulate.examples import (
+    COPY_FLOAT4_SOURCE,
+    RMS_NORM_INPUTS,
+    RMS_NORM_OUTPUTS,
+    RMS_NORM_SOURCE,
+    rms_norm_geometry,
+)
 
 
 def f64(a: mx.array) -> np.ndarray:
@@ -371,13 +378,7 @@ def test_metal_limits_are_enforced():
 
 
 def test_copy_kernel_bytes_are_counted_exactly():
-    source = """
-    uint i = thread_position_in_grid.x;
-    const device float4* src = (const device float4*)(x);
-    device float4* dst = reinterpret_cast<device float4*>(out);
-    dst[i] = src[i];
-    """
-    kernel = metal_kernel("emu_copy4", ["x"], ["out"], source)
+    kernel = metal_kernel("emu_copy4", ["x"], ["out"], COPY_FLOAT4_SOURCE)
     x = mx.random.normal((1000, 12), key=mx.random.key(4))
     (out,) = run(kernel, [x], [x.shape], [mx.float32], (x.size // 4, 1, 1), (256, 1, 1))
     np.testing.assert_array_equal(np.array(out), np.array(x))
@@ -466,12 +467,7 @@ def test_race_found_by_comparing_schedules():
     with pytest.raises(EmulatorError, match="depends on the thread schedule"):
         run(kernel, [mx.zeros((1,))], [(1,)], [mx.float32], (64, 1, 1), (64, 1, 1))
     # A race-free kernel gives bitwise-equal outputs under every schedule.
-    _rms_call(
-        metal_kernel("emu_rms_norm", ["x", "w", "eps"], ["out"], RMS_SOURCE, schedules=3),
-        mx.ones((5, 70)),
-        mx.ones((70,)),
-        1e-6,
-    )
+    _rms_call(_rms_kernel(schedules=3), mx.ones((5, 70)), mx.ones((70,)), 1e-6)
 
 
 @pytest.mark.parametrize(
@@ -526,86 +522,23 @@ def test_compile_error_points_at_the_source_line():
         run(kernel, [mx.ones((1,))], [(1,)], [mx.float32], (1, 1, 1), (1, 1, 1))
 
 
-# An RMSNorm kernel in MLX's own style (mlx/backend/metal/kernels/rms_norm.metal): per-thread
-# N_READS, simd_sum -> threadgroup partials (zeroed by simdgroup 0) -> barrier -> simdgroup 0
-# sums the partials -> barrier -> scale.
-RMS_SOURCE = """
-  constexpr int N_READS = 4;
-  constexpr int SIMD_SIZE = 32;
-  uint gid = threadgroup_position_in_grid.x;
-  uint lid = thread_position_in_threadgroup.x;
-  uint simd_lane_id = thread_index_in_simdgroup;
-  uint simd_group_id = simdgroup_index_in_threadgroup;
-  uint lsize = threads_per_threadgroup.x;
-  int axis_size = x_shape[x_ndim - 1];
-  threadgroup float local_inv_mean[1];
-  threadgroup float local_sums[SIMD_SIZE];
-
-  const device T* xr = x + gid * size_t(axis_size);
-  float acc = 0;
-  for (int r = 0; r < axis_size; r += lsize * N_READS) {
-    if (r + int(lid * N_READS) + N_READS <= axis_size) {
-      for (int i = 0; i < N_READS; i++) {
-        float xi = xr[r + lid * N_READS + i];
-        acc += xi * xi;
-      }
-    } else {
-      for (int i = 0; i < N_READS; i++) {
-        if (r + int(lid * N_READS) + i < axis_size) {
-          float xi = xr[r + lid * N_READS + i];
-          acc += xi * xi;
-        }
-      }
-    }
-  }
-  acc = simd_sum(acc);
-  if (simd_group_id == 0) {
-    local_sums[simd_lane_id] = 0;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (simd_lane_id == 0) {
-    local_sums[simd_group_id] = acc;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (simd_group_id == 0) {
-    acc = simd_sum(local_sums[simd_lane_id]);
-    if (simd_lane_id == 0) {
-      local_inv_mean[0] = metal::precise::rsqrt(acc / axis_size + eps);
-    }
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-
-  device T* yr = out + gid * size_t(axis_size);
-  for (int r = 0; r < axis_size; r += lsize * N_READS) {
-    for (int i = 0; i < N_READS; i++) {
-      int c = r + lid * N_READS + i;
-      if (c < axis_size) {
-        yr[c] = static_cast<T>(w[c] * static_cast<T>(xr[c] * local_inv_mean[0]));
-      }
-    }
-  }
-"""
-
+# RMS_NORM_SOURCE is an RMSNorm in MLX's own style (mlx/backend/metal/kernels/rms_norm.metal):
+# simd_sum -> threadgroup partials -> barrier -> simdgroup 0 sums them -> barrier -> scale.
 NORM_TOLERANCE = {mx.float32: 1e-5, mx.float16: 2e-3, mx.bfloat16: 2e-2}
 
 
-def _rms_kernel():
-    return metal_kernel("emu_rms_norm", ["x", "w", "eps"], ["out"], RMS_SOURCE)
+def _rms_kernel(**options):
+    return metal_kernel(
+        "emu_rms_norm", RMS_NORM_INPUTS, RMS_NORM_OUTPUTS, RMS_NORM_SOURCE, **options
+    )
 
 
 def _rms_call(kernel, x, w, eps):
-    rows, dims = x.shape
-    groups_of_four = -(-dims // 4)
-    threads = min(1024, 32 * -(-groups_of_four // 32))
-    return run(
-        kernel,
-        [x, w, eps],
-        [x.shape],
-        [x.dtype],
-        (rows * threads, 1, 1),
-        (threads, 1, 1),
-        template=[("T", x.dtype)],
-    )[0]
+    grid, threadgroup = rms_norm_geometry(*x.shape)
+    (out,) = run(
+        kernel, [x, w, eps], [x.shape], [x.dtype], grid, threadgroup, template=[("T", x.dtype)]
+    )
+    return out
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
@@ -628,7 +561,7 @@ def test_mlx_style_rms_norm_kernel_against_numpy(dtype, shape):
 def test_emulator_matches_real_metal(dtype, capfd):
     x = mx.random.normal((7, 4099), key=mx.random.key(6)).astype(dtype)
     w = mx.random.uniform(shape=(4099,), key=mx.random.key(7)).astype(dtype)
-    real = mx.fast.metal_kernel("emu_rms_norm", ["x", "w", "eps"], ["out"], RMS_SOURCE)
+    real = mx.fast.metal_kernel("emu_rms_norm", RMS_NORM_INPUTS, RMS_NORM_OUTPUTS, RMS_NORM_SOURCE)
     emulated = _rms_kernel()
     np.testing.assert_allclose(
         f64(_rms_call(emulated, x, w, 1e-6)),
