@@ -55,6 +55,11 @@ def norm_ref(kind, P, name, x):
         return g * np.tanh(P[f"{name}.alpha"] * x) + P[f"{name}.bias"]
     if kind == "l2norm":
         return l2(x)
+    if kind in ("patchnorm", "patchnorm-affine"):  # patch_size 1: the patch is the row itself
+        z = x @ g.T if g.ndim == 2 else g * x
+        if kind == "patchnorm":
+            return z / rms(x) + P[f"{name}.bias"]
+        return (z + P[f"{name}.bias"]) / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + 1)
     raise AssertionError(kind)
 
 
@@ -129,6 +134,8 @@ def mlp_ref(cfg, P, pre, x):
 def forward_ref(cfg, P, tokens):
     """SPEC "Placements": a block applies the rule to attention, then to the MLP."""
     D, L, kind = cfg.hidden_size, cfg.num_hidden_layers, cfg.norm_type
+    if cfg.norm_options.get("mode") == "affine":
+        kind = "patchnorm-affine"
     x = P["model.embed_tokens.weight"][tokens]
     for layer in range(L):
         b = f"model.layers.{layer}"
@@ -228,9 +235,15 @@ def test_norm_placements_match_spec(placement, norm):
 
 @pytest.mark.parametrize("placement,norm", [("pre", "layernorm"), ("post", "layernorm"),
                                             ("pre", "dyt"), ("peri", "dyt"),
-                                            ("sandwich", "l2norm"), ("mix", "layernorm")])
+                                            ("sandwich", "l2norm"), ("mix", "layernorm"),
+                                            ("pre", "patchnorm"), ("post", "patchnorm")])
 def test_other_norms_in_placements(placement, norm):
     check_against_reference(placement=placement, norm_type=norm, mix_ratio=0.5)
+
+
+@pytest.mark.parametrize("options", [{"weight": "full"}, {"mode": "affine"}])
+def test_patchnorm_options_in_peri(options):
+    check_against_reference(placement="peri", norm_type="patchnorm", norm_options=options)
 
 
 @pytest.mark.parametrize("placement", ["ngpt", "angpt"])
