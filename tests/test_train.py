@@ -110,6 +110,18 @@ def test_grad_accumulation_equals_one_big_batch(prepared, tmp_path, full_run):
         assert loss == pytest.approx(ref[step], rel=1e-5), step
 
 
+def test_gradient_checkpointing_changes_memory_not_losses(prepared, tmp_path, full_run):
+    reference, _ = full_run
+    out = run_dir(prepared, tmp_path)
+    trainer = Pretrainer(config(out, grad_checkpoint=True, steps=3))
+    trainer.run()
+    assert all(type(b).__name__.startswith("Checkpointed") for b in trainer.model.layers)
+    assert not type(ln.Model(trainer.model.args).layers[0]).__name__.startswith("Checkpointed")
+    ref = dict(losses(reference))
+    for step, loss in losses(out):
+        assert loss == pytest.approx(ref[step], rel=1e-6), step
+
+
 def test_sigint_checkpoints_and_exits_cleanly(prepared, tmp_path):
     out = run_dir(prepared, tmp_path)
     cmd = [sys.executable, "-m", "mlx_localnorm", "pretrain", "--out-dir", str(out),

@@ -93,6 +93,30 @@ def make_training_optimizer(config: PretrainConfig, model: nn.Module):
     return make_optimizer(config.optimizer, model, constraint=constraint, **hparams)
 
 
+_CHECKPOINTED: dict[type, type] = {}
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass (``mx.checkpoint``).
+
+    Each block instance gets a subclass whose ``__call__`` is checkpointed, so other models
+    of the same class are unaffected (mlx-lm's ``grad_checkpoint`` patches the class itself)
+    and parameter names do not change.
+    """
+    for layer in model.layers:
+        cls = type(layer)
+        if cls not in _CHECKPOINTED:
+            def checkpointed(self, *args, _call=cls.__call__):
+                def inner(params, *args):
+                    self.update(params)
+                    return _call(self, *args)
+                return mx.checkpoint(inner)(self.trainable_parameters(), *args)
+
+            _CHECKPOINTED[cls] = type(f"Checkpointed{cls.__name__}", (cls,),
+                                      {"__call__": checkpointed})
+        layer.__class__ = _CHECKPOINTED[cls]
+
+
 def _cross_entropy(model: Model, inputs: mx.array, targets: mx.array) -> mx.array:
     logits = model(inputs).astype(mx.float32)
     return nn.losses.cross_entropy(logits, targets, reduction="mean") + model.aux_loss()
@@ -125,9 +149,7 @@ class Pretrainer:
         if config.dtype != "float32":
             self.model.set_dtype(DTYPES[config.dtype])
         if config.grad_checkpoint:
-            from mlx_lm.tuner.trainer import grad_checkpoint
-
-            grad_checkpoint(self.model.layers[0])  # patches the block class for every layer
+            checkpoint_blocks(self.model)
         self.optimizer = make_training_optimizer(config, self.model)
         self.optimizer.init(self.model.trainable_parameters())
         self.batches = Batches(self.data.train, config.batch_size, config.seq_len,
