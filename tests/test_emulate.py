@@ -296,6 +296,13 @@ def test_output_an_unwritten_element_is_poisoned():
     np.testing.assert_array_equal(f64(out), [1, 0] * 4)
 
 
+def test_uninitialised_thread_variable_is_not_a_plausible_value():
+    source = "float acc;\nacc += x[0];\nout[0] = acc;"
+    kernel = metal_kernel("emu_uninitialised", ["x"], ["out"], source)
+    (out,) = run(kernel, [mx.ones((1,))], [(1,)], [mx.float32], (1, 1, 1), (1, 1, 1))
+    assert f64(out)[0] < -1e38
+
+
 def test_missed_barrier_is_an_error():
     source = """
     uint lid = thread_position_in_threadgroup.x;

@@ -17,6 +17,8 @@ from pathlib import Path
 INCLUDE_DIR = Path(__file__).parent / "include"
 # Stack-clash protection probes every page of a big thread-local array, so an oversized one
 # hits the guard page below its fiber stack instead of silently overwriting a neighbour.
+# Uninitialised thread-local variables hold 0xFE bytes (-1.7e38 as float) instead of a
+# plausible leftover; signed integers wrap as on the GPU.
 CXX_FLAGS = (
     "-std=c++20",
     "-O2",
@@ -24,6 +26,8 @@ CXX_FLAGS = (
     "-shared",
     "-fno-strict-aliasing",
     "-fstack-clash-protection",
+    "-ftrivial-auto-var-init=pattern",
+    "-fwrapv",
     "-w",
 )
 
