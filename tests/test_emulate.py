@@ -523,6 +523,13 @@ def test_bad_arguments_name_what_is_wrong():
         metal_kernel("emu_none", ["x"], [], "")
 
 
+def test_threadgroup_declaration_the_emulator_cannot_share_is_refused():
+    source = "threadgroup float a[32], b[32];\na[0] = b[0] = x[0];\nout[0] = a[0];"
+    kernel = metal_kernel("emu_two_arrays", ["x"], ["out"], source)
+    with pytest.raises(ValueError, match="one `threadgroup` variable per declaration"):
+        run(kernel, [mx.ones((1,))], [(1,)], [mx.float32], (1, 1, 1), (1, 1, 1))
+
+
 def test_compile_error_points_at_the_source_line():
     kernel = metal_kernel("emu_typo", ["x"], ["out"], "uint i = 0;\nout[i] = x[i] +;\n")
     with pytest.raises(KernelCompileError, match=r"emu_typo\.metal:2:"):

@@ -224,6 +224,11 @@ _HALF_LITERAL = re.compile(r"(?<![\w.])((?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+[
 _THREADGROUP_DECL = re.compile(
     rf"\bthreadgroup\s+((?:const\s+)?{_TYPE})\s+([A-Za-z_]\w*)\s*((?:\[[^\]]+\]\s*)*);"
 )
+# Declarations the pre-pass cannot rewrite: several names, or an initializer (not Metal).
+_UNSUPPORTED_THREADGROUP = re.compile(
+    rf"\bthreadgroup\s+(?:const\s+)?{_TYPE}\s+[A-Za-z_]\w*\s*(?:\[[^\]]+\]\s*)*"
+    rf"(?:=|,\s*[A-Za-z_]\w*\s*[\[;,])"
+)
 _DEVICE_POINTER = re.compile(rf"(?<![\w])(const\s+)?device\s+(const\s+)?({_TYPE})\s*(const\s*)?\*")
 _DEVICE_REFERENCE = re.compile(
     rf"(?<![\w])(const\s+)?device\s+(const\s+)?({_TYPE})\s*(const\s*)?&(?!&)"
@@ -266,6 +271,12 @@ def to_cpp(text: str, first_site: int = 0) -> tuple[str, int]:
 
     Line numbers are kept so compiler messages and emulator errors point at the user's text.
     """
+    unsupported = _UNSUPPORTED_THREADGROUP.search(text)
+    if unsupported:
+        raise ValueError(
+            f"the emulator takes one `threadgroup` variable per declaration, without an "
+            f"initializer (`threadgroup T name[N];`); got {unsupported.group(0)!r}"
+        )
     text = _METAL_INCLUDE.sub("", text)
     text = _HALF_LITERAL.sub(r"half(\1f)", text)
     site = first_site
