@@ -458,6 +458,13 @@ def test_emulated_kernel_gradients_under_value_and_grad():
         assert_close(g_emu[name], f64(g_ops[name]), "float32", name, factor=5)
 
 
+def test_emulate_backend_says_it_cannot_be_compiled():
+    (x, w, a, b, _), _ = seed_inputs(2, 64, "float32")
+    compiled = mx.compile(lambda x: kernels.seednorm(x, w, a, b, backend="emulate"))
+    with pytest.raises(ValueError, match="cannot be traced by mx.compile"):
+        compiled(x)
+
+
 # ----------------------------------------------------------------- on a real Mac
 
 @pytest.mark.metal
@@ -472,3 +479,33 @@ def test_metal_matches_ops_twin_eager_and_compiled(dims, dtype):
         assert_close(y, y_ref, dtype, "y")
         for name, got, ref in zip(("dx", "dweight", "dalpha", "dbeta"), grads, grads_ref):
             assert_close(got, ref, dtype, name)
+
+
+METAL_VS_EMULATOR = {
+    "seednorm": lambda x, w, b, be: kernels.seednorm(x, w, w, b, backend=be),
+    "seednorm 8 heads, head_rms": lambda x, w, b, be: kernels.seednorm(
+        x, w, w, b, num_heads=8, head_rms=True, backend=be),
+    "seednorm frozen": lambda x, w, b, be: kernels.seednorm(x, w, w, b, frozen=True, backend=be),
+    "seednorm residual": lambda x, w, b, be: kernels.seednorm(x, w, w, b, residual=x,
+                                                              backend=be)[1],
+    "rms_norm": lambda x, w, b, be: kernels.rms_norm(x, w, backend=be),
+    "patchnorm 1-D k=3 affine": lambda x, w, b, be: kernels.patchnorm(
+        x, w, b, patch_size=3, mode="affine", backend=be),
+    "patchnorm 2-D k=2": lambda x, w, b, be: kernels.patchnorm(
+        x.reshape(4, 16, -1), w, b, patch_size=2, patch_ndim=2, backend=be),
+}
+
+
+@pytest.mark.metal
+@pytest.mark.parametrize("case", list(METAL_VS_EMULATOR))
+@pytest.mark.parametrize("dims", [40, 4099])
+def test_metal_matches_the_emulator_on_the_same_source(case, dims):
+    (x, w, _, b, g), _ = seed_inputs(64, dims, "float32")
+    results = []
+    for backend in ("metal", "emulate"):
+        def fn(x, w, b, backend=backend):
+            return METAL_VS_EMULATOR[case](x, w, b, backend)
+        results.append(run_vjp(fn, [x, w, b], [g]))
+    (out_metal, grads_metal), (out_emu, grads_emu) = results
+    for got, ref in zip(out_metal + grads_metal, out_emu + grads_emu):
+        assert_close(got, f64(ref), "float32", case, factor=2)

@@ -130,31 +130,45 @@ def traffic_rows(rows: int, dims: int, dtype_name: str) -> list[dict]:
 
 
 def plot(timing: list[dict], traffic: list[dict], path: Path) -> None:
+    """Left: worst traffic ratio per kernel and pass. Right: times of the last timed shape and
+    the first dtype, eager and compiled, forward and forward+backward."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 1 + bool(timing)
-    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 5.5), squeeze=False)
+    panels = 3 if timing else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.5), squeeze=False)
     ax = axes[0][0]
-    labels = [f"{r['kernel']} {r['pass'][:3]} {r['dtype']} {r['shape']}" for r in traffic]
-    ax.barh(range(len(traffic)), [r["ratio"] for r in traffic], color="tab:blue")
-    ax.set_yticks(range(len(traffic)), labels, fontsize=6)
+    names = list(dict.fromkeys(r["kernel"] for r in traffic))
+    for offset, pass_name, target in ((-0.2, "forward", 1.05), (0.2, "backward", 1.15)):
+        worst = [max(r["ratio"] for r in traffic if r["kernel"] == n and r["pass"] == pass_name)
+                 for n in names]
+        bars = ax.barh([i + offset for i in range(len(names))], worst, height=0.4,
+                       label=f"{pass_name} (SeeDNorm target {target}x)")
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlim(0.9, 1.4)
     ax.axvline(1.0, color="k", lw=0.8)
-    ax.set_xlabel("bytes moved / minimum (emulator count)")
+    ax.set_xlabel("bytes moved / minimum (emulator count, worst shape and dtype)")
     ax.set_title("memory traffic of the kernels")
+    ax.legend(fontsize=7, loc="upper right")
     ax.invert_yaxis()
     if timing:
-        ax = axes[0][1]
-        labels = [f"{r['method']} {r['path']} {r['pass'][:7]} {r['dtype']} {r['shape']}"
-                  for r in timing]
-        ax.barh(range(len(timing)), [r["ms"] for r in timing], color="tab:orange")
-        ax.set_yticks(range(len(timing)), labels, fontsize=5)
-        ax.set_xscale("log")
-        ax.set_xlabel("ms (median)")
-        ax.set_title(f"time on {device()}")
-        ax.invert_yaxis()
+        shape, dtype = timing[-1]["shape"], timing[0]["dtype"]
+        sel = [r for r in timing if r["shape"] == shape and r["dtype"] == dtype]
+        methods = list(dict.fromkeys(r["method"] for r in sel))
+        for ax, pass_name in zip(axes[0][1:], ("forward", "forward+backward")):
+            for offset, path_name in ((-0.2, "eager"), (0.2, "compiled")):
+                ms = [next(r["ms"] for r in sel if r["method"] == m and r["path"] == path_name
+                           and r["pass"] == pass_name) for m in methods]
+                ax.barh([i + offset for i in range(len(methods))], ms, height=0.4,
+                        label=path_name)
+            ax.set_yticks(range(len(methods)), methods, fontsize=8)
+            ax.set_xlabel("ms (median)")
+            ax.set_title(f"{pass_name}, {dtype} {shape}, {device()}")
+            ax.legend(fontsize=7)
+            ax.invert_yaxis()
     fig.suptitle(f"mlx_localnorm kernels, {machine()} ({device()}), MLX {mx.__version__}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

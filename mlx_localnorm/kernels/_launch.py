@@ -85,7 +85,15 @@ def record_traffic() -> Iterator[list]:
 
 def _recorded(launch: Callable) -> Callable:
     def call(**kwargs):
-        outputs = launch(**kwargs)
+        try:
+            outputs = launch(**kwargs)
+        except ValueError as error:
+            if "function transformations" not in str(error):
+                raise
+            raise ValueError(
+                "backend='emulate' runs the kernels eagerly on the CPU, so it cannot be traced "
+                "by mx.compile or mx.vmap; use backend='ops' (or Metal on a Mac) inside them"
+            ) from error
         for log in _traffic_logs:
             log.append(launch.last_stats)
         return outputs

@@ -44,7 +44,7 @@ def _fused(eps: float, patch_size: int, patch_ndim: int, affine: bool, count: in
 
     def template(a: mx.array, iters: int) -> list:
         return [("T", a.dtype), ("N_READS", N_READS), ("ITERS", iters), ("PATCH", patch_size),
-                ("PATCH_NDIM", patch_ndim), ("AFFINE", affine)]
+                ("AFFINE", affine)]
 
     @mx.custom_function
     def fused(x, u):
