@@ -107,6 +107,9 @@ def _lanes_reference(name: str, v: np.ndarray) -> np.ndarray:
         ),
         "float(simd_any(v > 4.0f))": np.full(32, float((v > 4.0).any())),
         "float(simd_all(v > 0.0f))": np.full(32, float((v > 0).all())),
+        "float(simd_ballot(v > 0.0f).all()) + 2 * float(simd_ballot(v > 4.0f).any())": np.full(
+            32, 1.0
+        ),
         "simd_broadcast_first(v)": np.full(32, v[0]),
         "simd_shuffle_rotate_down(v, 5)": v[(lane + 5) % 32],
         "simd_shuffle_and_fill_down(v, v * 10.0f, 4)": np.where(
@@ -132,6 +135,7 @@ COLLECTIVES = [
     "float(uint64_t(simd_ballot(v > 1.0f)) & 0xffffu)",
     "float(simd_any(v > 4.0f))",
     "float(simd_all(v > 0.0f))",
+    "float(simd_ballot(v > 0.0f).all()) + 2 * float(simd_ballot(v > 4.0f).any())",
     "simd_broadcast_first(v)",
     "simd_shuffle_rotate_down(v, 5)",
     "simd_shuffle_and_fill_down(v, v * 10.0f, 4)",

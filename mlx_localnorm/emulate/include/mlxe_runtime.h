@@ -704,12 +704,21 @@ void resolve_shuffle(Fiber** lanes) {
   }
 }
 
+// The lanes voting true, and the lanes taking part.
+struct Ballot {
+  uint64_t bits;
+  uint64_t active;
+};
+
 inline void resolve_ballot(Fiber** lanes) {
-  uint64_t bits = 0;
+  Ballot b{0, 0};
+  for (int l = 0; l < kSimdWidth; ++l) {
+    if (!lanes[l]) continue;
+    b.active |= uint64_t(1) << l;
+    if (load_bytes<bool>(lanes[l]->in2)) b.bits |= uint64_t(1) << l;
+  }
   for (int l = 0; l < kSimdWidth; ++l)
-    if (lanes[l] && load_bytes<bool>(lanes[l]->in2)) bits |= uint64_t(1) << l;
-  for (int l = 0; l < kSimdWidth; ++l)
-    if (lanes[l]) store_bytes(lanes[l]->out, bits);
+    if (lanes[l]) store_bytes(lanes[l]->out, b);
 }
 
 inline void resolve_is_first(Fiber** lanes) {

@@ -106,21 +106,20 @@ mlxe::value_t<T> simd_broadcast_first(const T& v, MLXE_LOC) {
 struct simd_vote {
   using vote_t = uint64_t;
   vote_t bits;
-  vote_t active;
+  vote_t active;  // the lanes that voted: all() asks whether every one of them voted true
   explicit operator vote_t() const { return bits; }
   bool all() const { return bits == active; }
   bool any() const { return bits != 0; }
 };
 
 inline simd_vote simd_ballot(bool b, MLXE_LOC) {
-  uint64_t bits = mlxe::collective<uint64_t, bool>(0, &mlxe::resolve_ballot, 0, "simd_ballot",
-                                                   loc, b);
-  return simd_vote{bits, 0};
+  auto v = mlxe::collective<mlxe::Ballot, bool>({}, &mlxe::resolve_ballot, 0, "simd_ballot", loc, b);
+  return simd_vote{v.bits, v.active};
 }
 inline simd_vote simd_active_threads_mask(MLXE_LOC) {
-  uint64_t bits = mlxe::collective<uint64_t, bool>(0, &mlxe::resolve_ballot, 0,
-                                                   "simd_active_threads_mask", loc, true);
-  return simd_vote{bits, bits};
+  auto v = mlxe::collective<mlxe::Ballot, bool>({}, &mlxe::resolve_ballot, 0,
+                                                "simd_active_threads_mask", loc, true);
+  return simd_vote{v.bits, v.active};
 }
 inline bool simd_all(bool b, MLXE_LOC) {
   return mlxe::collective<bool>(b, &mlxe::resolve_reduce<bool, mlxe::OpAnd, 32>, 0, "simd_all",
