@@ -160,7 +160,6 @@ def load(cpp: str, kernel: str, sources: dict[str, str]) -> ctypes.CDLL:
         lib = ctypes.CDLL(str(target))
         lib.mlxe_launch.argtypes = [
             ctypes.POINTER(Buffer),
-            ctypes.c_int,
             ctypes.POINTER(ctypes.c_int64),
             ctypes.POINTER(ctypes.c_int64),
             ctypes.c_uint64,

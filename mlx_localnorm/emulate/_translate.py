@@ -370,11 +370,10 @@ def cpp_source(spec: KernelSpec) -> str:
             "  (void)f;\n",
             f"  {call}(\n      " + ",\n      ".join(args) + ");\n",
             "}\n",
-            'extern "C" int mlxe_launch(mlxe::Buffer* bufs, int nbufs, const int64_t* grid,\n',
+            'extern "C" int mlxe_launch(mlxe::Buffer* bufs, const int64_t* grid,\n',
             "                           const int64_t* group, uint64_t seed, double timeout,\n",
             "                           char* err, int64_t errlen) {\n",
-            "  return mlxe::launch(&mlxe_thread_main, bufs, nbufs, grid, group, seed, timeout, err,\n",
-            "                      errlen);\n",
+            "  return mlxe::launch(&mlxe_thread_main, bufs, grid, group, seed, timeout, err, errlen);\n",
             "}\n",
         ]
     )

@@ -359,7 +359,7 @@ class EmulatedKernel:
         group_c = (ctypes.c_int64 * 3)(*threadgroup)
         with _launch_lock:
             status = library.mlxe_launch(
-                buffers, len(buffers), grid_c, group_c, seed, self.timeout, err, len(err)
+                buffers, grid_c, group_c, seed, self.timeout, err, len(err)
             )
         if status != 0:
             raise EmulatorError(f"[metal_kernel] kernel '{self.name}': {err.value.decode()}")

@@ -92,7 +92,6 @@ struct ThreadgroupSite {
 
 struct Launch {
   Buffer* bufs;
-  int nbufs;
   uint3 grid;
   uint3 group;
   uint3 tgs_per_grid;
@@ -924,11 +923,10 @@ struct FaultGuard {
 };
 inline FaultGuard fault_guard;
 
-inline int launch(void (*thread_main)(Fiber*), Buffer* bufs, int nbufs, const int64_t* grid,
+inline int launch(void (*thread_main)(Fiber*), Buffer* bufs, const int64_t* grid,
                   const int64_t* group, uint64_t seed, double timeout, char* err,
                   int64_t errlen) {
   L.bufs = bufs;
-  L.nbufs = nbufs;
   L.grid = uint3(grid[0], grid[1], grid[2]);
   L.group = uint3(group[0], group[1], group[2]);
   L.thread_main = thread_main;

@@ -54,10 +54,6 @@ namespace mlxe {
 template <class T>
 inline constexpr bool is_scalar_v = std::is_arithmetic_v<T> || std::is_same_v<T, half> ||
                                     std::is_same_v<T, bfloat16_t>;
-template <class T>
-inline constexpr bool is_float_v = std::is_floating_point_v<T> || std::is_same_v<T, half> ||
-                                   std::is_same_v<T, bfloat16_t>;
-
 // bfloat op x: float-like operands promote to float (or double), integers stay bfloat.
 template <class U>
 using bf_result_t = std::conditional_t<std::is_same_v<U, double>, double,
@@ -221,11 +217,6 @@ struct vec : vec_storage<T, N> {
   }
 };
 
-template <class T>
-struct is_vec : std::false_type {};
-template <class T, int N>
-struct is_vec<vec<T, N>> : std::true_type {};
-
 #define MLXE_VEC_BINOP(op)                                                                   \
   template <class T, int N>                                                                   \
   vec<T, N> operator op(vec<T, N> a, vec<T, N> b) {                                           \
@@ -384,14 +375,3 @@ struct numeric_limits<bfloat16_t> {
 };
 
 }  // namespace metal
-
-namespace mlxe {
-template <class T>
-struct scalar_of {
-  using type = T;
-};
-template <class T, int N>
-struct scalar_of<metal::vec<T, N>> {
-  using type = T;
-};
-}  // namespace mlxe
