@@ -539,6 +539,69 @@ def test_constrained_update_projects_after_the_step(mode):
     assert isinstance(opt.state, dict) and "states" in opt.state
 
 
+def localnorm_model(**options):
+    from mlx_localnorm.models import Model, ModelArgs
+
+    mx.random.seed(0)
+    return Model(ModelArgs(vocab_size=32, hidden_size=16, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=24, **options))
+
+
+def compiled_and_eager_runs(make_model, make_opt, steps=3):
+    """Losses and final parameters of the same training run, eager and ``mx.compile``d."""
+    results = []
+    for compiled in (False, True):
+        model = make_model()
+        opt = make_opt(model)
+        opt.init(model.trainable_parameters())
+
+        def step(tokens, model=model, opt=opt):
+            loss, grads = nn.value_and_grad(model, lm_loss)(model, tokens)
+            opt.update(model, grads)
+            return loss
+
+        if compiled:
+            state = [model.state, opt.state]
+            step = partial(mx.compile, inputs=state, outputs=state)(step)
+        losses = [step(TOKENS).item() for _ in range(steps)]
+        results.append((losses, model))
+    return results
+
+
+def test_localnorm_model_seednorm_moe_groups_and_compiled_step():
+    make = partial(localnorm_model, norm_type="seednorm", num_experts=4, qk_norm="rmsnorm")
+    groups = O.param_groups(make())
+    assert groups["model.layers.0.mlp.switch_mlp.down_proj.weight"] == "matrix"  # 3-D stack
+    assert groups["model.layers.0.mlp.gate.weight"] == "decay"  # MoE router stays on AdamW
+    assert groups["model.layers.0.input_layernorm.alpha"] == "decay"
+    assert groups["model.layers.0.input_layernorm.beta"] == "decay"
+    assert groups["model.layers.0.input_layernorm.weight"] == "no_decay"
+    assert groups["model.layers.0.self_attn.q_norm.weight"] == "no_decay"
+    (eager, m1), (comp, m2) = compiled_and_eager_runs(
+        make, lambda m: O.make_optimizer("normuon", m, weight_decay=0.01))
+    np.testing.assert_allclose(comp, eager, rtol=1e-5)
+    assert eager[-1] < eager[0]
+    for (k, a), (_, b) in zip(tree_flatten(m1.parameters()), tree_flatten(m2.parameters())):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize(("placement", "mode"), [("ngpt", "normalize"), ("angpt", "constrain")])
+def test_localnorm_hypersphere_model_constrained_compiled_step(placement, mode):
+    make = partial(localnorm_model, placement=placement)
+    (eager, m1), (comp, m2) = compiled_and_eager_runs(
+        make, lambda m: O.make_optimizer("muon", m, constraint=mode, adamw_weight_decay=0.0))
+    np.testing.assert_allclose(comp, eager, rtol=1e-5)
+    for (k, a), (_, b) in zip(tree_flatten(m1.parameters()), tree_flatten(m2.parameters())):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5, err_msg=k)
+    down = np.linalg.norm(np.array(m2.model.layers[1].mlp.down_proj.weight, np.float64), axis=0)
+    embed = np.linalg.norm(np.array(m2.model.embed_tokens.weight, np.float64), axis=1)
+    for norms in (down, embed):
+        if mode == "normalize":
+            np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+        else:
+            assert norms.max() <= 1 + 1e-6
+
+
 # ---------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("cls", [O.Muon, O.NorMuon, O.Scion, O.LARS, O.LAMB])

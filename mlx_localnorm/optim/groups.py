@@ -1,9 +1,10 @@
 """Parameter groups and ready-made optimizers for mlx-lm style models.
 
 Hidden matrices (2-D, or 3-D stacked experts, inside ``model.layers``) go to the Muon family;
-embeddings, the output head, norm parameters, biases and scalars to AdamW. SeeDNorm's dynamic
-``alpha``/``beta`` are decayed (SPEC: the paper's stability fix); other norm gains, biases and
-scalars are not.
+embeddings, the output head, MoE routers, norm parameters, biases and scalars to AdamW.
+SeeDNorm's dynamic ``alpha``/``beta`` are decayed (SPEC: the paper's stability fix); other norm
+gains, biases and scalars are not. **Decision**: a MoE router (mlx-lm names it ``gate`` or
+``router``) is a small matrix whose output scale sets the routing softmax, so it stays on AdamW.
 """
 
 from __future__ import annotations
@@ -62,8 +63,11 @@ def _group(owner_path: str, owner, leaf: str, p: mx.array, path: str) -> str:
         return "no_decay"
     if isinstance(owner, (nn.Embedding, nn.QuantizedEmbedding)):
         return "embedding"
-    if owner_path.rpartition(".")[2] == "lm_head":
+    owner_name = owner_path.rpartition(".")[2]
+    if owner_name == "lm_head":
         return "head"
+    if owner_name in ("gate", "router"):
+        return "decay"
     if p.ndim >= 2:
         return "matrix" if "layers" in path.split(".") else "decay"
     return "no_decay"
