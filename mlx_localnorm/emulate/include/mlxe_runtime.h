@@ -5,6 +5,7 @@
 #pragma once
 
 #include <new>
+#include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/time.h>
@@ -866,8 +867,16 @@ inline void free_threadgroup_memory() {
 // division by zero) and a time limit end the launch with an error instead of the process.
 inline sigjmp_buf fault_jump;
 inline double time_limit = 0;
+inline pthread_t launch_thread;
 
-inline void on_fault(int sig, siginfo_t* info, void*) {
+inline void forward_signal(int sig, siginfo_t* info, void* context);
+
+inline void on_fault(int sig, siginfo_t* info, void* context) {
+  // Signals of other threads (MLX's workers, a fault outside the kernel) are not ours.
+  if (!pthread_equal(pthread_self(), launch_thread)) {
+    forward_signal(sig, info, context);
+    return;
+  }
   char who[256] = "the scheduler";
   if (cur) describe_thread(who, sizeof who, cur);
   const char* addr = static_cast<const char*>(info->si_addr);
@@ -923,6 +932,24 @@ struct FaultGuard {
 };
 inline FaultGuard fault_guard;
 
+inline void forward_signal(int sig, siginfo_t* info, void* context) {
+  if (sig == SIGALRM) {
+    pthread_kill(launch_thread, SIGALRM);
+    return;
+  }
+  for (int i = 0; i < 4; ++i) {
+    if (FaultGuard::kSignals[i] != sig) continue;
+    const struct sigaction& previous = fault_guard.saved[i];
+    if ((previous.sa_flags & SA_SIGINFO) && previous.sa_sigaction) {
+      previous.sa_sigaction(sig, info, context);
+    } else if (previous.sa_handler != SIG_DFL && previous.sa_handler != SIG_IGN) {
+      previous.sa_handler(sig);
+    } else {
+      signal(sig, SIG_DFL);  // the faulting instruction runs again and takes the default action
+    }
+  }
+}
+
 inline int launch(void (*thread_main)(Fiber*), Buffer* bufs, const int64_t* grid,
                   const int64_t* group, uint64_t seed, double timeout, char* err,
                   int64_t errlen) {
@@ -954,6 +981,7 @@ inline int launch(void (*thread_main)(Fiber*), Buffer* bufs, const int64_t* grid
   Fiber* fibers = new Fiber[L.dispatch_threads];
   int* thread_order = new int[L.dispatch_threads];
   time_limit = timeout;
+  launch_thread = pthread_self();
   fault_guard.install();
   volatile bool ok = true;
   if (sigsetjmp(fault_jump, 1)) {
