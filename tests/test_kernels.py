@@ -458,6 +458,33 @@ def test_emulated_kernel_gradients_under_value_and_grad():
         assert_close(g_emu[name], f64(g_ops[name]), "float32", name, factor=5)
 
 
+@pytest.mark.parametrize("variant", ["seednorm", "frozen", "residual", "rms_norm", "patchnorm"])
+def test_second_order_gradients_match_the_ops_twin(variant):
+    """Gradients of a gradient: the backward kernel's own VJP differentiates the ops twin's."""
+    (x, w, a, b, c), _ = seed_inputs(5, 40, "float32", seed=5)
+    d = mx.random.normal(x.shape, key=mx.random.key(6))
+
+    def norm(x, w, a, b, backend):
+        if variant == "rms_norm":
+            return kernels.rms_norm(x, w, backend=backend) * a
+        if variant == "patchnorm":
+            return kernels.patchnorm(x.reshape(1, 5, 40), w, b, patch_size=3, mode="affine",
+                                     backend=backend).reshape(x.shape) * a
+        if variant == "residual":
+            h, y = kernels.seednorm(x, w, a, b, residual=c, backend=backend)
+            return h * y
+        return kernels.seednorm(x, w, a, b, backend=backend, frozen=variant == "frozen")
+
+    def second(backend):
+        def first(x, w, a, b):
+            return mx.grad(lambda x: (norm(x, w, a, b, backend) * c).sum())(x)
+        return mx.grad(lambda *p: (first(*p) * d).sum(), argnums=(0, 1, 2, 3))(x, w, a, b)
+
+    for name, got, twin in zip(("x", "weight", "alpha", "beta"), second("emulate"),
+                               second("ops")):
+        assert_close(got, f64(twin), "float32", f"d/d{name} of dL/dx", factor=5)
+
+
 def test_emulate_backend_says_it_cannot_be_compiled():
     (x, w, a, b, _), _ = seed_inputs(2, 64, "float32")
     compiled = mx.compile(lambda x: kernels.seednorm(x, w, a, b, backend="emulate"))

@@ -14,6 +14,7 @@ import math
 import mlx.core as mx
 
 from .. import norms
+from ..norms import patch as norm_patch
 from ..norms._checks import check_input, check_param
 from ..norms.patch import _check_patch
 from ._launch import (
@@ -62,14 +63,19 @@ def _fused(eps: float, patch_size: int, patch_ndim: int, affine: bool, count: in
                           output_dtypes=[u.dtype, mx.float32])
         return y.reshape(u.shape), inv_d
 
-    @fused.vjp
-    def fused_vjp(primals, cotangents, outputs):
-        x, u = primals
+    def twin(x: mx.array, u: mx.array) -> mx.array:
+        """The ops twin of the fused part."""
+        ss = norm_patch.patch_sum_squares(x, patch_size, patch_ndim)
+        return u / norm_patch.patch_divisor(ss, count, "affine" if affine else "rms", eps)
+
+    @mx.custom_function
+    def backward(x, u, grad_y, inv_d):
+        """``(dx, du)`` of ``u / d(x)`` from the saved ``1/d``."""
         grid_shape = x.shape[:-1] or (1,)
         rows = math.prod(grid_shape)
         geo = row_launch(rows, u.shape[-1])
         grad_u, grad_ss = divide_bwd(
-            inputs=[u.reshape(rows, -1), cotangents[0].reshape(rows, -1), outputs[1], scalars],
+            inputs=[u.reshape(rows, -1), grad_y.reshape(rows, -1), inv_d, scalars],
             template=template(u, geo.iters), grid=geo.grid, threadgroup=geo.threadgroup,
             output_shapes=[(rows, u.shape[-1]), (rows,)], output_dtypes=[u.dtype, mx.float32])
         geo = row_launch(rows, x.shape[-1])
@@ -78,6 +84,19 @@ def _fused(eps: float, patch_size: int, patch_ndim: int, affine: bool, count: in
             template=template(x, geo.iters), grid=geo.grid, threadgroup=geo.threadgroup,
             output_shapes=[(rows, x.shape[-1])], output_dtypes=[x.dtype])
         return grad_x.reshape(x.shape), grad_u.reshape(u.shape)
+
+    @backward.vjp
+    def backward_vjp(primals, cotangents, outputs):
+        # Second derivatives: differentiate the ops twin's VJP (1/d gets no cotangent).
+        def twin_backward(x, u, grad_y):
+            return tuple(mx.vjp(twin, [x, u], [grad_y])[1])
+
+        grads = mx.vjp(twin_backward, list(primals[:3]), list(cotangents))[1]
+        return tuple(grads) + (mx.zeros_like(primals[3]),)
+
+    @fused.vjp
+    def fused_vjp(primals, cotangents, outputs):
+        return backward(*primals, cotangents[0], outputs[1])
 
     return fused
 

@@ -46,7 +46,7 @@ def _unsupported(x: mx.array, params: list[mx.array], num_heads: int) -> str | N
 
 
 @functools.cache
-def _fused(eps: float, num_heads: int, dot_scale: float, head_rms: bool, residual: bool,
+def _fused(eps: float, num_heads: int, dot_scale: str, head_rms: bool, residual: bool,
            frozen: bool, dynamic: bool, backend: str):
     """The ``mx.custom_function`` of one configuration; primals ``(x, [residual], params...)``."""
     nstat = (2 if dynamic else 1) * num_heads
@@ -66,11 +66,20 @@ def _fused(eps: float, num_heads: int, dot_scale: float, head_rms: bool, residua
         defines + (("PARAM_GRADS", int(not frozen)),),
     )
     colsum = kernel("column_sum", "column_sum.metal", backend, ("partials",), ("out",))
-    scalars = consts(eps, dot_scale)
 
     def template(x: mx.array, weight: mx.array, iters: int) -> list:
         return [("T", x.dtype), ("TW", weight.dtype), ("N_READS", N_READS), ("ITERS", iters),
                 ("HEADS", num_heads), ("HEAD_RMS", head_rms)]
+
+    def constants(dims: int) -> mx.array:
+        head_dim = dims // num_heads
+        return consts(eps, head_dim**-0.5 if dot_scale == "rsqrt_d" else 1.0)
+
+    def twin(x: mx.array, *p: mx.array) -> mx.array:
+        """The ops twin of the normalization alone (RMSNorm: SeeDNorm with alpha = 0)."""
+        if not dynamic:
+            p = (p[0], mx.zeros_like(p[0]), mx.zeros_like(p[0]))
+        return norms.seednorm(x, *p, eps, num_heads, dot_scale, head_rms)
 
     @mx.custom_function
     def fused(*primals):
@@ -79,7 +88,7 @@ def _fused(eps: float, num_heads: int, dot_scale: float, head_rms: bool, residua
         rows, dims = math.prod(x.shape[:-1]), x.shape[-1]
         geo = row_launch(rows, dims, ROWS_PER_GROUP)
         x2 = x.reshape(rows, dims)
-        inputs = [x2] + ([r.reshape(rows, dims)] if residual else []) + rest + [scalars]
+        inputs = [x2] + ([r.reshape(rows, dims)] if residual else []) + rest + [constants(dims)]
         shapes = ([(rows, dims)] if residual else []) + [(rows, dims), (rows, nstat)]
         dtypes = ([x.dtype] if residual else []) + [x.dtype, mx.float32]
         outs = fwd(inputs=inputs, template=template(x, rest[0], geo.iters),
@@ -87,33 +96,57 @@ def _fused(eps: float, num_heads: int, dot_scale: float, head_rms: bool, residua
                    output_shapes=shapes, output_dtypes=dtypes)
         return tuple(o.reshape(x.shape) for o in outs[:-1]) + (outs[-1],)
 
-    @fused.vjp
-    def fused_vjp(primals, cotangents, outputs):
-        x, rest = primals[0], list(primals[1:])
-        if residual:
-            rest.pop(0)
-        rows, dims = math.prod(x.shape[:-1]), x.shape[-1]
+    @mx.custom_function
+    def backward(source, *rest):
+        """``(dx, [dparams])`` at ``source`` (x, or h with a residual) from the saved stats;
+        ``rest`` is ``params, dy, [dh], stats``."""
+        p, grad_y = rest[:len(params)], rest[len(params)]
+        extra, stats = rest[len(params) + 1:-1], rest[-1]
+        rows, dims = math.prod(source.shape[:-1]), source.shape[-1]
         geo = row_launch(rows, dims, ROWS_PER_GROUP)
-        # With a residual the kernel normalized h = x + r: differentiate at h, then add dL/dh.
-        source = outputs[0] if residual else x
-        grad_y = cotangents[1] if residual else cotangents[0]
-        extra = [cotangents[0].reshape(rows, dims)] if residual else []
-        inputs = ([source.reshape(rows, dims)] + rest + [grad_y.reshape(rows, dims)] + extra
-                  + [outputs[-1], scalars])
+        flat = [a.reshape(rows, dims) for a in (source, grad_y, *extra)]
+        inputs = [flat[0], *p, *flat[1:], stats, constants(dims)]
         shapes = [(rows, dims)] + ([] if frozen else [(geo.groups, len(params) * dims)])
-        dtypes = [x.dtype] + ([] if frozen else [mx.float32])
-        outs = bwd(inputs=inputs, template=template(x, rest[0], geo.iters),
+        dtypes = [source.dtype] + ([] if frozen else [mx.float32])
+        outs = bwd(inputs=inputs, template=template(source, p[0], geo.iters),
                    grid=geo.grid, threadgroup=geo.threadgroup,
                    output_shapes=shapes, output_dtypes=dtypes)
-        grad_x = outs[0].reshape(x.shape)
+        grads = [outs[0].reshape(source.shape)]
+        if not frozen:
+            width = len(params) * dims
+            (total,) = colsum(inputs=[outs[1]], template=[("TW", p[0].dtype)],
+                              grid=(width, 1, 1), threadgroup=(min(256, width), 1, 1),
+                              output_shapes=[(width,)], output_dtypes=[p[0].dtype])
+            grads += [total[i * dims:(i + 1) * dims] for i in range(len(params))]
+        return tuple(grads)
+
+    @backward.vjp
+    def backward_vjp(primals, cotangents, outputs):
+        # Second derivatives: differentiate the ops twin's VJP (the stats get no cotangent).
+        def twin_backward(source, *rest):
+            p, grad_y, extra = rest[:len(params)], rest[len(params)], rest[len(params) + 1:]
+            if frozen:
+                grads = mx.vjp(lambda s: twin(s, *p), [source], [grad_y])[1]
+            else:
+                grads = mx.vjp(twin, [source, *p], [grad_y])[1]
+            if extra:
+                grads[0] = grads[0] + extra[0]
+            return tuple(grads)
+
+        grads = mx.vjp(twin_backward, list(primals[:-1]), list(cotangents))[1]
+        return tuple(grads) + (mx.zeros_like(primals[-1]),)
+
+    @fused.vjp
+    def fused_vjp(primals, cotangents, outputs):
+        rest = list(primals[2:] if residual else primals[1:])
+        # With a residual the kernel normalized h = x + r: differentiate at h, then add dL/dh.
+        source = outputs[0] if residual else primals[0]
+        grad_y = cotangents[1] if residual else cotangents[0]
+        extra = [cotangents[0]] if residual else []
+        grads = list(backward(source, *rest, grad_y, *extra, outputs[-1]))
+        grad_x = grads.pop(0)
         if frozen:
             grads = [mx.zeros_like(p) for p in rest]
-        else:
-            width = len(params) * dims
-            (total,) = colsum(inputs=[outs[1]], template=[("TW", rest[0].dtype)],
-                              grid=(width, 1, 1), threadgroup=(min(256, width), 1, 1),
-                              output_shapes=[(width,)], output_dtypes=[rest[0].dtype])
-            grads = [total[i * dims:(i + 1) * dims] for i in range(len(params))]
         return tuple([grad_x] + ([grad_x] if residual else []) + grads)
 
     return fused
@@ -164,8 +197,7 @@ def seednorm(
         y = norms.seednorm(h, weight, alpha, beta, eps, num_heads, dot_scale, head_rms)
         return y if residual is None else (h, y)
 
-    scale = (dims // num_heads) ** -0.5 if dot_scale == "rsqrt_d" else 1.0
-    fused = _fused(float(eps), num_heads, scale, bool(head_rms), residual is not None,
+    fused = _fused(float(eps), num_heads, dot_scale, bool(head_rms), residual is not None,
                    bool(frozen), True, chosen)
     if residual is None:
         return fused(x, weight, alpha, beta)[0]
@@ -191,5 +223,5 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float = 1e-6, backend: str = "a
         warn_fallback(owner, reason)
     if chosen == "ops" or reason:
         return norms.rms_norm(x, weight, eps)
-    fused = _fused(float(eps), 1, 1.0, False, False, bool(frozen), False, chosen)
+    fused = _fused(float(eps), 1, "none", False, False, bool(frozen), False, chosen)
     return fused(x, weight)[0]
