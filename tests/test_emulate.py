@@ -301,10 +301,13 @@ def test_output_an_unwritten_element_is_poisoned():
 
 
 def test_uninitialised_thread_variable_is_not_a_plausible_value():
-    source = "float acc;\nacc += x[0];\nout[0] = acc;"
+    source = (
+        "float acc;\nfloat4 v;\nacc += x[0];\nout[0] = acc;\nout[1] = v.y;\nout[2] = float4().y;"
+    )
     kernel = metal_kernel("emu_uninitialised", ["x"], ["out"], source)
-    (out,) = run(kernel, [mx.ones((1,))], [(1,)], [mx.float32], (1, 1, 1), (1, 1, 1))
-    assert f64(out)[0] < -1e38
+    (out,) = run(kernel, [mx.ones((1,))], [(3,)], [mx.float32], (1, 1, 1), (1, 1, 1))
+    got = f64(out)
+    assert got[0] < -1e38 and got[1] < -1e38 and got[2] == 0
 
 
 def test_missed_barrier_is_an_error():

@@ -156,9 +156,9 @@ struct vec : vec_storage<T, N> {
   using value_type = T;
   static constexpr int size = N;
 
-  vec() {
-    for (int i = 0; i < N; ++i) this->e[i] = T(0);
-  }
+  // Trivial, as in Metal: an uninitialised vector holds the compiler's poison pattern, while
+  // `float4()` and `float4 v = {}` are zero.
+  vec() = default;
   template <class S, std::enable_if_t<mlxe::is_scalar_v<S>, int> = 0>
   vec(S s) {
     for (int i = 0; i < N; ++i) this->e[i] = T(s);
