@@ -184,6 +184,52 @@ def test_simd_sum_over_active_lanes_of_a_divergent_branch():
     np.testing.assert_array_equal(f64(out), expected)
 
 
+# Metal functions and MLX utils a kernel body may use, each with a float64 reference per lane
+# (v = x[i] = i / 4 for i < 8); `k` is the lane index as an int.
+SHIM_CASES = [
+    ("float(metal::exp(half(v)))", lambda v, k: np.float16(np.exp(np.float16(v))), 1e-3),
+    ("float(metal::max(bfloat16_t(v), bfloat16_t(1.5f)))", lambda v, k: max(v, 1.5), 0),
+    ("metal::clamp(float4(v, 2.0f * v, -v, 0.5f), 0.0f, 1.0f).y", lambda v, k: min(2 * v, 1), 0),
+    ("metal::select(float4(-v), float4(9.0f), float4(-v) < 0.0f).z", lambda v, k: 9 if v else 0, 0),
+    ("float(popcount(uint(k) + 5u))", lambda v, k: (k + 5).bit_count(), 0),
+    ("metal::fract(v * 3.5f)", lambda v, k: (3.5 * v) % 1, 0),
+    ("metal::sign(-v)", lambda v, k: -np.sign(v), 0),
+    ("float(Limits<half>::finite_max)", lambda v, k: 65504.0, 0),
+    ("float(ceildiv(k + 10, 4))", lambda v, k: -(-(k + 10) // 4), 0),
+    ("float(metal::tanh(bfloat16_t(v)))", lambda v, k: np.tanh(v), 1e-2),
+    (
+        "metal::precise::rsqrt(v + 1.0f) + metal::fast::exp(0.0f)",
+        lambda v, k: (v + 1) ** -0.5 + 1,
+        1e-6,
+    ),
+    ("float(as_type<uint>(1.0f) >> 23)", lambda v, k: 127, 0),
+    ("metal::fma(v, 2.0f, 1.0f)", lambda v, k: 2 * v + 1, 0),
+    ("float(metal::abs(-k) + metal::min(k, 3))", lambda v, k: k + min(k, 3), 0),
+    ("float(half4(float4(v)).y * half(2))", lambda v, k: 2 * v, 0),
+    ("metal::dot(float4(v, 1, 2, 3).xy, float2(1.0f, 1.0f))", lambda v, k: v + 1, 0),
+    ("float(metal::isnan(metal::numeric_limits<float>::quiet_NaN()))", lambda v, k: 1, 0),
+    ("simd_prefix_inclusive_product(v > 0.0f ? 2.0f : 1.0f)", lambda v, k: 2.0**k, 0),
+    ("quad_shuffle(v, 3)", lambda v, k: (k // 4 * 4 + 3) / 4, 0),
+    ("elem_to_loc(uint(k), x_shape, x_strides, x_ndim) * 1.0f", lambda v, k: k, 0),
+]
+
+
+def test_metal_functions_and_mlx_utils():
+    writes = "\n".join(
+        f"out[i * {len(SHIM_CASES)} + {j}] = {e};" for j, (e, _, _) in enumerate(SHIM_CASES)
+    )
+    source = f"uint i = thread_position_in_grid.x;\nint k = int(i);\nfloat v = x[i];\n{writes}"
+    kernel = metal_kernel("emu_shim", ["x"], ["out"], source)
+    x = mx.arange(8, dtype=mx.float32) / 4
+    (out,) = run(kernel, [x], [(8 * len(SHIM_CASES),)], [mx.float32], (8, 1, 1), (8, 1, 1))
+    got = f64(out).reshape(8, len(SHIM_CASES))
+    for j, (expr, reference, tolerance) in enumerate(SHIM_CASES):
+        expected = [float(reference(k / 4, k)) for k in range(8)]
+        np.testing.assert_allclose(
+            got[:, j], expected, rtol=tolerance, atol=tolerance, err_msg=expr
+        )
+
+
 def test_partial_threadgroups_at_the_grid_edge():
     source = """
     uint i = thread_position_in_grid.x + thread_position_in_grid.y * threads_per_grid.x;
