@@ -71,6 +71,24 @@ def cache_dir() -> Path:
     return Path(base) / "mlx_localnorm" / "emulate"
 
 
+def _writable_cache() -> Path:
+    # A read-only home (some CI runners) falls back to a per-user temporary directory.
+    for directory in (
+        cache_dir(),
+        Path(tempfile.gettempdir()) / f"mlx_localnorm-{os.getuid()}" / "emulate",
+    ):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            if os.access(directory, os.W_OK):
+                return directory
+        except OSError:
+            continue
+    raise RuntimeError(
+        f"no writable cache directory for compiled kernels (tried {cache_dir()}); set "
+        "MLX_LOCALNORM_CACHE"
+    )
+
+
 @functools.cache
 def compiler() -> tuple[str, str]:
     """The C++ compiler (`$CXX` or g++/clang++) and its version string."""
@@ -152,9 +170,7 @@ def load(cpp: str, kernel: str, sources: dict[str, str]) -> ctypes.CDLL:
     with _lock:
         if key in _loaded:
             return _loaded[key]
-        directory = cache_dir()
-        directory.mkdir(parents=True, exist_ok=True)
-        target = directory / f"{key}.so"
+        target = _writable_cache() / f"{key}.so"
         if not target.exists():
             _compile(cpp, target, kernel, sources)
         lib = ctypes.CDLL(str(target))
