@@ -492,6 +492,22 @@ def test_emulate_backend_says_it_cannot_be_compiled():
         compiled(x)
 
 
+def test_bench_counts_traffic_and_writes_csv(tmp_path):
+    import csv
+
+    from mlx_localnorm.bench import kernels as bench
+
+    assert bench.main(["--out", str(tmp_path), "--no-timing", "--traffic-shapes", "128x256",
+                       "--dtypes", "float16"]) == 0
+    with open(tmp_path / "kernels_traffic.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["kernel"], r["pass"]) for r in rows} >= {("seednorm", "forward"),
+                                                       ("seednorm", "backward")}
+    for r in rows:
+        assert float(r["ratio"]) >= 1.0 and float(r["bytes_per_element"]) > 0
+    assert (tmp_path / "kernels.png").stat().st_size > 0
+
+
 # ----------------------------------------------------------------- on a real Mac
 
 @pytest.mark.metal

@@ -130,35 +130,22 @@ def traffic_rows(rows: int, dims: int, dtype_name: str) -> list[dict]:
 
 
 def plot(timing: list[dict], traffic: list[dict], path: Path) -> None:
-    """Left: worst traffic ratio per kernel and pass. Right: times of the last timed shape and
-    the first dtype, eager and compiled, forward and forward+backward."""
+    """Worst traffic ratio per kernel and pass; times of the last timed shape in the first
+    dtype, eager and compiled, forward and forward+backward."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 3 if timing else 1
+    panels = bool(traffic) + 2 * bool(timing)
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.5), squeeze=False)
-    ax = axes[0][0]
-    names = list(dict.fromkeys(r["kernel"] for r in traffic))
-    for offset, pass_name, target in ((-0.2, "forward", 1.05), (0.2, "backward", 1.15)):
-        worst = [max(r["ratio"] for r in traffic if r["kernel"] == n and r["pass"] == pass_name)
-                 for n in names]
-        bars = ax.barh([i + offset for i in range(len(names))], worst, height=0.4,
-                       label=f"{pass_name} (SeeDNorm target {target}x)")
-        ax.bar_label(bars, fmt="%.3f", fontsize=7)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    ax.set_xlim(0.9, 1.4)
-    ax.axvline(1.0, color="k", lw=0.8)
-    ax.set_xlabel("bytes moved / minimum (emulator count, worst shape and dtype)")
-    ax.set_title("memory traffic of the kernels")
-    ax.legend(fontsize=7, loc="upper right")
-    ax.invert_yaxis()
+    if traffic:
+        _plot_traffic(axes[0][0], traffic)
     if timing:
         shape, dtype = timing[-1]["shape"], timing[0]["dtype"]
         sel = [r for r in timing if r["shape"] == shape and r["dtype"] == dtype]
         methods = list(dict.fromkeys(r["method"] for r in sel))
-        for ax, pass_name in zip(axes[0][1:], ("forward", "forward+backward")):
+        for ax, pass_name in zip(axes[0][-2:], ("forward", "forward+backward")):
             for offset, path_name in ((-0.2, "eager"), (0.2, "compiled")):
                 ms = [next(r["ms"] for r in sel if r["method"] == m and r["path"] == path_name
                            and r["pass"] == pass_name) for m in methods]
@@ -173,6 +160,24 @@ def plot(timing: list[dict], traffic: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_traffic(ax, traffic: list[dict]) -> None:
+    """Bars of the worst bytes-moved / minimum ratio over shapes and dtypes."""
+    names = list(dict.fromkeys(r["kernel"] for r in traffic))
+    for offset, pass_name, target in ((-0.2, "forward", 1.05), (0.2, "backward", 1.15)):
+        worst = [max(r["ratio"] for r in traffic if r["kernel"] == n and r["pass"] == pass_name)
+                 for n in names]
+        bars = ax.barh([i + offset for i in range(len(names))], worst, height=0.4,
+                       label=f"{pass_name} (SeeDNorm target {target}x)")
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlim(0.9, 1.4)
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xlabel("bytes moved / minimum (emulator count, worst shape and dtype)")
+    ax.set_title("memory traffic of the kernels")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.invert_yaxis()
 
 
 def _shapes(text: str) -> list[tuple[int, int]]:
@@ -200,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma separated, from {', '.join(DTYPES)}")
     parser.add_argument("--repeat", type=int, default=10, help="timing samples per row")
     parser.add_argument("--no-timing", action="store_true", help="only count traffic")
+    parser.add_argument("--no-traffic", action="store_true", help="only time")
     args = parser.parse_args(argv)
     dtypes = args.dtypes.split(",")
     for d in dtypes:
@@ -207,30 +213,42 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--dtypes: unknown dtype {d!r}; valid: {', '.join(DTYPES)}")
     if args.repeat < 1:
         parser.error(f"--repeat must be >= 1, got {args.repeat}")
+    if args.no_timing and args.no_traffic:
+        parser.error("--no-timing and --no-traffic leave nothing to do")
 
     info = {"machine": machine(), "os": f"{platform.system()} {platform.release()}",
             "device": device(), "mlx": mx.__version__}
-    traffic = [r for shape in args.traffic_shapes for d in dtypes for r in traffic_rows(*shape, d)]
-    timing = [] if args.no_timing else [
-        r for shape in args.shapes for d in dtypes for r in timing_rows(shape, d, args.repeat,
-                                                                         on_mac)]
     out = Path(args.out)
-    for r in traffic:
-        for key in ("bytes_per_element", "min_bytes_per_element", "ratio"):
-            r[key] = round(r[key], 3)
-    written = [write_csv([{**info, **r} for r in traffic], out / "kernels_traffic.csv")]
-    print(markdown_table(traffic, ["kernel", "pass", "dtype", "shape", "bytes_per_element",
-                                   "min_bytes_per_element", "ratio"]))
+    written = []
+    timing = [] if args.no_timing else [
+        r for shape in args.shapes for d in dtypes
+        for r in timing_rows(shape, d, args.repeat, on_mac)]
     if timing:
         for r in timing:
             r.update(ms=round(r["ms"], 4), gbps=round(r["gbps"], 2),
                      pct_copy=round(r["pct_copy"], 1))
         written.append(write_csv([{**info, **r} for r in timing], out / "kernels_timing.csv"))
-        print()
         print(markdown_table(timing, ["method", "path", "pass", "dtype", "shape", "ms", "gbps",
                                       "pct_copy"]))
-    plot(timing, traffic, out / "kernels.png")
+    traffic = []
+    if not args.no_traffic:
+        try:
+            traffic = [r for shape in args.traffic_shapes for d in dtypes
+                       for r in traffic_rows(*shape, d)]
+        except RuntimeError as error:  # no C++ compiler, or the emulator fails on this OS
+            print(f"\ntraffic not counted: the CPU emulator failed ({error})")
+    if traffic:
+        for r in traffic:
+            for key in ("bytes_per_element", "min_bytes_per_element", "ratio"):
+                r[key] = round(r[key], 3)
+        written.append(write_csv([{**info, **r} for r in traffic], out / "kernels_traffic.csv"))
+        print()
+        print(markdown_table(traffic, ["kernel", "pass", "dtype", "shape", "bytes_per_element",
+                                       "min_bytes_per_element", "ratio"]))
+    if timing or traffic:
+        plot(timing, traffic, out / "kernels.png")
+        written.append(out / "kernels.png")
     if not on_mac:
         print(f"\n{METAL_NOTE}")
-    print(f"\nwrote {', '.join(map(str, written))} and {out / 'kernels.png'}")
+    print(f"\nwrote {', '.join(map(str, written))}")
     return 0
