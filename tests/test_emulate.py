@@ -236,7 +236,7 @@ def test_partial_threadgroups_at_the_grid_edge():
     out[i * 4 + 0] = threads_per_threadgroup.x;
     out[i * 4 + 1] = threads_per_threadgroup.y;
     out[i * 4 + 2] = threadgroup_position_in_grid.x;
-    out[i * 4 + 3] = simdgroups_per_threadgroup;
+    out[i * 4 + 3] = simdgroups_per_threadgroup + 100 * dispatch_threads_per_threadgroup.y;
     """
     kernel = metal_kernel("emu_partial", ["x"], ["out"], source)
     grid, group = (10, 3, 1), (4, 2, 1)
@@ -248,7 +248,10 @@ def test_partial_threadgroups_at_the_grid_edge():
     np.testing.assert_array_equal(got[..., 0], tx)
     np.testing.assert_array_equal(got[..., 1], ty)
     np.testing.assert_array_equal(got[..., 2], xs // 4)
-    np.testing.assert_array_equal(got[..., 3], (tx * ty + 31) // 32)
+    np.testing.assert_array_equal(got[..., 3], (tx * ty + 31) // 32 + 100 * 2)
+    # A threadgroup larger than the grid is clamped to it: one group of 10 threads.
+    (out,) = run(kernel, [mx.zeros((1,))], [(10 * 4,)], [mx.uint32], (10, 1, 1), (64, 4, 1))
+    np.testing.assert_array_equal(np.array(out).reshape(10, 4)[:, [0, 1, 3]], [[10, 1, 101]] * 10)
 
 
 def test_template_arguments_and_shape_strides():

@@ -356,7 +356,8 @@ class EmulatedKernel:
             )
         err = ctypes.create_string_buffer(4096)
         grid_c = (ctypes.c_int64 * 3)(*grid)
-        group_c = (ctypes.c_int64 * 3)(*threadgroup)
+        # dispatchThreads(grid, group) with group = min(threadgroup, grid) per axis, as MLX.
+        group_c = (ctypes.c_int64 * 3)(*(max(1, min(t, g)) for t, g in zip(threadgroup, grid)))
         with _launch_lock:
             status = library.mlxe_launch(
                 buffers, grid_c, group_c, seed, self.timeout, err, len(err)
