@@ -30,7 +30,7 @@ PLACEMENTS: dict[str, str] = {
 
 # Placements without configurable norm layers -> the only norm they use.
 HYPERSPHERE_NORMS: dict[str, str] = {"ngpt": "l2norm", "angpt": "angpt"}
-# nGPT/anGPT store a scaled parameter p = init_scaling and use p * init_value / init_scaling.
+# nGPT's eigen learning-rate init (SPEC: 0.05, or 1/L).
 NGPT_ALPHA_INIT = 0.05
 
 NormFactory = Callable[[], nn.Module]

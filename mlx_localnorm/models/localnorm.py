@@ -45,7 +45,8 @@ class LocalNormModel(nn.Module):
         ]
         if has_final_norm(args.placement):
             self.norm = args.new_norm()
-        self.sliding = [t == "sliding_attention" for t in args.layer_types]
+        # A tuple, not a list: MLX would walk a list attribute as part of the module tree.
+        self.sliding = tuple(t == "sliding_attention" for t in args.layer_types)
 
     def __call__(self, inputs: mx.array, cache=None,
                  input_embeddings: mx.array | None = None) -> mx.array:
