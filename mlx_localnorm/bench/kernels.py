@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", type=_shapes,
                         default="8192x1024,8192x4096" if on_mac else "1024x1024,256x4096",
                         help="timed shapes, ROWSxDIMS, comma separated")
-    parser.add_argument("--traffic-shapes", type=_shapes, default="256x1024,256x4096,64x8192",
+    parser.add_argument("--traffic-shapes", type=_shapes, default="8192x1024,8192x2048,256x4096",
                         help="shapes run in the emulator to count bytes")
     parser.add_argument("--dtypes", default="float32,float16,bfloat16",
                         help=f"comma separated, from {', '.join(DTYPES)}")

@@ -19,6 +19,7 @@ from ._launch import (
     KERNEL_DTYPES,
     MAX_DIMS,
     N_READS,
+    Launch,
     consts,
     kernel,
     resolve_backend,
@@ -27,7 +28,13 @@ from ._launch import (
 )
 
 MAX_HEADS = 16  # per-head statistics live in registers and one 32-float partial slot each
-ROWS_PER_GROUP = 64  # rows per threadgroup: parameters are read once per 64 rows
+MAX_ROWS_PER_GROUP = 64  # a threadgroup reads the parameters once per block of rows
+MIN_GROUPS = 128  # but keeps enough threadgroups for every core of the largest Apple GPUs
+
+
+def _launch(rows: int, dims: int) -> Launch:
+    """Blocks of up to 64 rows, smaller when that would leave fewer than 128 threadgroups."""
+    return row_launch(rows, dims, max(1, min(MAX_ROWS_PER_GROUP, rows // MIN_GROUPS)))
 
 
 def _unsupported(x: mx.array, params: list[mx.array], num_heads: int) -> str | None:
@@ -86,7 +93,7 @@ def _fused(eps: float, num_heads: int, dot_scale: str, head_rms: bool, residual:
         x, rest = primals[0], list(primals[1:])
         r = rest.pop(0) if residual else None
         rows, dims = math.prod(x.shape[:-1]), x.shape[-1]
-        geo = row_launch(rows, dims, ROWS_PER_GROUP)
+        geo = _launch(rows, dims)
         x2 = x.reshape(rows, dims)
         inputs = [x2] + ([r.reshape(rows, dims)] if residual else []) + rest + [constants(dims)]
         shapes = ([(rows, dims)] if residual else []) + [(rows, dims), (rows, nstat)]
@@ -103,7 +110,7 @@ def _fused(eps: float, num_heads: int, dot_scale: str, head_rms: bool, residual:
         p, grad_y = rest[:len(params)], rest[len(params)]
         extra, stats = rest[len(params) + 1:-1], rest[-1]
         rows, dims = math.prod(source.shape[:-1]), source.shape[-1]
-        geo = row_launch(rows, dims, ROWS_PER_GROUP)
+        geo = _launch(rows, dims)
         flat = [a.reshape(rows, dims) for a in (source, grad_y, *extra)]
         inputs = [flat[0], *p, *flat[1:], stats, constants(dims)]
         shapes = [(rows, dims)] + ([] if frozen else [(geo.groups, len(params) * dims)])
