@@ -264,7 +264,7 @@ def test_seednorm_traffic_near_the_minimum(rows, dims, dtype, residual, heads, f
     assert ratio <= 1.05, f"forward moved {ratio:.3f}x the minimum"
 
     with kernels.record_traffic() as launches:
-        run_vjp(fn, [x, w, a, b, *extra], cotangents)
+        outs, grads = run_vjp(fn, [x, w, a, b, *extra], cotangents)
     backward = [s for s in launches if "bwd" in s.kernel or "column_sum" in s.kernel]
     assert len(backward) == 1 + (not frozen)
     assert backward[0]["cotangent"].bytes_read == tensor
@@ -272,6 +272,16 @@ def test_seednorm_traffic_near_the_minimum(rows, dims, dtype, residual, heads, f
     bwd_min = (3 + residual) * tensor + params * (1 if frozen else 2)
     moved = sum(s.bytes_moved for s in backward)
     assert moved <= 1.15 * bwd_min, f"backward moved {moved / bwd_min:.3f}x"
+
+    # Full 64-row blocks give the same values as the ops twin.
+    twin_outs, twin_grads = run_vjp(
+        lambda *p: kernels.seednorm(*p[:4], num_heads=heads, residual=p[4] if residual else None,
+                                    backend="ops"), [x, w, a, b, *extra], cotangents)
+    for got, twin in zip(outs + grads[:1], twin_outs + twin_grads[:1]):
+        assert_close(got, f64(twin), dtype, "kernel vs ops twin", factor=2)
+    if not frozen:
+        for got, twin in zip(grads[-3:], twin_grads[-3:]):
+            assert_close(got, f64(twin), dtype, "parameter gradient vs ops twin", factor=2)
 
 
 # ----------------------------------------------------------------- RMSNorm from the same template
