@@ -11,6 +11,7 @@ from . import __version__
 # bench name -> module whose main(argv) runs it; imported only when asked for.
 BENCHES = {
     "data": "mlx_localnorm.bench.data",
+    "emulate": "mlx_localnorm.bench.emulate",
     "norms": "mlx_localnorm.bench.norms",
 }
 # Commands whose own parser takes the rest of the command line: name -> (module, help).
