@@ -30,11 +30,16 @@ from ._launch import (
 MAX_HEADS = 16  # per-head statistics live in registers and one 32-float partial slot each
 MAX_ROWS_PER_GROUP = 64  # a threadgroup reads the parameters once per block of rows
 MIN_GROUPS = 128  # but keeps enough threadgroups for every core of the largest Apple GPUs
+# A backward threadgroup also writes one float32 partial row per parameter: at least 16 rows
+# keep that under about a quarter of the block's own traffic.
+MIN_BACKWARD_ROWS_PER_GROUP = 16
 
 
-def _launch(rows: int, dims: int) -> Launch:
-    """Blocks of up to 64 rows, smaller when that would leave fewer than 128 threadgroups."""
-    return row_launch(rows, dims, max(1, min(MAX_ROWS_PER_GROUP, rows // MIN_GROUPS)))
+def _launch(rows: int, dims: int, min_rows_per_group: int = 1) -> Launch:
+    """Blocks of up to 64 rows, smaller (down to ``min_rows_per_group``) when that would leave
+    fewer than 128 threadgroups."""
+    per_group = min(MAX_ROWS_PER_GROUP, max(min_rows_per_group, rows // MIN_GROUPS))
+    return row_launch(rows, dims, max(1, per_group))
 
 
 def _unsupported(x: mx.array, params: list[mx.array], num_heads: int) -> str | None:
@@ -110,7 +115,7 @@ def _fused(eps: float, num_heads: int, dot_scale: str, head_rms: bool, residual:
         p, grad_y = rest[:len(params)], rest[len(params)]
         extra, stats = rest[len(params) + 1:-1], rest[-1]
         rows, dims = math.prod(source.shape[:-1]), source.shape[-1]
-        geo = _launch(rows, dims)
+        geo = _launch(rows, dims, MIN_BACKWARD_ROWS_PER_GROUP)
         flat = [a.reshape(rows, dims) for a in (source, grad_y, *extra)]
         inputs = [flat[0], *p, *flat[1:], stats, constants(dims)]
         shapes = [(rows, dims)] + ([] if frozen else [(geo.groups, len(params) * dims)])
