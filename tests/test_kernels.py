@@ -7,6 +7,7 @@ scale. The emulator's device-memory byte counts check the traffic targets.
 """
 
 import itertools
+import math
 import warnings
 
 import mlx.core as mx
@@ -382,6 +383,19 @@ def test_references_match_finite_differences():
 
 
 # ----------------------------------------------------------------- dispatch and errors
+
+@pytest.mark.parametrize("shape", [(40,), (2, 3, 5, 40)])
+def test_any_leading_shape(shape):
+    (x, w, a, b, _), _ = seed_inputs(math.prod(shape[:-1]), 40, "float32")
+    x = x.reshape(shape)
+    y = kernels.seednorm(x, w, a, b, backend="emulate")
+    assert y.shape == x.shape
+    assert_close(y, f64(norms.seednorm(x, w, a, b)), "float32", "y vs ops twin", factor=2)
+    h, y = kernels.seednorm(x, w, a, b, residual=x, backend="emulate")
+    assert h.shape == y.shape == x.shape
+    z = kernels.patchnorm(x, w, backend="emulate")
+    assert_close(z, f64(norms.patchnorm(x, w)), "float32", "patchnorm vs ops twin", factor=2)
+
 
 def test_backend_choice_and_env_override(monkeypatch):
     monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
