@@ -85,11 +85,13 @@ def orth_rows(shapes: list[str], dtypes: list[str], repeat: int) -> list[dict]:
             # bfloat16 matmuls skip BLAS on the CPU (about 10x slower): one round there.
             warmup, reps = (1, repeat) if dtype == mx.float32 or device() == "gpu" else (0, 1)
             times = time_interleaved_ms(step_calls(SHAPES[shape_name], dtype), warmup, reps)
+            # Other processes on a shared CPU make timings noisy: record how busy it was.
+            load = round(os.getloadavg()[0], 2)
             for what, ms in times.items():
                 rows.append({"shape": shape_name, "dtype": dtype_name, "what": what,
                              "ms": round(ms, 2),
                              "ratio_to_mlx_muon_step": round(ms / times["mlx_muon_step"], 3),
-                             "samples": reps})
+                             "samples": reps, "load_avg_1min": load})
             print(f"  {shape_name} {dtype_name}: " +
                   ", ".join(f"{k} {v:.1f} ms" for k, v in times.items()), flush=True)
     return rows

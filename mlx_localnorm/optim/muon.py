@@ -8,6 +8,7 @@ from collections.abc import Callable
 import mlx.core as mx
 from mlx.optimizers import Optimizer
 
+from ._cast import as_dtype
 from ._checks import (
     check_choice,
     check_float_dtype,
@@ -91,19 +92,19 @@ class Muon(Optimizer):
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
         b = self.momentum
-        g = gradient.astype(mx.float32)
+        g = as_dtype(gradient, mx.float32)
         m = b * state["m"] + (1 - b) * g
         state["m"] = m
         u = (1 - b) * g + b * m if self.nesterov else m
         step = lr_scale_factor(self.lr_scale, parameter.shape) * self.direction(u, state)
-        lr = self.learning_rate.astype(mx.float32)
-        w = parameter.astype(mx.float32)
+        lr = as_dtype(self.learning_rate, mx.float32)
+        w = as_dtype(parameter, mx.float32)
         if self.weight_decay:
             decay = lr * self.weight_decay
             if self.cautious:
                 decay = decay * (u * w >= 0)
             w = w * (1 - decay)
-        return (w - lr * step).astype(parameter.dtype)
+        return as_dtype(w - lr * step, parameter.dtype)
 
 
 class NorMuon(Muon):

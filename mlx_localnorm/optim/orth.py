@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ._cast import as_dtype
 from ._checks import check_choice, check_float_dtype, check_steps
 
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
@@ -52,17 +53,17 @@ def orthogonalize(
     check_float_dtype(dtype, "dtype", "orthogonalize")
     if u.ndim < 2:
         raise ValueError(f"orthogonalize: u must have at least 2 axes, got shape {u.shape}")
-    x = u.astype(mx.float32)
+    x = as_dtype(u, mx.float32)
     # Iterate on the wide orientation so X X^T is the smaller Gram matrix.
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = x.swapaxes(-1, -2)
     fro = mx.sqrt(mx.sum(x * x, axis=(-2, -1), keepdims=True))
     x = x / (fro + 1e-7) if method == "newton_schulz" else x / (fro * 1.02 + 1e-6)
-    x = x.astype(dtype)
+    x = as_dtype(x, dtype)
     for a, b, c in coeffs:
         gram = x @ x.swapaxes(-1, -2)
         poly = mx.addmm(b * gram, gram, gram, alpha=c)
         x = mx.addmm(a * x, poly, x)
-    x = x.astype(mx.float32)
+    x = as_dtype(x, mx.float32)
     return x.swapaxes(-1, -2) if tall else x

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import mlx.core as mx
 from mlx.optimizers import Optimizer
 
+from ._cast import as_dtype
 from ._checks import (
     check_choice,
     check_float_dtype,
@@ -85,10 +86,10 @@ class Scion(Optimizer):
         return -(self.rho / n) * mx.sign(d)
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
-        d = self.momentum * state["d"] + (1 - self.momentum) * gradient.astype(mx.float32)
+        d = self.momentum * state["d"] + (1 - self.momentum) * as_dtype(gradient, mx.float32)
         state["d"] = d
-        lr = self.learning_rate.astype(mx.float32)
-        w = parameter.astype(mx.float32)
+        lr = as_dtype(self.learning_rate, mx.float32)
+        w = as_dtype(parameter, mx.float32)
         if self.constrained:
             w = (1 - lr) * w
-        return (w + lr * self.lmo(d)).astype(parameter.dtype)
+        return as_dtype(w + lr * self.lmo(d), parameter.dtype)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import mlx.core as mx
 from mlx.optimizers import Optimizer
 
+from ._cast import as_dtype
 from ._checks import check_learning_rate, check_non_negative, check_positive, check_unit_interval
 
 
@@ -54,14 +55,14 @@ class LARS(Optimizer):
         state["v"] = mx.zeros(parameter.shape, mx.float32)
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
-        g = gradient.astype(mx.float32)
-        w = parameter.astype(mx.float32)
+        g = as_dtype(gradient, mx.float32)
+        w = as_dtype(parameter, mx.float32)
         w_norm = _norm(w)
         trust = self.trust_coefficient * _safe_ratio(w_norm, _norm(g) + self.weight_decay * w_norm)
-        lr = self.learning_rate.astype(mx.float32)
+        lr = as_dtype(self.learning_rate, mx.float32)
         v = self.momentum * state["v"] + lr * trust * (g + self.weight_decay * w)
         state["v"] = v
-        return (w - v).astype(parameter.dtype)
+        return as_dtype(w - v, parameter.dtype)
 
 
 class LAMB(Optimizer):
@@ -101,13 +102,13 @@ class LAMB(Optimizer):
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
         b1, b2 = self.betas
-        g = gradient.astype(mx.float32)
-        w = parameter.astype(mx.float32)
+        g = as_dtype(gradient, mx.float32)
+        w = as_dtype(parameter, mx.float32)
         m = b1 * state["m"] + (1 - b1) * g
         v = b2 * state["v"] + (1 - b2) * g * g
         state["m"], state["v"] = m, v
-        t = self.step.astype(mx.float32)
+        t = as_dtype(self.step, mx.float32)
         r = (m / (1 - b1**t)) / (mx.sqrt(v / (1 - b2**t)) + self.eps)
         u = r + self.weight_decay * w
-        lr = self.learning_rate.astype(mx.float32)
-        return (w - lr * _safe_ratio(_norm(w), _norm(u)) * u).astype(parameter.dtype)
+        lr = as_dtype(self.learning_rate, mx.float32)
+        return as_dtype(w - lr * _safe_ratio(_norm(w), _norm(u)) * u, parameter.dtype)
