@@ -130,17 +130,20 @@ def traffic_rows(rows: int, dims: int, dtype_name: str) -> list[dict]:
 
 
 def plot(timing: list[dict], traffic: list[dict], path: Path) -> None:
-    """Worst traffic ratio per kernel and pass; times of the last timed shape in the first
-    dtype, eager and compiled, forward and forward+backward."""
+    """Traffic ratio per kernel and shape (worst dtype), forward and backward; times of the
+    last timed shape in the first dtype, eager and compiled, forward and forward+backward."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = bool(traffic) + 2 * bool(timing)
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.5), squeeze=False)
+    panels = 2 * bool(traffic) + 2 * bool(timing)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.8), squeeze=False)
     if traffic:
-        _plot_traffic(axes[0][0], traffic)
+        for ax, pass_name, target in zip(axes[0], ("forward", "backward"), (1.05, 1.15)):
+            _plot_traffic(ax, [r for r in traffic if r["pass"] == pass_name], target)
+            ax.set_title(f"{pass_name} traffic (SeeDNorm target {target}x at full blocks)",
+                         fontsize=9)
     if timing:
         shape, dtype = timing[-1]["shape"], timing[0]["dtype"]
         sel = [r for r in timing if r["shape"] == shape and r["dtype"] == dtype]
@@ -153,7 +156,7 @@ def plot(timing: list[dict], traffic: list[dict], path: Path) -> None:
                         label=path_name)
             ax.set_yticks(range(len(methods)), methods, fontsize=8)
             ax.set_xlabel("ms (median)")
-            ax.set_title(f"{pass_name}, {dtype} {shape}, {device()}")
+            ax.set_title(f"{pass_name}, {dtype} {shape}, {device()}", fontsize=9)
             ax.legend(fontsize=7)
             ax.invert_yaxis()
     fig.suptitle(f"mlx_localnorm kernels, {machine()} ({device()}), MLX {mx.__version__}")
@@ -162,21 +165,23 @@ def plot(timing: list[dict], traffic: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_traffic(ax, traffic: list[dict]) -> None:
-    """Bars of the worst bytes-moved / minimum ratio over shapes and dtypes."""
+def _plot_traffic(ax, traffic: list[dict], target: float) -> None:
+    """Bars of bytes moved / minimum per kernel, one per shape (the worst dtype)."""
     names = list(dict.fromkeys(r["kernel"] for r in traffic))
-    for offset, pass_name, target in ((-0.2, "forward", 1.05), (0.2, "backward", 1.15)):
-        worst = [max(r["ratio"] for r in traffic if r["kernel"] == n and r["pass"] == pass_name)
+    shapes = list(dict.fromkeys(r["shape"] for r in traffic))
+    height = 0.8 / len(shapes)
+    for j, shape in enumerate(shapes):
+        worst = [max(r["ratio"] for r in traffic if r["kernel"] == n and r["shape"] == shape)
                  for n in names]
-        bars = ax.barh([i + offset for i in range(len(names))], worst, height=0.4,
-                       label=f"{pass_name} (SeeDNorm target {target}x)")
-        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+        bars = ax.barh([i - 0.4 + (j + 0.5) * height for i in range(len(names))], worst,
+                       height=height, label=f"{shape} rows x D")
+        ax.bar_label(bars, fmt="%.2f", fontsize=6)
     ax.set_yticks(range(len(names)), names, fontsize=8)
-    ax.set_xlim(0.9, 1.4)
     ax.axvline(1.0, color="k", lw=0.8)
-    ax.set_xlabel("bytes moved / minimum (emulator count, worst shape and dtype)")
-    ax.set_title("memory traffic of the kernels")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.axvline(target, color="r", lw=0.8, ls="--")
+    ax.set_xlim(left=0.8)
+    ax.set_xlabel("bytes moved / minimum (emulator count)")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=len(shapes))
     ax.invert_yaxis()
 
 
