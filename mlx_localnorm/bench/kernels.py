@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             traffic = [r for shape in args.traffic_shapes for d in dtypes
                        for r in traffic_rows(*shape, d)]
-        except RuntimeError as error:  # no C++ compiler, or the emulator fails on this OS
+        except (RuntimeError, OSError) as error:  # no C++ compiler, or no emulator on this OS
             print(f"\ntraffic not counted: the CPU emulator failed ({error})")
     if traffic:
         for r in traffic:
