@@ -5,8 +5,9 @@ their weights) in tokens/s for ``mlx_lm.models.llama.Model`` and for our model w
 norm x placement at the same size, in the same run. ``vs_llama`` is tokens/s relative to
 mlx-lm's Llama (our RMSNorm + Pre-LN is the like-for-like row: the flexibility should cost
 nothing, target >= 0.97); ``vs_pre_rmsnorm`` is relative to our RMSNorm + Pre-LN.
-All configurations are timed in turn for several rounds and each keeps its fastest round
-(``ms_per_step``; ``ms_median`` shows how noisy the machine was).
+All configurations are timed in turn for several rounds (alternating direction) and each
+keeps its fastest round (``ms_per_step``; ``ms_median`` shows how noisy the machine was);
+the Llama / Pre-LN RMSNorm pair gets extra alternating rounds of its own.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def configurations(norms: list[str], placements: list[str]) -> list[tuple[str, s
 
 
 def run(size: dict, batch: int, seq_len: int, dtype_name: str, norms: list[str],
-        placements: list[str], rounds: int, repeat: int) -> list[dict]:
+        placements: list[str], rounds: int, repeat: int, pair_rounds: int) -> list[dict]:
     dtype = DTYPES[dtype_name]
     tokens = mx.random.randint(0, size["vocab_size"], (batch, seq_len + 1), key=mx.random.key(0))
     n_tokens = batch * seq_len
@@ -98,16 +99,25 @@ def run(size: dict, batch: int, seq_len: int, dtype_name: str, norms: list[str],
             mx.eval(step())
         steps.append(step)
 
-    # Every configuration is timed once per round, so load from other processes spreads over
-    # all of them; the fastest round is the one least disturbed (as timeit advises).
+    # Every configuration is timed once per round, in reverse order every other round, so load
+    # from other processes and position effects spread over all of them; the fastest round is
+    # the one least disturbed (as timeit advises).
+    def timed(step: Callable[[], list]) -> float:
+        start = time.perf_counter()
+        for _ in range(repeat):
+            mx.eval(step())
+        return 1000 * (time.perf_counter() - start) / repeat
+
     samples = [[] for _ in steps]
     for r in range(rounds):
         print(f"  round {r + 1}/{rounds}", flush=True)
-        for step, times in zip(steps, samples):
-            start = time.perf_counter()
-            for _ in range(repeat):
-                mx.eval(step())
-            times.append(1000 * (time.perf_counter() - start) / repeat)
+        for i in range(len(steps)) if r % 2 == 0 else reversed(range(len(steps))):
+            samples[i].append(timed(steps[i]))
+    # The headline pair (Llama, our Pre-LN RMSNorm) gets its own extra rounds, A B B A ...
+    print(f"  Llama vs Pre-LN RMSNorm: {pair_rounds} more rounds", flush=True)
+    for r in range(pair_rounds):
+        for i in (0, 1) if r % 2 == 0 else (1, 0):
+            samples[i].append(timed(steps[i]))
 
     llama_ms, pre_ms = min(samples[0]), min(samples[1])
     rows = []
@@ -143,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10,
                         help="rounds over all configurations (each keeps its fastest round)")
     parser.add_argument("--repeat", type=int, default=1, help="timed steps per round")
+    parser.add_argument("--pair-rounds", type=int, default=40,
+                        help="extra alternating rounds for Llama vs our Pre-LN RMSNorm")
     args = parser.parse_args(argv)
     norms, placements = args.norms.split(","), args.placements.split(",")
     for n in norms:
@@ -151,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     for p in placements:
         if p not in PLACEMENTS:
             parser.error(f"--placements: unknown placement {p!r}; valid: {', '.join(PLACEMENTS)}")
+    if args.pair_rounds < 0:
+        parser.error(f"--pair-rounds must be >= 0, got {args.pair_rounds}")
     for name in ("rounds", "repeat", "batch", "seq_len"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -165,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "intermediate_size")}
 
     rows = run(size, args.batch, args.seq_len, args.dtype, norms, placements, args.rounds,
-               args.repeat)
+               args.repeat, args.pair_rounds)
     path = write_csv(rows, Path(args.out) / "model.csv")
     print(markdown_table(rows, ["model", "norm", "placement", "ms_per_step", "tokens_per_s",
                                 "vs_llama", "vs_pre_rmsnorm", "ms_median"]))
