@@ -5,7 +5,7 @@ from . import _fast_blas
 
 _fast_blas.enable()
 
-from . import constraints, data, emulate, optim  # noqa: E402
+from . import constraints, data, emulate, kernels, optim  # noqa: E402
 from ._version import __version__  # noqa: E402
 from .models import Model, ModelArgs, save_model, swap_norms  # noqa: E402
 from .norms import (  # noqa: E402
@@ -45,6 +45,7 @@ __all__ = [
     "constraints",
     "data",
     "emulate",
+    "kernels",
     "make_norm",
     "optim",
     "save_model",

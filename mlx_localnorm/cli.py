@@ -12,6 +12,7 @@ from . import __version__
 BENCHES = {
     "data": "mlx_localnorm.bench.data",
     "emulate": "mlx_localnorm.bench.emulate",
+    "kernels": "mlx_localnorm.bench.kernels",
     "norms": "mlx_localnorm.bench.norms",
 }
 # Commands whose own parser takes the rest of the command line: name -> (module, help).

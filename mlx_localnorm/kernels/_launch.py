@@ -18,7 +18,8 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-BACKENDS = ("auto", "metal", "ops", "emulate")
+from ..norms._checks import BACKENDS
+
 BACKEND_ENV = "MLX_LOCALNORM_BACKEND"
 METAL_DIR = Path(__file__).resolve().parents[2] / "metal"
 KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)

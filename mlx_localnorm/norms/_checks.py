@@ -7,6 +7,15 @@ import math
 import mlx.core as mx
 
 
+# Where the fused norms (SeeDNorm, PatchNorm) run; see mlx_localnorm.kernels.
+BACKENDS = ("auto", "metal", "ops", "emulate")
+
+
+def frozen(module, names: tuple[str, ...]) -> bool:
+    """True when every parameter in ``names`` is frozen (LoRA, QAT): kernels skip their grads."""
+    return set(names) <= set(module._no_grad)
+
+
 def check_dims(dims, owner: str) -> int:
     if isinstance(dims, bool) or not isinstance(dims, int) or dims < 1:
         raise ValueError(f"{owner}: dims must be a positive int, got {dims!r}")

@@ -13,7 +13,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from ._checks import check_choice, check_dims, check_eps, check_input, check_param
+from ._checks import BACKENDS, check_choice, check_dims, check_eps, check_input, check_param
 
 MODES = ("rms", "affine")
 
@@ -139,6 +139,8 @@ class PatchNorm(nn.Module):
         mode: ``"rms"`` or ``"affine"``.
         weight: ``"diagonal"`` or ``"full"``.
         bias: learn the shift ``bias`` (init 0).
+        backend: ``"auto"`` (the fused Metal kernel on a Mac, these ops elsewhere),
+            ``"metal"``, ``"ops"`` or ``"emulate"``; see :func:`mlx_localnorm.kernels.patchnorm`.
     """
 
     def __init__(
@@ -150,9 +152,11 @@ class PatchNorm(nn.Module):
         mode: str = "rms",
         weight: str = "diagonal",
         bias: bool = True,
+        backend: str = "auto",
     ):
         super().__init__()
         owner = f"PatchNorm(dims={dims})"
+        self.backend = check_choice(backend, BACKENDS, "backend", owner)
         self.dims = check_dims(dims, "PatchNorm")
         self.eps = check_eps(eps, owner)
         self.mode = check_choice(mode, MODES, "mode", owner)
@@ -170,9 +174,12 @@ class PatchNorm(nn.Module):
                 f"patch_ndim={self.patch_ndim}, full={self.weight.ndim == 2}")
 
     def __call__(self, x: mx.array) -> mx.array:
+        # Imported here: the kernels build on this module's ops twin.
+        from ..kernels import patchnorm as fused_patchnorm
+
         check_input(x, self.dims, f"PatchNorm(dims={self.dims})")
-        return patchnorm(x, self.weight, self.get("bias"), self.eps, self.patch_size,
-                         self.patch_ndim, self.mode)
+        return fused_patchnorm(x, self.weight, self.get("bias"), self.eps, self.patch_size,
+                               self.patch_ndim, self.mode, backend=self.backend)
 
 
 class PatchNormLinear(nn.Module):

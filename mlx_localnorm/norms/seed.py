@@ -6,12 +6,14 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ._checks import (
+    BACKENDS,
     check_choice,
     check_dims,
     check_eps,
     check_heads,
     check_input,
     check_param,
+    frozen,
 )
 
 DOT_SCALES = ("none", "rsqrt_d")
@@ -76,6 +78,8 @@ class SeeDNorm(nn.Module):
         head_rms: normalize each head by its own RMS instead of the row's.
         alpha_init: initial value of ``alpha``.
         beta_init_std: standard deviation of the initial ``beta``.
+        backend: ``"auto"`` (the fused Metal kernel on a Mac, these ops elsewhere),
+            ``"metal"``, ``"ops"`` or ``"emulate"``; see :func:`mlx_localnorm.kernels.seednorm`.
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class SeeDNorm(nn.Module):
         head_rms: bool = False,
         alpha_init: float = 1.0,
         beta_init_std: float = 0.0,
+        backend: str = "auto",
     ):
         super().__init__()
         owner = f"SeeDNorm(dims={dims})"
@@ -95,6 +100,7 @@ class SeeDNorm(nn.Module):
         self.num_heads = check_heads(num_heads, dims, owner)
         self.dot_scale = check_choice(dot_scale, DOT_SCALES, "dot_scale", owner)
         self.head_rms = bool(head_rms)
+        self.backend = check_choice(backend, BACKENDS, "backend", owner)
         if beta_init_std < 0:
             raise ValueError(f"{owner}: beta_init_std must be >= 0, got {beta_init_std!r}")
         self.weight = mx.ones((dims,))
@@ -105,8 +111,12 @@ class SeeDNorm(nn.Module):
         return f"{self.dims}, eps={self.eps}, num_heads={self.num_heads}"
 
     def __call__(self, x: mx.array) -> mx.array:
+        # Imported here: the kernels build on this module's ops twin.
+        from ..kernels import seednorm as fused_seednorm
+
         check_input(x, self.dims, f"SeeDNorm(dims={self.dims})")
-        return seednorm(
+        return fused_seednorm(
             x, self.weight, self.alpha, self.beta, self.eps, self.num_heads,
-            self.dot_scale, self.head_rms,
+            backend=self.backend, dot_scale=self.dot_scale, head_rms=self.head_rms,
+            frozen=frozen(self, ("weight", "alpha", "beta")),
         )
