@@ -21,7 +21,9 @@ import mlx.core as mx
 from ..norms._checks import BACKENDS
 
 BACKEND_ENV = "MLX_LOCALNORM_BACKEND"
-METAL_DIR = Path(__file__).resolve().parents[2] / "metal"
+# metal/ of a source checkout, or the copy a wheel ships inside the package.
+_CHECKOUT_METAL = Path(__file__).resolve().parents[2] / "metal"
+METAL_DIR = _CHECKOUT_METAL if _CHECKOUT_METAL.is_dir() else Path(__file__).parents[1] / "metal"
 KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 N_READS = 4  # elements per thread per iteration of the register tile (MLX's RMS_N_READS)
