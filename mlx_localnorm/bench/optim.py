@@ -8,8 +8,9 @@
    matrices as 8 separate parameters (the per-matrix update ours computes).
 2. Loss of a tiny mlx-lm Llama trained for a fixed number of steps on character-level
    Shakespeare (the package's embedded public-domain corpus, ``mlx_localnorm.data``) with
-   AdamW, MLX's Muon, our Muon (Newton–Schulz and Polar Express) and NorMuon; the same
-   initialization and batches for every optimizer.
+   AdamW, MLX's Muon (its defaults: coupled weight decay 0.01), our Muon and NorMuon (and,
+   with ``--runs``, our Muon with Polar Express); the same initialization and batches for every
+   optimizer, and the same AdamW groups for the non-matrix parameters.
 
 Writes ``optim_orth.csv``, ``optim_loss.csv`` and ``optim_loss.png`` under ``--out``.
 """
