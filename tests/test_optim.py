@@ -523,7 +523,7 @@ def test_constrained_update_projects_after_the_step(mode):
     model, twin = tiny_llama(), tiny_llama()
     _, grads = nn.value_and_grad(model, lm_loss)(model, TOKENS)
     opt = O.make_optimizer("adamw", model, constraint=mode)
-    plain = O.make_optimizer("adamw", twin)
+    plain = O.make_optimizer("adamw", twin, weight_decay=0.0)
     opt.update(model, grads)
     want = dict(tree_flatten(project_tree(plain.apply_gradients(grads, twin.parameters()), mode)))
     got = dict(tree_flatten(model.parameters()))
@@ -537,6 +537,10 @@ def test_constrained_update_projects_after_the_step(mode):
     else:
         assert col_norms.max() <= 1 + 1e-6
     assert isinstance(opt.state, dict) and "states" in opt.state
+    # nGPT/anGPT train without weight decay: the default becomes 0, explicit values still win.
+    assert [o.weight_decay for o in opt.optimizer.optimizers] == [0.0, 0.0]
+    explicit = O.make_optimizer("muon", model, constraint=mode, weight_decay=0.1)
+    assert [o.weight_decay for o in explicit.optimizer.optimizers] == [0.1, 0.0, 0.0]
 
 
 def localnorm_model(**options):
@@ -589,7 +593,7 @@ def test_localnorm_model_seednorm_moe_groups_and_compiled_step():
 def test_localnorm_hypersphere_model_constrained_compiled_step(placement, mode):
     make = partial(localnorm_model, placement=placement)
     (eager, m1), (comp, m2) = compiled_and_eager_runs(
-        make, lambda m: O.make_optimizer("muon", m, constraint=mode, adamw_weight_decay=0.0))
+        make, lambda m: O.make_optimizer("muon", m, constraint=mode))
     np.testing.assert_allclose(comp, eager, rtol=1e-5)
     for (k, a), (_, b) in zip(tree_flatten(m1.parameters()), tree_flatten(m2.parameters())):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5, err_msg=k)

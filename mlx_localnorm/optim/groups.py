@@ -91,12 +91,18 @@ def make_optimizer(
     ``hparams`` go to the main optimizer (e.g. ``learning_rate``, ``momentum``,
     ``weight_decay``); ``adamw_<arg>`` go to the AdamW groups of "muon", "normuon" and
     "scion"; Scion takes ``rho_hidden``, ``rho_embedding``, ``rho_head``. ``constraint``
-    ("normalize" for nGPT, "constrain" for anGPT) wraps the result in ``Constrained``.
+    ("normalize" for nGPT, "constrain" for anGPT) wraps the result in ``Constrained`` and makes
+    weight decay default to 0 in every group, as those papers train.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(sorted(OPTIMIZERS))}")
     groups = param_groups(model)
     main, adamw = _split_hparams(name, hparams)
+    if constraint is not None:
+        # nGPT and anGPT train without weight decay (SPEC); explicit values still win.
+        adamw.setdefault("weight_decay", 0.0)
+        if name != "scion":
+            main.setdefault("weight_decay", 0.0)
     adamw = {**_ADAMW_DEFAULTS, **adamw}
     if name == "adamw":
         adamw = {**_ADAMW_DEFAULTS, **main}
