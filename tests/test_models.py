@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama, qwen2, qwen3
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -80,6 +81,13 @@ def test_kv_cache_with_model_options(options):
     model = tiny_model(placement="peri", **options)
     for prefill in (1, 3, 6):  # the rotating cache wraps for the sliding window of 4
         assert max_rel_error(incremental_logits(model, TOKENS, prefill), model(TOKENS)) < 1e-5
+
+
+def test_make_cache_rotates_only_for_sliding_layers():
+    model = tiny_model(layer_types=["sliding_attention", "full_attention"], sliding_window=4)
+    sliding, full = model.make_cache()
+    assert isinstance(sliding, RotatingKVCache) and sliding.max_size == 4
+    assert type(full) is KVCache
 
 
 @pytest.mark.parametrize("placement", ["pre", "peri", "ngpt"])
