@@ -1,5 +1,6 @@
 """Normalized optimizers against float64 NumPy references written here from SPEC.md."""
 
+import re
 from functools import partial
 
 import mlx.core as mx
@@ -654,12 +655,8 @@ def test_unknown_optimizer_and_hparam_raise_with_valid_lists():
 @pytest.mark.parametrize("shape", [(5,), ()])
 def test_vector_parameter_rejected_by_matrix_optimizers(opt, shape):
     with pytest.raises(ValueError, match=rf"takes matrices .* got a parameter of shape "
-                                         rf"{re_tuple(shape)}.*AdamW"):
+                                         rf"{re.escape(str(shape))}.*AdamW"):
         opt.init({"w": mx.zeros(shape)})
-
-
-def re_tuple(shape):
-    return str(tuple(shape)).replace("(", r"\(").replace(")", r"\)")
 
 
 def test_optimizers_registry_lists_every_name():

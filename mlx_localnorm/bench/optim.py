@@ -43,19 +43,23 @@ DEFAULT_RUNS = ("adamw", "mlx_muon", "muon", "normuon")
 
 
 def time_interleaved_ms(calls: dict[str, Callable[[], object]], warmup: int,
-                        rounds: int) -> dict[str, float]:
-    """Median wall time of ``mx.eval(call())`` per call, in milliseconds. Each round runs every
-    call once, so a machine whose load drifts (a shared CPU) biases no call against another."""
+                        rounds: int) -> dict[str, tuple[float, float]]:
+    """Median wall and process-CPU time of ``mx.eval(call())`` per call, in milliseconds.
+
+    Each round runs every call once, so a machine whose load drifts (a shared CPU) biases no
+    call against another; CPU time barely moves with the load, wall time does.
+    """
     for _ in range(warmup):
         for fn in calls.values():
             mx.eval(fn())
     samples = {name: [] for name in calls}
     for _ in range(rounds):
         for name, fn in calls.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             mx.eval(fn())
-            samples[name].append(time.perf_counter() - start)
-    return {name: 1000 * statistics.median(s) for name, s in samples.items()}
+            samples[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {name: (1000 * statistics.median(w for w, _ in s),
+                   1000 * statistics.median(c for _, c in s)) for name, s in samples.items()}
 
 
 def step_calls(shape: tuple, dtype: mx.Dtype) -> dict[str, Callable[[], object]]:
@@ -78,23 +82,27 @@ def step_calls(shape: tuple, dtype: mx.Dtype) -> dict[str, Callable[[], object]]
     }
 
 
-def orth_rows(shapes: list[str], dtypes: list[str], repeat: int) -> list[dict]:
+def orth_rows(shapes: list[str], dtypes: list[str], repeat: int, slow_repeat: int) -> list[dict]:
     rows = []
     for shape_name in shapes:
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
-            # bfloat16 matmuls skip BLAS on the CPU (about 10x slower): one round there.
-            warmup, reps = (1, repeat) if dtype == mx.float32 or device() == "gpu" else (0, 1)
+            # bfloat16 matmuls skip BLAS on the CPU (about 10x slower): fewer rounds there.
+            fast = dtype == mx.float32 or device() == "gpu"
+            warmup, reps = (1, repeat) if fast else (0, slow_repeat)
             times = time_interleaved_ms(step_calls(SHAPES[shape_name], dtype), warmup, reps)
             # Other processes on a shared CPU make timings noisy: record how busy it was.
             load = round(os.getloadavg()[0], 2)
-            for what, ms in times.items():
+            mlx_wall, mlx_cpu = times["mlx_muon_step"]
+            for what, (wall, cpu) in times.items():
                 rows.append({"shape": shape_name, "dtype": dtype_name, "what": what,
-                             "ms": round(ms, 2),
-                             "ratio_to_mlx_muon_step": round(ms / times["mlx_muon_step"], 3),
+                             "ms": round(wall, 2),
+                             "ratio_to_mlx_muon_step": round(wall / mlx_wall, 3),
+                             "cpu_ms": round(cpu, 2),
+                             "cpu_ratio_to_mlx_muon_step": round(cpu / mlx_cpu, 3),
                              "samples": reps, "load_avg_1min": load})
-            print(f"  {shape_name} {dtype_name}: " +
-                  ", ".join(f"{k} {v:.1f} ms" for k, v in times.items()), flush=True)
+            print(f"  {shape_name} {dtype_name}: " + ", ".join(
+                f"{k} {w:.1f} ms (cpu {c:.1f} ms)" for k, (w, c) in times.items()), flush=True)
     return rows
 
 
@@ -212,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/results", help="output directory")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma separated")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma separated")
-    parser.add_argument("--repeat", type=int, default=5,
-                        help="timing rounds (bfloat16 on a CPU: always 1)")
+    parser.add_argument("--repeat", type=int, default=5, help="timing rounds")
+    parser.add_argument("--slow-repeat", type=int, default=1,
+                        help="timing rounds of bfloat16 on a CPU (seconds per call)")
     parser.add_argument("--runs", default=",".join(DEFAULT_RUNS),
                         help="optimizers of the loss comparison (empty: skip it)")
     parser.add_argument("--steps", type=int, default=200, help="training steps per optimizer")
@@ -228,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = _choices(args.shapes, list(SHAPES), "--shapes", parser)
     dtypes = _choices(args.dtypes, list(DTYPES), "--dtypes", parser)
     runs = _choices(args.runs, list(OPTIMIZER_RUNS), "--runs", parser)
-    for flag in ("repeat", "steps", "batch", "seq_len", "eval_every"):
+    for flag in ("repeat", "slow_repeat", "steps", "batch", "seq_len", "eval_every"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be a positive int, "
                          f"got {getattr(args, flag)}")
@@ -239,9 +248,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if shapes and dtypes:
         print("orthogonalization and optimizer step times:")
-        rows = [{**context, **r} for r in orth_rows(shapes, dtypes, args.repeat)]
+        rows = [{**context, **r} for r in orth_rows(shapes, dtypes, args.repeat, args.slow_repeat)]
         written.append(write_csv(rows, out / "optim_orth.csv"))
-        print(markdown_table(rows, ["shape", "dtype", "what", "ms", "ratio_to_mlx_muon_step"]))
+        print(markdown_table(rows, ["shape", "dtype", "what", "ms", "ratio_to_mlx_muon_step",
+                                   "cpu_ms", "cpu_ratio_to_mlx_muon_step"]))
 
     if runs:
         print(f"loss comparison ({args.steps} steps, batch {args.batch} x {args.seq_len} chars):")
