@@ -13,7 +13,9 @@ BENCHES = {
     "data": "mlx_localnorm.bench.data",
     "emulate": "mlx_localnorm.bench.emulate",
     "kernels": "mlx_localnorm.bench.kernels",
+    "model": "mlx_localnorm.bench.model",
     "norms": "mlx_localnorm.bench.norms",
+    "optim": "mlx_localnorm.bench.optim",
 }
 # Commands whose own parser takes the rest of the command line: name -> (module, help).
 FORWARDED = {

@@ -21,7 +21,12 @@ from .localnorm import Model
 MODEL_FILE = "localnorm_model.py"
 _MODEL_FILE_SOURCE = '''"""LocalNorm transformer for mlx-lm: load with trust_remote_code=True (needs mlx-localnorm)."""
 
-from mlx_localnorm.models import Model, ModelArgs  # noqa: F401
+import os
+
+# mlx-lm imported MLX already, too late to swap its CPU BLAS: skip the attempt and its warning.
+os.environ.setdefault("MLX_LOCALNORM_FAST_BLAS", "0")
+
+from mlx_localnorm.models import Model, ModelArgs  # noqa: E402, F401
 '''
 
 
