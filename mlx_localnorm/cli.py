@@ -16,6 +16,7 @@ BENCHES = {
     "model": "mlx_localnorm.bench.model",
     "norms": "mlx_localnorm.bench.norms",
     "optim": "mlx_localnorm.bench.optim",
+    "train": "mlx_localnorm.bench.train",
 }
 # Commands whose own parser takes the rest of the command line: name -> (module, help).
 FORWARDED = {

@@ -40,9 +40,10 @@ def norm_function(module: nn.Module) -> Callable:
     return f
 
 
-def fast_rms_function(dims: int) -> tuple[Callable, dict]:
+def fast_rms_function(dims: int, dtype: mx.Dtype = mx.float32) -> tuple[Callable, dict]:
+    """``mx.fast.rms_norm`` with its gain in ``dtype`` (the dtype the norms are cast to)."""
     return (lambda x, params: mx.fast.rms_norm(x, params["weight"], 1e-6)), {
-        "weight": mx.ones((dims,))}
+        "weight": mx.ones((dims,), dtype=dtype)}
 
 
 def passes(f: Callable, x: mx.array, params: dict, cotangent: mx.array) -> dict[str, Callable]:
@@ -80,7 +81,7 @@ def run(shape: tuple[int, ...], dtypes: list[str], norms: list[str], repeat: int
         dtype = DTYPES[dtype_name]
         x = mx.random.normal(shape, key=mx.random.key(0)).astype(dtype)
         cotangent = mx.random.normal(shape, key=mx.random.key(1)).astype(dtype)
-        f, params = fast_rms_function(dims)
+        f, params = fast_rms_function(dims, dtype)
         candidates = [("mx.fast.rms_norm", f, params)]
         for name in norms:
             module = make_norm(name, dims, **NORM_OPTIONS.get(name, {}))
