@@ -70,6 +70,9 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(f.name, 0o666 & ~umask)  # temp files are private (0600); results are not
     os.replace(f.name, path)
     return path
 
