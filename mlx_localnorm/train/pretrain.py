@@ -10,6 +10,7 @@ processes and gradients are averaged (data parallel); rank 0 writes all files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -345,7 +346,8 @@ class Pretrainer:
         from mlx_lm import generate, load
         from mlx_lm.sample_utils import make_sampler
 
-        model, tokenizer = load(str(self.out_dir), trust_remote_code=True)
+        with _quiet_transformers():  # it warns that it does not know model_type "localnorm"
+            model, tokenizer = load(str(self.out_dir), trust_remote_code=True)
         mx.random.seed(self.config.seed)
         return generate(model, tokenizer, prompt or self.config.sample_prompt,
                         max_tokens=max_tokens or self.config.sample_tokens,
@@ -369,6 +371,18 @@ class Pretrainer:
         params = sum(v.size for _, v in tree_flatten(self.model.parameters()))
         return (f"{params / 1e6:.1f}M params, {c.norm} + {c.placement} + {c.optimizer}, "
                 f"batch {c.batch_size}x{c.seq_len}")
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def _main_thread() -> bool:
