@@ -15,8 +15,7 @@ import mlx.core as mx
 
 from .. import norms
 from ..norms import patch as norm_patch
-from ..norms._checks import check_input, check_param
-from ..norms.patch import _check_patch
+from ..norms.patch import check_patchnorm_args
 from ._launch import (
     KERNEL_DTYPES,
     MAX_DIMS,
@@ -118,15 +117,8 @@ def patchnorm(
     plus ``backend`` as in :func:`seednorm`.
     """
     owner = "kernels.patchnorm"
-    check_input(x, None, owner)
+    check_patchnorm_args(x, weight, bias, eps, patch_size, patch_ndim, mode, owner)
     dims = x.shape[-1]
-    _check_patch(x, patch_size, patch_ndim, mode, eps, owner)
-    if weight.ndim == 1:
-        check_param(weight, (dims,), "weight", owner)
-    elif weight.ndim != 2 or weight.shape[1] != dims:
-        raise ValueError(f"{owner}: weight must have shape ({dims},) or (out, {dims}), "
-                         f"got {tuple(weight.shape)}")
-    check_param(bias, (weight.shape[0],), "bias", owner)
 
     chosen = resolve_backend(backend)
     reason = None

@@ -71,6 +71,19 @@ def _divide(z: mx.array, d: mx.array, bias: mx.array | None, mode: str) -> mx.ar
     return z
 
 
+def check_patchnorm_args(x, weight, bias, eps, patch_size, patch_ndim, mode, owner) -> None:
+    """The checks of :func:`patchnorm`'s arguments, shared with its fused kernel."""
+    check_input(x, None, owner)
+    dims = x.shape[-1]
+    _check_patch(x, patch_size, patch_ndim, mode, eps, owner)
+    if weight.ndim == 1:
+        check_param(weight, (dims,), "weight", owner)
+    elif weight.ndim != 2 or weight.shape[1] != dims:
+        raise ValueError(f"{owner}: weight must have shape ({dims},) or (out, {dims}), "
+                         f"got {tuple(weight.shape)}")
+    check_param(bias, (weight.shape[0],), "bias", owner)
+
+
 def _check_patch(x, patch_size, patch_ndim, mode, eps, owner):
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
         raise ValueError(f"{owner}: patch_size must be a positive int, got {patch_size!r}")
@@ -99,18 +112,8 @@ def patchnorm(
     applied position-wise; ``d_p`` is computed from the patch of ``patch_size`` positions
     (``patch_size^2`` for ``patch_ndim=2``) times all channels, see :func:`patch_divisor`.
     """
-    owner = "patchnorm"
-    check_input(x, None, owner)
+    check_patchnorm_args(x, weight, bias, eps, patch_size, patch_ndim, mode, "patchnorm")
     dims = x.shape[-1]
-    _check_patch(x, patch_size, patch_ndim, mode, eps, owner)
-    if weight.ndim == 1:
-        check_param(weight, (dims,), "weight", owner)
-    elif weight.ndim != 2 or weight.shape[1] != dims:
-        raise ValueError(f"{owner}: weight must have shape ({dims},) or (out, {dims}), "
-                         f"got {tuple(weight.shape)}")
-    out_dims = weight.shape[0]
-    check_param(bias, (out_dims,), "bias", owner)
-
     xf = x.astype(mx.float32)
     d = patch_divisor(patch_sum_squares(xf, patch_size, patch_ndim),
                       dims * patch_size**patch_ndim, mode, eps)
