@@ -155,6 +155,7 @@ class Pretrainer:
         self.optimizer.init(self.model.trainable_parameters())
         self.batches = Batches(self.data.train, config.batch_size, config.seq_len,
                                seed=config.seed, rank=self.rank, world_size=self.world)
+        self.valid_batches = self._validation_batches()
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
         if resume:
             state = load_checkpoint(checkpoints[-1], self.model, self.optimizer)
@@ -232,14 +233,22 @@ class Pretrainer:
         return accumulated_step
 
     # ------------------------------------------------------------------ loop
-    def evaluate(self) -> float | None:
-        """Mean validation loss over the first ``eval_batches`` validation batches."""
+    def _validation_batches(self) -> Batches | None:
+        """Fixed-order validation batches, as large as the training batch if the text allows."""
         if self.data.valid is None:
             return None
-        valid = Batches(self.data.valid, min(self.config.batch_size, 8), self.config.seq_len,
-                        shuffle=False)
+        sequences = (len(self.data.valid.tokens) - 1) // self.config.seq_len
+        if sequences == 0:
+            return None
+        return Batches(self.data.valid, min(self.config.batch_size, sequences),
+                       self.config.seq_len, shuffle=False)
+
+    def evaluate(self) -> float | None:
+        """Mean validation loss over the first ``eval_batches`` validation batches."""
+        if self.valid_batches is None:
+            return None
         losses = []
-        for i, (inputs, targets) in enumerate(valid.epoch_batches()):
+        for i, (inputs, targets) in enumerate(self.valid_batches.epoch_batches()):
             if i == self.config.eval_batches:
                 break
             losses.append(_cross_entropy(self.model, inputs, targets))
@@ -319,8 +328,8 @@ class Pretrainer:
 
     def _finish(self) -> None:
         """Final checkpoint, and the run directory made loadable by mlx-lm."""
-        if not list_checkpoints(self.out_dir) or \
-                list_checkpoints(self.out_dir)[-1].name != f"step_{self.step:07d}":
+        saved = list_checkpoints(self.out_dir)
+        if not saved or saved[-1].name != f"step_{self.step:07d}":
             self._checkpoint()
         if self.is_main:
             self.export()
