@@ -262,6 +262,13 @@ class Pretrainer:
         return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state,
                                keep=self.config.keep_checkpoints)
 
+    def _should_stop(self) -> bool:
+        """A Ctrl-C on any process stops every process after the same step."""
+        if self.world == 1:
+            return self._stop_requested
+        votes = mx.distributed.all_sum(mx.array(float(self._stop_requested)), group=self.group)
+        return votes.item() > 0
+
     def _on_sigint(self, signum, frame) -> None:
         if self._stop_requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
@@ -278,7 +285,7 @@ class Pretrainer:
         bar = self._progress_bar(last)
         loss_value, val_loss = math.nan, None
         try:
-            while self.step < last and not self._stop_requested:
+            while self.step < last and not self._should_stop():
                 inputs, targets = next(self.batches)
                 start = time.perf_counter()
                 loss = self._train_step(inputs, targets)
