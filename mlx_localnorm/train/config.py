@@ -61,8 +61,8 @@ class PretrainConfig:
     # Optimizer and schedule
     optimizer: str = _help("a name of ln.optim.OPTIMIZERS", default="muon")
     learning_rate: float | None = _help(
-        "peak learning rate of the main optimizer; none = its default (muon/normuon 0.02, "
-        "scion 0.05, adamw/lamb 3e-3, lars 0.1)", default=None)
+        "peak learning rate of the main optimizer; none = its default (muon/normuon/scion 0.02, "
+        "adamw/lamb 3e-3, lars 0.1)", default=None)
     adamw_learning_rate: float = _help(
         "peak learning rate of the AdamW group (embeddings, head, norms) of muon/normuon/scion",
         default=3e-3)
