@@ -134,6 +134,21 @@ class KernelSpec:
     def attributes(self) -> list[tuple[str, str]]:
         return [(name, kind) for name, kind in METAL_ATTRIBUTES if name in self.source]
 
+    def template_declaration(self) -> str:
+        """``template <int N, typename T>`` as MLX writes it ("" without template arguments)."""
+        if not self.template:
+            return ""
+        kinds = []
+        for name, value in self.template:
+            if isinstance(value, bool):
+                kind = "bool"
+            elif isinstance(value, int):
+                kind = "int"
+            else:
+                kind = "typename"
+            kinds.append(f"{kind} {name}")
+        return "template <" + ", ".join(kinds) + ">\n"
+
     def template_values(self) -> list[str]:
         values = []
         for _, value in self.template:
@@ -164,18 +179,7 @@ class KernelSpec:
 def metal_source(spec: KernelSpec) -> str:
     """The Metal source MLX generates (what `verbose=True` prints), without MLX's utils."""
     parts = [spec.header]
-    if spec.template:
-        kinds = []
-        for name, value in spec.template:
-            kind = (
-                "bool"
-                if isinstance(value, bool)
-                else "int"
-                if isinstance(value, int)
-                else "typename"
-            )
-            kinds.append(f"{kind} {name}")
-        parts.append("template <" + ", ".join(kinds) + ">\n")
+    parts.append(spec.template_declaration())
     kname = spec.kernel_name()
     parts.append(f"[[kernel]] void {kname}(\n")
     params = []
@@ -341,17 +345,7 @@ def cpp_source(spec: KernelSpec) -> str:
 
     template_line, call = "", kname
     if spec.template:
-        kinds = []
-        for name, value in spec.template:
-            kind = (
-                "bool"
-                if isinstance(value, bool)
-                else "int"
-                if isinstance(value, int)
-                else "typename"
-            )
-            kinds.append(f"{kind} {name}")
-        template_line = "template <" + ", ".join(kinds) + ">\n"
+        template_line = spec.template_declaration()
         call = kname + "<" + ", ".join(spec.template_values()) + ">"
 
     return "".join(
