@@ -7,6 +7,8 @@ import math
 
 import mlx.core as mx
 
+from ..norms._checks import check_choice  # noqa: F401  (re-exported for the optimizers)
+
 
 def _is_number(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
@@ -45,12 +47,6 @@ def check_positive(value, name: str, owner: str) -> float:
 def check_steps(value, owner: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{owner}: ns_steps must be a positive int, got {value!r}")
-    return value
-
-
-def check_choice(value, choices: tuple, name: str, owner: str):
-    if value not in choices:
-        raise ValueError(f"{owner}: {name} must be one of {choices}, got {value!r}")
     return value
 
 
