@@ -122,6 +122,40 @@ def test_gradient_checkpointing_changes_memory_not_losses(prepared, tmp_path, fu
         assert loss == pytest.approx(ref[step], rel=1e-6), step
 
 
+@pytest.mark.parametrize("optimizer", sorted(ln.optim.OPTIMIZERS))
+def test_every_optimizer_runs_in_the_trainer(prepared, tmp_path, optimizer):
+    """Integration only (the optimizers' math is tested in test_optim.py): every parameter
+    group moves and the losses stay finite."""
+    out = run_dir(prepared, tmp_path)
+    trainer = Pretrainer(config(out, optimizer=optimizer, steps=3, eval_every=0,
+                                save_every=0))
+    before = {k: np.array(v) for k, v in tree_flatten(trainer.model.trainable_parameters())}
+    summary = trainer.run()
+    assert summary["step"] == 3 and all(math.isfinite(x) for _, x in losses(out))
+    for key, value in tree_flatten(trainer.model.trainable_parameters()):
+        assert not np.array_equal(np.array(value), before[key]), f"{key} did not move"
+
+
+@pytest.mark.parametrize("placement", ["ngpt", "angpt"])
+def test_hypersphere_runs_keep_their_weight_constraint(prepared, tmp_path, placement):
+    out = run_dir(prepared, tmp_path)
+    trainer = Pretrainer(config(out, placement=placement, optimizer="adamw", steps=3))
+    trainer.run()
+    norms = np.linalg.norm(np.array(trainer.model.model.embed_tokens.weight), axis=-1)
+    if placement == "ngpt":  # projected onto the sphere after every step
+        np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+    else:  # anGPT: constrained into the unit ball
+        assert norms.max() <= 1.0 + 1e-5
+
+
+def test_bfloat16_run(prepared, tmp_path):
+    out = run_dir(prepared, tmp_path)
+    trainer = Pretrainer(config(out, dtype="bfloat16", steps=3))
+    trainer.run()
+    assert trainer.model.model.embed_tokens.weight.dtype == mx.bfloat16
+    assert all(math.isfinite(loss) for _, loss in losses(out))
+
+
 def test_sigint_checkpoints_and_exits_cleanly(prepared, tmp_path):
     out = run_dir(prepared, tmp_path)
     cmd = [sys.executable, "-m", "mlx_localnorm", "pretrain", "--out-dir", str(out),
