@@ -1,7 +1,11 @@
 """The wheel carries every subpackage, the Metal sources and the data files."""
 
-import tomllib
 from pathlib import Path
+
+import pytest
+
+# tomllib is in the standard library from Python 3.11 on.
+tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python >= 3.11")
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
