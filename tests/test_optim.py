@@ -474,14 +474,15 @@ def test_make_optimizer_routes_groups_and_hparams():
     assert scion.optimizers[2].rho == 10.0
 
 
-@pytest.mark.parametrize("name", sorted(O.OPTIMIZERS))
-def test_compiled_step_equals_eager_and_state_round_trips(name, tmp_path):
-    def train(compiled, steps):
-        model = tiny_llama()
-        opt = O.make_optimizer(name, model)
+def compiled_and_eager_runs(make_model, make_opt, steps=3):
+    """``(losses, model, optimizer)`` of the same training run, eager and ``mx.compile``d."""
+    results = []
+    for compiled in (False, True):
+        model = make_model()
+        opt = make_opt(model)
         opt.init(model.trainable_parameters())
 
-        def step(tokens):
+        def step(tokens, model=model, opt=opt):
             loss, grads = nn.value_and_grad(model, lm_loss)(model, tokens)
             opt.update(model, grads)
             return loss
@@ -493,10 +494,14 @@ def test_compiled_step_equals_eager_and_state_round_trips(name, tmp_path):
         for _ in range(steps):
             losses.append(step(TOKENS).item())
             mx.eval(model.parameters(), opt.state)
-        return model, opt, losses
+        results.append((losses, model, opt))
+    return results
 
-    eager_model, eager_opt, eager_losses = train(False, 3)
-    comp_model, _, comp_losses = train(True, 3)
+
+@pytest.mark.parametrize("name", sorted(O.OPTIMIZERS))
+def test_compiled_step_equals_eager_and_state_round_trips(name, tmp_path):
+    (eager_losses, eager_model, eager_opt), (comp_losses, comp_model, _) = \
+        compiled_and_eager_runs(tiny_llama, partial(O.make_optimizer, name))
     np.testing.assert_allclose(comp_losses, eager_losses, rtol=1e-5)
     assert eager_losses[-1] < eager_losses[0]
     for (k, a), (_, b) in zip(tree_flatten(eager_model.parameters()),
@@ -552,27 +557,6 @@ def localnorm_model(**options):
                            num_attention_heads=2, intermediate_size=24, **options))
 
 
-def compiled_and_eager_runs(make_model, make_opt, steps=3):
-    """Losses and final parameters of the same training run, eager and ``mx.compile``d."""
-    results = []
-    for compiled in (False, True):
-        model = make_model()
-        opt = make_opt(model)
-        opt.init(model.trainable_parameters())
-
-        def step(tokens, model=model, opt=opt):
-            loss, grads = nn.value_and_grad(model, lm_loss)(model, tokens)
-            opt.update(model, grads)
-            return loss
-
-        if compiled:
-            state = [model.state, opt.state]
-            step = partial(mx.compile, inputs=state, outputs=state)(step)
-        losses = [step(TOKENS).item() for _ in range(steps)]
-        results.append((losses, model))
-    return results
-
-
 def test_localnorm_model_seednorm_moe_groups_and_compiled_step():
     make = partial(localnorm_model, norm_type="seednorm", num_experts=4, qk_norm="rmsnorm")
     groups = O.param_groups(make())
@@ -582,7 +566,7 @@ def test_localnorm_model_seednorm_moe_groups_and_compiled_step():
     assert groups["model.layers.0.input_layernorm.beta"] == "decay"
     assert groups["model.layers.0.input_layernorm.weight"] == "no_decay"
     assert groups["model.layers.0.self_attn.q_norm.weight"] == "no_decay"
-    (eager, m1), (comp, m2) = compiled_and_eager_runs(
+    (eager, m1, _), (comp, m2, _) = compiled_and_eager_runs(
         make, lambda m: O.make_optimizer("normuon", m, weight_decay=0.01))
     np.testing.assert_allclose(comp, eager, rtol=1e-5)
     assert eager[-1] < eager[0]
@@ -593,7 +577,7 @@ def test_localnorm_model_seednorm_moe_groups_and_compiled_step():
 @pytest.mark.parametrize(("placement", "mode"), [("ngpt", "normalize"), ("angpt", "constrain")])
 def test_localnorm_hypersphere_model_constrained_compiled_step(placement, mode):
     make = partial(localnorm_model, placement=placement)
-    (eager, m1), (comp, m2) = compiled_and_eager_runs(
+    (eager, m1, _), (comp, m2, _) = compiled_and_eager_runs(
         make, lambda m: O.make_optimizer("muon", m, constraint=mode))
     np.testing.assert_allclose(comp, eager, rtol=1e-5)
     for (k, a), (_, b) in zip(tree_flatten(m1.parameters()), tree_flatten(m2.parameters())):
