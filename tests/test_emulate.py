@@ -1,6 +1,8 @@
 """The CPU Metal emulator on small kernels with known answers (references in float64 NumPy)."""
 
-import re  # noqa: I001  (mlx_localnorm must load before mlx.core)
+import os  # noqa: I001  (mlx_localnorm must load before mlx.core)
+import re
+import tempfile
 
 import mlx_localnorm  # noqa: F401  (first: it swaps MLX's CPU BLAS before mlx.core loads)
 import mlx.core as mx
@@ -660,3 +662,65 @@ def test_mlx_style_kernel_traffic_is_counted():
     assert stats.minimum_bytes == 2 * x.nbytes + w.nbytes
     assert stats.traffic_ratio == (3 * x.nbytes + 4 * w.nbytes) / (2 * x.nbytes + w.nbytes)
     assert re.fullmatch(r"custom_kernel_emu_rms_norm__float_float_float_floats_float", stats.kernel)
+
+
+# ----------------------------------------------------------------- the compiled-kernel cache
+def _copy_kernel_run(name: str) -> np.ndarray:
+    kernel = metal_kernel(name, ["x"], ["out"], COPY_FLOAT4_SOURCE)
+    x = mx.arange(8, dtype=mx.float32)
+    (out,) = run(kernel, [x], [(8,)], [mx.float32], (2, 1, 1), (2, 1, 1))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("plant", ["world_writable", "other_owner", "symlink"])
+def test_cache_never_loads_a_library_planted_in_a_shared_temp_dir(plant, tmp_path, monkeypatch):
+    """With ~/.cache unwritable the cache falls back to the temporary directory, where anyone
+    can create `mlx_localnorm-<uid>` first: such a directory must not be used."""
+    from mlx_localnorm.emulate import _build
+
+    monkeypatch.setattr(_build, "_loaded", {})
+    monkeypatch.setenv("MLX_LOCALNORM_CACHE", str(tmp_path / "good"))
+    _copy_kernel_run("emu_cache_probe")
+    (library,) = (tmp_path / "good" / "emulate").glob("*.so")
+
+    # The user cache is now unusable (a file where a directory should be).
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("MLX_LOCALNORM_CACHE", str(tmp_path / "file" / "sub"))
+    shared = tmp_path / "shared_tmp"
+    shared.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))
+    uid = os.getuid()
+    if plant == "other_owner":  # the planted directory keeps our real uid as its owner
+        uid += 4242
+        monkeypatch.setattr(os, "getuid", lambda: uid)
+    attacker = tmp_path / "attacker" if plant == "symlink" else shared / f"mlx_localnorm-{uid}"
+    (attacker / "emulate").mkdir(parents=True)
+    (attacker / "emulate" / library.name).write_bytes(b"not a library: planted code")
+    if plant == "symlink":
+        (shared / f"mlx_localnorm-{uid}").symlink_to(attacker)
+    attacker.chmod(0o777 if plant != "other_owner" else 0o700)
+    monkeypatch.setattr(_build, "_loaded", {})
+
+    with pytest.warns(UserWarning, match=f"mlx_localnorm-{uid}"):
+        np.testing.assert_array_equal(_copy_kernel_run("emu_cache_probe"), np.arange(8))
+        chosen = _build._writable_cache()
+    assert not chosen.resolve().is_relative_to(attacker.resolve())
+    assert chosen.stat().st_mode & 0o077 == 0
+
+
+def test_cache_fallback_is_created_private(tmp_path, monkeypatch):
+    from mlx_localnorm.emulate import _build
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("MLX_LOCALNORM_CACHE", str(tmp_path / "file" / "sub"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    old_umask = os.umask(0o000)  # the mode must not depend on the user's umask
+    try:
+        chosen = _build._writable_cache()
+    finally:
+        os.umask(old_umask)
+    private = tmp_path / f"mlx_localnorm-{os.getuid()}"
+    assert chosen == private / "emulate"
+    for directory in (private, chosen):
+        assert directory.stat().st_mode & 0o777 == 0o700, oct(directory.stat().st_mode)
+    assert _build._writable_cache() == chosen  # reused: it is ours and private

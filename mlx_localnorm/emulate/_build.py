@@ -9,9 +9,11 @@ import os
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 INCLUDE_DIR = Path(__file__).parent / "include"
@@ -71,22 +73,48 @@ def cache_dir() -> Path:
     return Path(base) / "mlx_localnorm" / "emulate"
 
 
+def _private(directory: Path) -> bool:
+    """Ours and writable by nobody else: only then may its libraries be loaded."""
+    info = directory.lstat()
+    return (stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+            and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and os.access(directory, os.W_OK))
+
+
+def _usable(directory: Path, private_root: Path | None = None) -> bool:
+    """Create `private_root` and `directory` (mode 0700) if needed; True if both are private."""
+    checked = [directory] if private_root is None else [private_root, directory]
+    try:
+        if private_root is not None:
+            private_root.mkdir(mode=0o700, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if all(_private(d) for d in checked):
+            return True
+    except OSError:
+        return False
+    warnings.warn(f"mlx_localnorm.emulate: not using the kernel cache {directory}: it is not a "
+                  f"directory of uid {os.getuid()} writable only by its owner", stacklevel=4)
+    return False
+
+
+_session_dir: Path | None = None
+
+
 def _writable_cache() -> Path:
-    # A read-only home (some CI runners) falls back to a per-user temporary directory.
-    for directory in (
-        cache_dir(),
-        Path(tempfile.gettempdir()) / f"mlx_localnorm-{os.getuid()}" / "emulate",
-    ):
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            if os.access(directory, os.W_OK):
-                return directory
-        except OSError:
-            continue
-    raise RuntimeError(
-        f"no writable cache directory for compiled kernels (tried {cache_dir()}); set "
-        "MLX_LOCALNORM_CACHE"
-    )
+    """The user cache, else `<tmp>/mlx_localnorm-<uid>/emulate` (a read-only home, some CI
+    runners), else a fresh directory for this process only.
+
+    Anyone may create the temporary-directory path first and plant a library there: it is
+    used only if owned by us and writable by nobody else.
+    """
+    global _session_dir
+    if _usable(cache_dir()):
+        return cache_dir()
+    shared = Path(tempfile.gettempdir()) / f"mlx_localnorm-{os.getuid()}"
+    if _usable(shared / "emulate", private_root=shared):
+        return shared / "emulate"
+    if _session_dir is None or not _session_dir.is_dir():
+        _session_dir = Path(tempfile.mkdtemp(prefix="mlx_localnorm-emulate-"))
+    return _session_dir
 
 
 @functools.cache
