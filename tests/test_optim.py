@@ -8,8 +8,10 @@ import mlx.optimizers as mlx_optim
 import numpy as np
 import pytest
 from mlx import nn
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_merge, tree_unflatten
 from mlx_lm.models import llama
+from mlx_lm.tuner.lora import LoRALinear
+from mlx_lm.tuner.utils import linear_to_lora_layers
 
 import mlx_localnorm as ln
 from mlx_localnorm import optim as O
@@ -472,6 +474,98 @@ def test_make_optimizer_routes_groups_and_hparams():
     scion = O.make_optimizer("scion", model, rho_head=10.0)
     assert [o.norm for o in scion.optimizers[:3]] == ["spectral", "colnorm", "sign"]
     assert scion.optimizers[2].rho == 10.0
+
+
+def test_mlx_tree_merge_empty_slot_bug_reproduction_and_workaround():
+    """Upstream MLX bug (seen in mlx 0.32.4): ``tree_merge({}, None)`` raises "Trees contain
+    elements at the same locations but no merge function was provided", and
+    ``mlx.optimizers.MultiOptimizer`` merges its groups' updates with ``tree_merge``, so it
+    fails when one group's list is shorter than another's that has an empty slot past its
+    end. Passes (and says which) whether or not MLX has fixed it; ours must work either way."""
+    try:
+        tree_merge({}, None)
+        mlx_fixed = True
+    except ValueError as err:
+        assert "no merge function" in str(err)
+        mlx_fixed = False
+    one = mx.ones((2,))
+    params = {"layers": [{"a": one}, {"b": one}, {"c": one}, {"b": one}]}
+    grads = tree_map(lambda p: 2 * p, params)
+    # Groups "a" -> [{a}], "c" -> [{}, {}, {c}]: index 1 pairs None with the empty slot {}.
+    filters = [lambda path, _: path.endswith(".a"), lambda path, _: path.endswith(".c")]
+
+    def sgds():
+        return [mlx_optim.SGD(learning_rate=0.1) for _ in range(3)]
+
+    upstream = mlx_optim.MultiOptimizer(sgds(), filters)
+    if mlx_fixed:
+        upstream.apply_gradients(grads, params)
+    else:
+        with pytest.raises(ValueError, match="no merge function"):
+            upstream.apply_gradients(grads, params)
+    got = O.MultiOptimizer(sgds(), filters).apply_gradients(grads, params)
+    assert [k for k, _ in tree_flatten(got)] == [k for k, _ in tree_flatten(params)]
+    for key, value in tree_flatten(got):
+        np.testing.assert_allclose(np.array(value), [0.8, 0.8], err_msg=key)  # 1 - 0.1 * 2
+
+
+def issue_sequential():
+    """The model of the bug report: its groups' lists of layers have different lengths."""
+    mx.random.seed(3)
+    return nn.Sequential(nn.Embedding(50, 32), nn.Linear(32, 32), nn.RMSNorm(32),
+                         nn.Linear(32, 50))
+
+
+def sequential_lora_last_layer():
+    """LoRA on the last layer only, and the embedding trained (e.g. for new tokens)."""
+    model = issue_sequential()
+    model.freeze()
+    model.layers[3] = LoRALinear.from_base(model.layers[3], r=4)
+    model.layers[0].unfreeze()
+    return model
+
+
+def sequential_first_linear_frozen():
+    model = issue_sequential()
+    model.layers[1].freeze()
+    return model
+
+
+def llama_lora_last_layer():
+    model = tiny_llama()
+    model.freeze()
+    linear_to_lora_layers(model, 1, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+    return model
+
+
+def sequential_loss(model, tokens):
+    return nn.losses.cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]).mean()
+
+
+@pytest.mark.parametrize("name", sorted(O.OPTIMIZERS))
+@pytest.mark.parametrize("make_model", [issue_sequential, sequential_lora_last_layer,
+                                        sequential_first_linear_frozen, llama_lora_last_layer],
+                         ids=lambda f: f.__name__)
+def test_make_optimizer_updates_any_model(make_model, name):
+    model = make_model()
+    loss_fn = lm_loss if make_model is llama_lora_last_layer else sequential_loss
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    trainable = {k for k, _ in tree_flatten(model.trainable_parameters())}
+    opt = O.make_optimizer(name, model)
+    # Two steps: LoRA's B starts at 0, so A has no gradient before B has moved once.
+    for _ in range(2):
+        _, grads = nn.value_and_grad(model, loss_fn)(model, TOKENS)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+    after = dict(tree_flatten(model.parameters()))
+    assert after.keys() == before.keys()
+    for key, value in after.items():
+        value = np.array(value)
+        assert value.shape == before[key].shape and np.isfinite(value).all(), key
+        if key in trainable:
+            assert not np.array_equal(value, before[key]), f"{key} did not move"
+        else:
+            np.testing.assert_array_equal(value, before[key], err_msg=f"frozen {key} moved")
 
 
 def compiled_and_eager_runs(make_model, make_opt, steps=3):

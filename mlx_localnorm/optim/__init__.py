@@ -3,7 +3,14 @@ weight constraints and parameter groups. All are ``mlx.optimizers.Optimizer`` su
 work inside ``mx.compile`` and under ``MultiOptimizer``."""
 
 from .constrained import Constrained
-from .groups import OPTIMIZERS, PARAM_GROUPS, make_optimizer, param_groups, split_params
+from .groups import (
+    OPTIMIZERS,
+    PARAM_GROUPS,
+    MultiOptimizer,
+    make_optimizer,
+    param_groups,
+    split_params,
+)
 from .muon import LR_SCALES, Muon, NorMuon
 from .orth import NEWTON_SCHULZ, ORTH_METHODS, POLAR_EXPRESS, orthogonalize
 from .scion import SCION_NORMS, Scion
@@ -20,6 +27,7 @@ __all__ = [
     "POLAR_EXPRESS",
     "SCION_NORMS",
     "Constrained",
+    "MultiOptimizer",
     "Muon",
     "NorMuon",
     "Scion",

@@ -43,6 +43,22 @@ _ADAMW_DEFAULTS = {"learning_rate": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8,
                    "weight_decay": 0.1, "bias_correction": True}
 
 
+class MultiOptimizer(optim.MultiOptimizer):
+    """``mlx.optimizers.MultiOptimizer`` that joins its groups' updates by path.
+
+    MLX merges them with ``mlx.utils.tree_merge``, which raises on ``tree_merge({}, None)``
+    (mlx 0.32.4): any model whose groups' lists of layers differ in length with an empty slot
+    past the shorter one's end fails (``nn.Sequential``, LoRA on the last layers, partly
+    frozen models). Each parameter belongs to one group, so the flat updates just concatenate.
+    """
+
+    def apply_gradients(self, gradients: dict, parameters: dict):
+        flat = []
+        for opt, grads in zip(self.optimizers, self._split_dictionary(gradients)):
+            flat.extend(tree_flatten(opt.apply_gradients(grads, parameters)))
+        return tree_unflatten(flat) if flat else {}
+
+
 def param_groups(model: nn.Module) -> dict[str, str]:
     """Every parameter path of ``model`` -> its group in ``PARAM_GROUPS``."""
     if not isinstance(model, nn.Module):
@@ -124,7 +140,7 @@ def make_optimizer(
     else:
         fallback = optim.AdamW(**{**adamw, "weight_decay": 0.0})
     filters = [_group_filter(groups, wanted) for _, wanted in parts]
-    opt = optim.MultiOptimizer([o for o, _ in parts] + [fallback], filters)
+    opt = MultiOptimizer([o for o, _ in parts] + [fallback], filters)
     return opt if constraint is None else Constrained(opt, mode=constraint)
 
 
