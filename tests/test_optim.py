@@ -67,8 +67,10 @@ def ref_muon(w, grads, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0,
             fro = np.sqrt((Ot**2).sum(axis=(-2, -1), keepdims=True))
             fro_n = np.sqrt((On**2).sum(axis=(-2, -1), keepdims=True))
             Ot = On * fro / (fro_n + eps)
-        decay = lr * weight_decay * ((U * w >= 0) if cautious else 1.0)
-        w = w * (1 - decay) - lr * scale * Ot
+        step = scale * Ot
+        # Cautious decay (arXiv 2510.12402): only where the applied update agrees with W.
+        decay = lr * weight_decay * ((step * w >= 0) if cautious else 1.0)
+        w = w * (1 - decay) - lr * step
         out.append(w)
     return out
 
@@ -352,11 +354,32 @@ def test_muon_bfloat16_orthogonalization_step():
 
 @pytest.mark.parametrize("shape", [(12, 8), (8, 12), (2, 6, 10)])
 @pytest.mark.parametrize("nsteps", [1, 3])
-def test_normuon_matches_reference(shape, nsteps):
+@pytest.mark.parametrize("cautious", [False, True])
+def test_normuon_matches_reference(shape, nsteps, cautious):
     w0, grads = rand(shape, 30), [rand(shape, 31 + k) for k in range(nsteps)]
-    got = run(O.NorMuon(learning_rate=0.05, beta2=0.9, weight_decay=0.01), w0, grads)
-    want = ref_muon(w0, grads, lr=0.05, weight_decay=0.01, normuon=(0.9, 1e-8))
+    got = run(O.NorMuon(learning_rate=0.05, beta2=0.9, weight_decay=0.1, cautious=cautious),
+              w0, grads)
+    want = ref_muon(w0, grads, lr=0.05, weight_decay=0.1, cautious=cautious,
+                    normuon=(0.9, 1e-8))
     assert_steps_close(got, want, w0, 0.05, DIR_TOL, STORE_RTOL[mx.float32])
+
+
+@pytest.mark.parametrize("cls", [O.Muon, O.NorMuon])
+def test_cautious_weight_decay_masks_on_the_orthogonalized_update(cls):
+    """arXiv 2510.12402 and modded-nanogpt: decay only where ``O * W >= 0``, ``O`` the
+    orthogonalized update actually applied, not the momentum ``U`` before it."""
+    w0, g = rand((12, 8), 24), rand((12, 8), 25)
+    u = (1 - 0.95) * g + 0.95 * (1 - 0.95) * g  # Nesterov direction after one step
+    o = ref_orth(u)
+    if cls is O.NorMuon:  # beta2 = 0: v is this step's row mean of O^2
+        normed = o / (np.sqrt((o**2).mean(axis=1, keepdims=True)) + 1e-8)
+        o = normed * np.linalg.norm(o) / (np.linalg.norm(normed) + 1e-8)
+    mask = o * w0 >= 0
+    assert (mask != (u * w0 >= 0)).sum() >= 10  # the two masks really differ here
+    extra = {"beta2": 0.0} if cls is O.NorMuon else {}
+    got = run(cls(learning_rate=0.05, weight_decay=0.5, cautious=True, **extra), w0, [g])[0]
+    want = w0 * (1 - 0.05 * 0.5 * mask) - 0.05 * np.sqrt(12 / 8) * o
+    np.testing.assert_allclose(got, want, rtol=0, atol=0.05 * DIR_TOL + 1e-6 * np.abs(want).max())
 
 
 def test_normuon_keeps_frobenius_norm_and_equalizes_rows():

@@ -43,7 +43,9 @@ class Muon(Optimizer):
 
     Momentum is kept in float32; ``orth`` iterates in ``ortho_dtype`` over the last two axes,
     so 3-D stacks (experts, heads) are orthogonalized per matrix. Weight decay is decoupled;
-    ``cautious=True`` decays only where ``U * W >= 0``.
+    ``cautious=True`` decays only where the update actually applied agrees in sign with the
+    weight, ``O * W >= 0`` with ``O = s(m, n) orth(U)`` (cautious weight decay, arXiv
+    2510.12402, as modded-nanogpt; NorMuon: its normalized ``O``).
 
     Args:
         learning_rate: ``eta`` (number or schedule). Default 0.02.
@@ -54,7 +56,7 @@ class Muon(Optimizer):
         ortho_dtype: dtype of the iteration (float32 or bfloat16). Default float32, the
             fast one on a CPU; bfloat16 is the reference choice on a GPU.
         weight_decay: ``lambda``, decoupled. Default 0.
-        cautious: cautious weight decay. Default False.
+        cautious: cautious weight decay (mask ``O * W >= 0``). Default False.
         lr_scale: "spectral" ``sqrt(max(1, m/n))`` or "adamw_rms" ``0.2 sqrt(max(m, n))``.
     """
 
@@ -102,7 +104,7 @@ class Muon(Optimizer):
         if self.weight_decay:
             decay = lr * self.weight_decay
             if self.cautious:
-                decay = decay * (u * w >= 0)
+                decay = decay * (step * w >= 0)
             w = w * (1 - decay)
         return as_dtype(w - lr * step, parameter.dtype)
 
