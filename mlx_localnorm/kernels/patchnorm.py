@@ -13,9 +13,8 @@ import math
 
 import mlx.core as mx
 
-from .. import norms
-from ..norms import patch as norm_patch
-from ..norms.patch import check_patchnorm_args
+from ..ops.patch import check_patchnorm_args, patch_divisor, patch_sum_squares
+from ..ops.patch import patchnorm as ops_patchnorm
 from ._launch import (
     KERNEL_DTYPES,
     MAX_DIMS,
@@ -64,8 +63,8 @@ def _fused(eps: float, patch_size: int, patch_ndim: int, affine: bool, count: in
 
     def twin(x: mx.array, u: mx.array) -> mx.array:
         """The ops twin of the fused part."""
-        ss = norm_patch.patch_sum_squares(x, patch_size, patch_ndim)
-        return u / norm_patch.patch_divisor(ss, count, "affine" if affine else "rms", eps)
+        ss = patch_sum_squares(x, patch_size, patch_ndim)
+        return u / patch_divisor(ss, count, "affine" if affine else "rms", eps)
 
     @mx.custom_function
     def backward(x, u, grad_y, inv_d):
@@ -112,7 +111,7 @@ def patchnorm(
 ) -> mx.array:
     """PatchNorm with the patch divisor fused: ``z_p = (W x)_p / d_p + b`` (arXiv 2512.22247).
 
-    Same arguments and values as :func:`mlx_localnorm.norms.patchnorm` (``weight`` a gain
+    Same arguments and values as :func:`mlx_localnorm.ops.patchnorm` (``weight`` a gain
     ``(D,)`` or a matrix ``(D_out, D)``; mode ``"affine"`` puts the bias inside the division),
     plus ``backend`` as in :func:`seednorm`.
     """
@@ -132,7 +131,7 @@ def patchnorm(
         if reason:
             warn_fallback(owner, reason)
     if chosen == "ops" or reason:
-        return norms.patchnorm(x, weight, bias, eps, patch_size, patch_ndim, mode)
+        return ops_patchnorm(x, weight, bias, eps, patch_size, patch_ndim, mode)
 
     # The linear map in MLX ops, in float32 like the ops twin; the kernels fuse the division.
     xf = x.astype(mx.float32)

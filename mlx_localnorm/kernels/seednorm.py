@@ -12,9 +12,9 @@ import math
 
 import mlx.core as mx
 
-from .. import norms
-from ..norms._checks import check_choice, check_eps, check_heads, check_input, check_param
-from ..norms.seed import DOT_SCALES
+from .. import ops
+from ..ops._checks import check_choice, check_eps, check_heads, check_input, check_param
+from ..ops.seed import DOT_SCALES
 from ._launch import (
     KERNEL_DTYPES,
     MAX_DIMS,
@@ -91,7 +91,7 @@ def _fused(eps: float, num_heads: int, dot_scale: str, head_rms: bool, residual:
         """The ops twin of the normalization alone (RMSNorm: SeeDNorm with alpha = 0)."""
         if not dynamic:
             p = (p[0], mx.zeros_like(p[0]), mx.zeros_like(p[0]))
-        return norms.seednorm(x, *p, eps, num_heads, dot_scale, head_rms)
+        return ops.seednorm(x, *p, eps, num_heads, dot_scale, head_rms)
 
     @mx.custom_function
     def fused(*primals):
@@ -179,7 +179,7 @@ def seednorm(
 ) -> mx.array | tuple[mx.array, mx.array]:
     """SeeDNorm, fused: ``y_k = (weight_k + alpha_k tanh(c <x_k, beta_k>)) x_k / RMS(x)``.
 
-    arXiv 2510.22777. Same values as :func:`mlx_localnorm.norms.seednorm` (the ops twin, with
+    arXiv 2510.22777. Same values as :func:`mlx_localnorm.ops.seednorm` (the ops twin, with
     the same ``dot_scale`` and ``head_rms`` options). With ``residual`` it normalizes
     ``h = x + residual`` in the same pass and returns ``(h, y)``. ``frozen=True`` treats the
     parameters as constants (LoRA, QAT): their gradients are zero and the backward kernel
@@ -206,7 +206,7 @@ def seednorm(
         warn_fallback(owner, reason)
     if chosen == "ops" or reason:
         h = x if residual is None else x + residual
-        y = norms.seednorm(h, weight, alpha, beta, eps, num_heads, dot_scale, head_rms)
+        y = ops.seednorm(h, weight, alpha, beta, eps, num_heads, dot_scale, head_rms)
         return y if residual is None else (h, y)
 
     fused = _fused(float(eps), num_heads, dot_scale, bool(head_rms), residual is not None,
@@ -234,6 +234,6 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float = 1e-6, backend: str = "a
     if reason:
         warn_fallback(owner, reason)
     if chosen == "ops" or reason:
-        return norms.rms_norm(x, weight, eps)
+        return ops.rms_norm(x, weight, eps)
     fused = _fused(float(eps), 1, "none", False, False, bool(frozen), False, chosen)
     return fused(x, weight)[0]

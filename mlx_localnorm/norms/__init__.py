@@ -1,5 +1,8 @@
 """The norm zoo: each norm is an ``nn.Module`` plus a pure function (the ops twin).
 
+The pure functions of the norms with fused kernels (RMSNorm, SeeDNorm, PatchNorm) live in
+:mod:`mlx_localnorm.ops`, below the kernels, and are re-exported here.
+
 All norms act on the last axis, take any leading shape, keep the input dtype and compute
 their statistics in float32.
 
@@ -15,11 +18,12 @@ from .approx import ApproxNorm, nu_activation, nu_lerp, nu_linear
 from .dyt import DyT, dyt
 from .l2 import L2Norm, l2_norm
 from .layer import LayerNorm, layer_norm
-from .patch import PatchNorm, PatchNormConv1d, PatchNormConv2d, PatchNormLinear, patchnorm
+from ..ops import patchnorm, rms_norm, seednorm
+from .patch import PatchNorm, PatchNormConv1d, PatchNormConv2d, PatchNormLinear
 from .qk import QKNorm
 from .registry import NORMS, make_norm, norm_options
-from .rms import RMSNorm, rms_norm
-from .seed import SeeDNorm, seednorm
+from .rms import RMSNorm
+from .seed import SeeDNorm
 
 __all__ = [
     "NORMS",

@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ._checks import check_dims, check_input
+from ..ops._checks import check_dims, check_input
 
 _ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "silu": lambda z: z / (1 + np.exp(-z)),

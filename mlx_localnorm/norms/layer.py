@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ._checks import check_dims, check_eps, check_input, check_param
+from ..ops._checks import check_dims, check_eps, check_input, check_param
 
 
 def layer_norm(

@@ -7,7 +7,7 @@ import math
 
 import mlx.core as mx
 
-from ..norms._checks import check_choice  # noqa: F401  (re-exported for the optimizers)
+from ..ops._checks import check_choice  # noqa: F401  (re-exported for the optimizers)
 
 
 def _is_number(value) -> bool:

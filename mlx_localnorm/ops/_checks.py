@@ -1,19 +1,13 @@
-"""Argument checks shared by the norms: each error names the argument, the expected and the given value."""
+"""Argument checks shared by the ops twins, norms, kernels and optimizers.
+
+Each error names the argument, the expected and the given value.
+"""
 
 from __future__ import annotations
 
 import math
 
 import mlx.core as mx
-
-
-# Where the fused norms (SeeDNorm, PatchNorm) run; see mlx_localnorm.kernels.
-BACKENDS = ("auto", "metal", "ops", "emulate")
-
-
-def frozen(module, names: tuple[str, ...]) -> bool:
-    """True when every parameter in ``names`` is frozen (LoRA, QAT): kernels skip their grads."""
-    return set(names) <= set(module._no_grad)
 
 
 def check_dims(dims, owner: str) -> int:
