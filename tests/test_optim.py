@@ -771,6 +771,34 @@ def test_unknown_optimizer_and_hparam_raise_with_valid_lists():
         O.make_optimizer("adamw", model, constraint="sphere")
 
 
+@pytest.mark.parametrize(("name", "key", "value", "error", "message"), [
+    ("muon", "adamw_learning_rate", -0.1, ValueError,
+     r"adamw_learning_rate must be a non-negative number or a schedule, got -0\.1"),
+    ("normuon", "adamw_learning_rate", float("nan"), ValueError,
+     r"adamw_learning_rate must be a non-negative number or a schedule, got nan"),
+    ("scion", "adamw_weight_decay", -0.1, ValueError,
+     r"adamw_weight_decay must be a non-negative number, got -0\.1"),
+    ("muon", "adamw_weight_decay", float("nan"), ValueError,
+     r"adamw_weight_decay must be a non-negative number, got nan"),
+    ("muon", "adamw_betas", (0.9, 1.0), ValueError, r"adamw_betas must be in \[0, 1\), got 1\.0"),
+    ("muon", "adamw_betas", 0.9, ValueError, r"adamw_betas must be a pair \(b1, b2\), got 0\.9"),
+    ("muon", "adamw_eps", 0.0, ValueError, r"adamw_eps must be a positive number, got 0\.0"),
+    ("muon", "adamw_bias_correction", "no", TypeError,
+     r"adamw_bias_correction must be a bool, got 'no'"),
+    ("adamw", "learning_rate", float("nan"), ValueError,
+     r"learning_rate must be a non-negative number or a schedule, got nan"),
+    ("adamw", "learning_rate", -1e-3, ValueError,
+     r"learning_rate must be a non-negative number or a schedule, got -0\.001"),
+    ("adamw", "weight_decay", -0.1, ValueError,
+     r"weight_decay must be a non-negative number, got -0\.1"),
+    ("adamw", "betas", [0.9, -0.1], ValueError, r"betas must be in \[0, 1\), got -0\.1"),
+    ("adamw", "eps", -1e-8, ValueError, r"eps must be a positive number, got -1e-08"),
+])
+def test_make_optimizer_checks_adamw_hyperparameters(name, key, value, error, message):
+    with pytest.raises(error, match=rf"make_optimizer\('{name}'\): {message}"):
+        O.make_optimizer(name, tiny_llama(), **{key: value})
+
+
 @pytest.mark.parametrize("opt", [O.Muon(), O.NorMuon(), O.Scion(norm="sign")],
                          ids=lambda o: type(o).__name__)
 @pytest.mark.parametrize("shape", [(5,), ()])

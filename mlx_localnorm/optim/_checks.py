@@ -14,13 +14,13 @@ def _is_number(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def check_learning_rate(value, owner: str):
+def check_learning_rate(value, owner: str, name: str = "learning_rate"):
     """A non-negative number or a schedule (a callable of the step)."""
     if callable(value):
         return value
     if not _is_number(value) or value < 0:
         raise ValueError(
-            f"{owner}: learning_rate must be a non-negative number or a schedule, got {value!r}"
+            f"{owner}: {name} must be a non-negative number or a schedule, got {value!r}"
         )
     return value
 
@@ -30,6 +30,19 @@ def check_unit_interval(value, name: str, owner: str) -> float:
     if not _is_number(value) or not 0 <= value < 1:
         raise ValueError(f"{owner}: {name} must be in [0, 1), got {value!r}")
     return float(value)
+
+
+def check_betas(value, name: str, owner: str) -> tuple[float, float]:
+    """A pair of moment decays ``(b1, b2)``, each in [0, 1)."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{owner}: {name} must be a pair (b1, b2), got {value!r}")
+    return tuple(check_unit_interval(b, name, owner) for b in value)
+
+
+def check_bool(value, name: str, owner: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be a bool, got {value!r}")
+    return value
 
 
 def check_non_negative(value, name: str, owner: str) -> float:

@@ -17,6 +17,13 @@ from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..norms import NORMS, SeeDNorm
+from ._checks import (
+    check_betas,
+    check_bool,
+    check_learning_rate,
+    check_non_negative,
+    check_positive,
+)
 from .constrained import Constrained
 from .muon import Muon, NorMuon
 from .scion import Scion
@@ -114,6 +121,10 @@ def make_optimizer(
         raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(sorted(OPTIMIZERS))}")
     groups = param_groups(model)
     main, adamw = _split_hparams(name, hparams)
+    if name == "adamw":
+        _check_adamw(main, f"make_optimizer({name!r})", prefix="")
+    else:
+        _check_adamw(adamw, f"make_optimizer({name!r})", prefix="adamw_")
     if constraint is not None:
         # nGPT and anGPT train without weight decay (SPEC); explicit values still win.
         adamw.setdefault("weight_decay", 0.0)
@@ -142,6 +153,22 @@ def make_optimizer(
     filters = [_group_filter(groups, wanted) for _, wanted in parts]
     opt = MultiOptimizer([o for o, _ in parts] + [fallback], filters)
     return opt if constraint is None else Constrained(opt, mode=constraint)
+
+
+def _check_adamw(hparams: dict, owner: str, prefix: str) -> None:
+    """MLX's AdamW takes any value (a NaN learning rate trains to NaN): check as Muon does."""
+    for key, value in hparams.items():
+        name = prefix + key
+        if key == "learning_rate":
+            check_learning_rate(value, owner, name)
+        elif key == "betas":
+            check_betas(value, name, owner)
+        elif key == "eps":
+            check_positive(value, name, owner)
+        elif key == "weight_decay":
+            check_non_negative(value, name, owner)
+        else:
+            check_bool(value, name, owner)  # bias_correction, the only other AdamW argument
 
 
 def _group_filter(groups: dict[str, str], wanted: tuple):

@@ -12,7 +12,13 @@ import mlx.core as mx
 from mlx.optimizers import Optimizer
 
 from ._cast import as_dtype
-from ._checks import check_learning_rate, check_non_negative, check_positive, check_unit_interval
+from ._checks import (
+    check_betas,
+    check_learning_rate,
+    check_non_negative,
+    check_positive,
+    check_unit_interval,
+)
 
 
 def _norm(x: mx.array) -> mx.array:
@@ -90,9 +96,7 @@ class LAMB(Optimizer):
     ):
         super().__init__()
         self._maybe_schedule("learning_rate", check_learning_rate(learning_rate, "LAMB"))
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"LAMB: betas must be a pair (b1, b2), got {betas!r}")
-        self.betas = tuple(check_unit_interval(b, "betas", "LAMB") for b in betas)
+        self.betas = check_betas(betas, "betas", "LAMB")
         self.eps = check_positive(eps, "eps", "LAMB")
         self.weight_decay = check_non_negative(weight_decay, "weight_decay", "LAMB")
 
