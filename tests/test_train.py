@@ -12,9 +12,11 @@ from pathlib import Path
 
 import mlx_localnorm as ln
 import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 from mlx_localnorm.train import (
     CheckpointError,
     PretrainConfig,
@@ -23,7 +25,9 @@ from mlx_localnorm.train import (
     lr_schedule,
     read_metrics,
     resume_config,
+    save_checkpoint,
 )
+from mlx_localnorm.train import pretrain as pretrain_module
 from mlx_localnorm.train.command import build_parser, parse_config
 
 GOLDEN = Path(__file__).parent / "fixtures" / "losses" / "pretrain_tiny.txt"
@@ -340,6 +344,132 @@ def test_failed_checkpoint_write_keeps_the_previous_one(prepared, tmp_path, monk
     assert _snapshot(out / "checkpoints") == before  # step 4 intact, nothing half-written
     monkeypatch.undo()
     Pretrainer(resume_config(out), resume=True)  # and it still resumes
+
+
+def test_ctrl_c_right_after_a_save_keeps_that_checkpoint(prepared, tmp_path, full_run,
+                                                        monkeypatch):
+    """Ctrl-C lands just after the step-4 checkpoint is written, and a second Ctrl-C (the
+    default handler is back by then) lands just after any later checkpoint deletion."""
+    reference, _ = full_run
+    out = run_dir(prepared, tmp_path)
+    saved_steps = []
+    real_save, real_rmtree = pretrain_module.save_checkpoint, shutil.rmtree
+
+    def save_then_ctrl_c(out_dir, step, *args, **kw):
+        saved_steps.append(step)
+        path = real_save(out_dir, step, *args, **kw)
+        signal.raise_signal(signal.SIGINT)
+        return path
+
+    def rmtree_then_ctrl_c(path, *args, **kw):
+        real_rmtree(path, *args, **kw)
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(pretrain_module, "save_checkpoint", save_then_ctrl_c)
+    monkeypatch.setattr(shutil, "rmtree", rmtree_then_ctrl_c)
+    try:
+        summary = Pretrainer(config(out)).run()
+    except KeyboardInterrupt:
+        pytest.fail("the second Ctrl-C hit a checkpoint file operation")
+    monkeypatch.undo()
+    assert summary["interrupted"] and summary["step"] == 4
+    assert saved_steps == [4]  # the step saved just before the Ctrl-C is not saved again
+    assert [c.name for c in list_checkpoints(out)] == ["step_0000004"]
+    Pretrainer(resume_config(out), resume=True).run()
+    assert losses(out) == losses(reference)
+
+
+def _tiny_model_and_optimizer():
+    model = nn.Linear(3, 2)
+    optimizer = optim.Adam(learning_rate=1e-2)
+    optimizer.init(model.trainable_parameters())
+    return model, optimizer
+
+
+def test_a_saved_step_is_never_overwritten(tmp_path):
+    model, optimizer = _tiny_model_and_optimizer()
+    save_checkpoint(tmp_path, 1, model, optimizer, {})
+    before = _snapshot(tmp_path)
+    model.update(tree_map(lambda p: p + 1, model.parameters()))
+    with pytest.raises(FileExistsError, match=r"step_0000001 already exists"):
+        save_checkpoint(tmp_path, 1, model, optimizer, {})
+    assert _snapshot(tmp_path) == before
+    assert os.listdir(tmp_path / "checkpoints") == ["step_0000001"]
+
+
+def test_restart_removes_only_its_own_leftovers(prepared, tmp_path):
+    out = run_dir(prepared, tmp_path)
+    Pretrainer(config(out)).run(until=4)
+    root, elsewhere = out / "checkpoints", tmp_path / "elsewhere"
+    for name in (".tmp-k1l2m3n4", ".trash-a1b2c3d4", ".tmp-a-file", ".other", "notes",
+                 "step_0000002.bak"):
+        (root / name).mkdir()
+        (root / name / "model.safetensors").write_bytes(b"0" * 100)
+    (root / "notes.tmp-x").write_text("mine")
+    elsewhere.mkdir()
+    (root / ".tmp-link").symlink_to(elsewhere)
+    shutil.rmtree(root / ".tmp-a-file")
+    (root / ".tmp-a-file").write_text("a file, not a staging directory")
+    Pretrainer(resume_config(out), resume=True)
+    assert sorted(os.listdir(root)) == [".other", ".tmp-a-file", ".tmp-link", "notes",
+                                        "notes.tmp-x", "step_0000002.bak", "step_0000004"]
+    assert elsewhere.is_dir()
+
+
+# A training process that kills itself (SIGKILL) at a dangerous moment of a checkpoint.
+KILLED_TRAINER = """
+import json, os, shutil, signal, sys
+from pathlib import Path
+from mlx_localnorm.train import PretrainConfig, Pretrainer  # first: it picks the BLAS
+import mlx.core as mx
+
+fault, fields = sys.argv[1], json.loads(sys.argv[2])
+kill = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if fault == "write":  # half of step 8's optimizer file is on disk
+    real_save, optimizer_files = mx.save_safetensors, []
+
+    def save(path, arrays, *args, **kw):
+        if path.endswith("optimizer.safetensors"):
+            optimizer_files.append(path)
+            if len(optimizer_files) == 2:
+                real_save(path, {"partial": mx.zeros(3)})
+                kill()
+        real_save(path, arrays, *args, **kw)
+
+    mx.save_safetensors = save
+else:  # deleting the oldest checkpoint: one file is gone
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, *args, **kw):
+        for weights in Path(path).rglob("model.safetensors"):
+            weights.unlink()
+            kill()
+        real_rmtree(path, *args, **kw)
+
+    shutil.rmtree = rmtree
+Pretrainer(PretrainConfig(**fields)).run()
+"""
+
+
+@pytest.mark.parametrize("fault, survivor", [("write", "step_0000004"),
+                                             ("delete", "step_0000008")])
+def test_kill_during_a_checkpoint_then_restart(prepared, tmp_path, full_run, fault,
+                                               survivor):
+    """kill -9 while step 8 is written, or while step 4 is deleted after step 8 is in
+    place (keep 1): the restart finds only complete checkpoints, removes the leftovers and
+    resumes to the uninterrupted run's losses."""
+    reference, _ = full_run
+    out = run_dir(prepared, tmp_path)
+    fields = {**TINY, "out_dir": str(out), "keep_checkpoints": 1}
+    proc = subprocess.run([sys.executable, "-c", KILLED_TRAINER, fault, json.dumps(fields)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert len(list((out / "checkpoints").iterdir())) == 2  # the survivor and a leftover
+    restarted = Pretrainer(resume_config(out), resume=True)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [survivor]
+    assert restarted.step == int(survivor[len("step_"):])
+    restarted.run()
+    assert losses(out) == losses(reference)
 
 
 def test_run_directory_rules(prepared, tmp_path):

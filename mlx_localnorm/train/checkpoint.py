@@ -1,9 +1,12 @@
 """Atomic, self-checking checkpoints: model, optimizer state, data position, RNG, config.
 
 A checkpoint is a directory ``step_NNNNNNN`` holding ``model.safetensors``,
-``optimizer.safetensors`` and ``state.json``. It is written into a hidden temporary
-directory and renamed into place, so a crash or a full disk leaves the previous checkpoints
-untouched; only the newest ``keep`` are kept.
+``optimizer.safetensors`` and ``state.json``. It is written into a hidden staging directory
+and renamed into place, so a crash or a full disk leaves the previous checkpoints
+untouched; a saved step is never overwritten. Only the newest ``keep`` are kept: an old one
+is first renamed into a hidden trash directory, then deleted, so a crash never leaves a
+half-deleted checkpoint under its listed name. :func:`remove_leftovers` deletes the
+staging and trash directories a killed process left behind.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 FORMAT = 1
 PREFIX = "step_"
+# Hidden directories of a checkpoint being written / being deleted.
+STAGING, TRASH = ".tmp-", ".trash-"
 
 
 class CheckpointError(ValueError):
@@ -44,11 +49,18 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
 
 def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module,
                     optimizer: optim.Optimizer, state: dict[str, Any], keep: int = 3) -> Path:
-    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``."""
+    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``.
+
+    Raises ``FileExistsError`` if ``step`` is already saved: replacing it would leave a
+    moment with no complete checkpoint of that step.
+    """
     root = checkpoint_dir(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:07d}"
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    if final.exists():
+        raise FileExistsError(f"checkpoint {final} already exists; a saved step is never "
+                              "overwritten (delete it first to save this step again)")
+    staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=root))
     try:
         mx.save_safetensors(str(staging / "model.safetensors"),
                             dict(tree_flatten(model.parameters())))
@@ -56,15 +68,37 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module,
                             dict(tree_flatten(optimizer.state)))
         payload = {"format": FORMAT, "step": step, **state}
         (staging / "state.json").write_text(json.dumps(payload, indent=1))
-        if final.exists():  # re-saving a step (e.g. interrupted right after a save)
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        os.rename(staging, final)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     for old in list_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        delete_checkpoint(old)
     return final
+
+
+def delete_checkpoint(path: str | Path) -> None:
+    """Delete checkpoint ``path``: renamed out of the listing first, then removed."""
+    path = Path(path)
+    trash = Path(tempfile.mkdtemp(prefix=TRASH, dir=path.parent))
+    os.rename(path, trash / path.name)
+    shutil.rmtree(trash)
+
+
+def remove_leftovers(out_dir: str | Path) -> list[Path]:
+    """Delete the staging and trash directories of a killed run; return what was removed.
+
+    Only hidden directories this module creates (``.tmp-*``, ``.trash-*``) inside the
+    run's ``checkpoints`` directory are touched. Call it when no process writes checkpoints.
+    """
+    root = checkpoint_dir(out_dir)
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()
+             and p.name.startswith((STAGING, TRASH))]
+    for path in stale:
+        shutil.rmtree(path)
+    return stale
 
 
 def load_checkpoint(path: str | Path, model: nn.Module,

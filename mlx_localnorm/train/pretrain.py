@@ -29,7 +29,8 @@ from mlx.utils import tree_flatten, tree_map
 from ..data import Batches, prepare_data
 from ..models import Model, ModelArgs, save_model
 from ..optim import make_optimizer
-from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, list_checkpoints, load_checkpoint,
+                         remove_leftovers, save_checkpoint)
 from .config import RESUMABLE_CHANGES, PretrainConfig
 from .metrics import MetricsLog, plot_metrics
 from .schedule import lr_schedule
@@ -135,6 +136,8 @@ class Pretrainer:
         if config.batch_size % (self.world * config.grad_accum):
             raise ValueError(f"batch_size={config.batch_size} must be divisible by "
                              f"processes x grad_accum = {self.world} x {config.grad_accum}")
+        if self.is_main:
+            remove_leftovers(self.out_dir)
         checkpoints = list_checkpoints(self.out_dir)
         if resume and not checkpoints:
             raise CheckpointError(f"--resume: {self.out_dir} has no checkpoint to resume from")
@@ -157,10 +160,11 @@ class Pretrainer:
                                seed=config.seed, rank=self.rank, world_size=self.world)
         self.valid_batches = self._validation_batches()
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
+        self._saved_step = None  # the step whose checkpoint is on disk, if any
         if resume:
             state = load_checkpoint(checkpoints[-1], self.model, self.optimizer)
             self.batches.load_state_dict(state["data"])
-            self.step = state["step"]
+            self.step = self._saved_step = state["step"]
             self.tokens_seen, self.elapsed = state["tokens"], state["elapsed_s"]
         if self.is_main:
             self._write_config()
@@ -254,13 +258,15 @@ class Pretrainer:
             losses.append(_cross_entropy(self.model, inputs, targets))
         return mx.mean(mx.stack(losses)).item()
 
-    def _checkpoint(self) -> Path | None:
-        if not self.is_main:
-            return None
+    def _checkpoint(self) -> None:
+        """Save the current step unless it is already saved (e.g. Ctrl-C right after a save)."""
+        if not self.is_main or self.step == self._saved_step:
+            return
         state = {"data": self.batches.state_dict(), "tokens": self.tokens_seen,
                  "elapsed_s": self.elapsed, "config": self.config.to_dict()}
-        return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state,
-                               keep=self.config.keep_checkpoints)
+        save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state,
+                        keep=self.config.keep_checkpoints)
+        self._saved_step = self.step
 
     def _should_stop(self) -> bool:
         """A Ctrl-C on any process stops every process after the same step."""
@@ -335,9 +341,7 @@ class Pretrainer:
 
     def _finish(self) -> None:
         """Final checkpoint, and the run directory made loadable by mlx-lm."""
-        saved = list_checkpoints(self.out_dir)
-        if not saved or saved[-1].name != f"step_{self.step:07d}":
-            self._checkpoint()
+        self._checkpoint()
         if self.is_main:
             self.export()
 
