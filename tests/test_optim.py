@@ -93,6 +93,20 @@ def ref_scion(w, grads, lr, norm, rho, momentum, constrained):
     return out
 
 
+def ref_adamw(w, grads, lr, b1, b2, eps, wd):
+    """Decoupled weight decay (arXiv 1711.05101), bias-corrected moments."""
+    w = np.asarray(w, np.float64)
+    m, v = np.zeros_like(w), np.zeros_like(w)
+    out = []
+    for t, g in enumerate(grads, start=1):
+        g = np.asarray(g, np.float64)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        w = w * (1 - lr * wd) - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+        out.append(w)
+    return out
+
+
 def ratio(num, den):
     return num / den if num > 0 and den > 0 else 1.0
 
@@ -144,12 +158,14 @@ def rand(shape, seed, scale=1.0):
 
 
 def run(opt, w0, grads, dtype=mx.float32):
-    """Apply ``grads`` one step at a time to a single parameter; the weights after each step."""
+    """Apply ``grads`` one step at a time to a single parameter; the weights after each step.
+    The updated weight must keep its dtype."""
     params = {"w": mx.array(w0).astype(dtype)}
     out = []
     for g in grads:
         params = opt.apply_gradients({"w": mx.array(g).astype(dtype)}, params)
         mx.eval(params)
+        assert params["w"].dtype == dtype, f"{type(opt).__name__} returned {params['w'].dtype}"
         out.append(np.array(params["w"].astype(mx.float32), dtype=np.float64))
     return out
 
@@ -328,17 +344,46 @@ def test_muon_matches_reference(options, shape, nsteps):
     assert_steps_close(got, want, w0, 0.05, DIR_TOL, STORE_RTOL[mx.float32])
 
 
+# name -> (optimizer, its float64 reference (w0, grads) -> weights, lr, direction tolerance).
+HALF_PRECISION_CASES = {
+    "muon": (lambda: O.Muon(learning_rate=0.05, weight_decay=0.1),
+             lambda w0, gs: ref_muon(w0, gs, lr=0.05, weight_decay=0.1), 0.05, DIR_TOL),
+    "normuon": (lambda: O.NorMuon(learning_rate=0.05, beta2=0.9),
+                lambda w0, gs: ref_muon(w0, gs, lr=0.05, normuon=(0.9, 1e-8)), 0.05, DIR_TOL),
+    **{f"scion_{norm}": (
+        lambda norm=norm: O.Scion(learning_rate=0.05, norm=norm, rho=2.0, momentum=0.8,
+                                  constrained=True),
+        lambda w0, gs, norm=norm: ref_scion(w0, gs, 0.05, norm, 2.0, 0.8, True), 0.05,
+        DIR_TOL * 2.0 * np.sqrt(16 / 8)) for norm in O.SCION_NORMS},
+    "lars": (lambda: O.LARS(learning_rate=2.0, momentum=0.9, weight_decay=0.01,
+                            trust_coefficient=0.01),
+             lambda w0, gs: ref_lars(w0, gs, 2.0, 0.9, 0.01, 0.01), 2.0, 0.0),
+    "adamw": (lambda: O.AdamW(learning_rate=0.01, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1,
+                              bias_correction=True),
+              lambda w0, gs: ref_adamw(w0, gs, 0.01, 0.9, 0.95, 1e-8, 0.1), 0.01, 0.0),
+    "lamb": (lambda: O.LAMB(learning_rate=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05),
+             lambda w0, gs: ref_lamb(w0, gs, 0.01, 0.8, 0.99, 1e-6, 0.05), 0.01, 0.0),
+}
+
+
 @pytest.mark.parametrize("param_dtype", [mx.float16, mx.bfloat16])
-def test_muon_half_precision_parameters(param_dtype):
-    w0 = np.array(mx.array(rand((16, 8), 20)).astype(param_dtype).astype(mx.float32))
-    grads = [rand((16, 8), 21 + k) for k in range(3)]
-    grads = [np.array(mx.array(g).astype(param_dtype).astype(mx.float32)) for g in grads]
-    opt = O.Muon(learning_rate=0.05)
-    got = run(opt, w0, grads, param_dtype)
-    assert opt.state["w"]["m"].dtype == mx.float32  # momentum stays float32
-    want = ref_muon(w0, grads, lr=0.05)
-    # The weight is rounded to its dtype after every step, so roundings add up per step.
-    assert_steps_close(got, want, w0, 0.05, DIR_TOL, 3 * STORE_RTOL[param_dtype])
+@pytest.mark.parametrize("name", sorted(HALF_PRECISION_CASES))
+def test_half_precision_parameters(name, param_dtype):
+    make_opt, reference, lr, dir_tol = HALF_PRECISION_CASES[name]
+
+    def stored(x):
+        return np.array(mx.array(x).astype(param_dtype).astype(mx.float32))
+
+    w0 = stored(rand((16, 8), 20))
+    grads = [stored(rand((16, 8), 21 + k)) for k in range(3)]
+    for g in grads:  # zero entries (e.g. unused embedding rows): float16 math gives 0/0 there
+        g[0, :3] = 0
+    opt = make_opt()
+    got = run(opt, w0, grads, param_dtype)  # checks the weight keeps param_dtype
+    assert all(v.dtype == mx.float32 for v in opt.state["w"].values())  # state stays float32
+    # The weight is rounded to its dtype after every step (the float32 math's own error is
+    # far below that, except the orthogonalization's): roundings add up per step.
+    assert_steps_close(got, reference(w0, grads), w0, lr, dir_tol, 3 * STORE_RTOL[param_dtype])
 
 
 def test_muon_bfloat16_orthogonalization_step():
@@ -591,8 +636,9 @@ def sequential_loss(model, tokens):
                          ids=lambda f: f.__name__)
 def test_make_optimizer_updates_any_model(make_model, name):
     model = make_model()
-    loss_fn = lm_loss if make_model is llama_lora_last_layer else sequential_loss
-    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    loss_fn = sequential_loss if isinstance(model, nn.Sequential) else lm_loss
+    dtypes = {k: v.dtype for k, v in tree_flatten(model.parameters())}
+    before = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
     trainable = {k for k, _ in tree_flatten(model.trainable_parameters())}
     opt = O.make_optimizer(name, model)
     # Two steps: LoRA's B starts at 0, so A has no gradient before B has moved once.
@@ -603,12 +649,33 @@ def test_make_optimizer_updates_any_model(make_model, name):
     after = dict(tree_flatten(model.parameters()))
     assert after.keys() == before.keys()
     for key, value in after.items():
-        value = np.array(value)
+        assert value.dtype == dtypes[key], f"{key}: {dtypes[key]} became {value.dtype}"
+        value = np.array(value.astype(mx.float32))
         assert value.shape == before[key].shape and np.isfinite(value).all(), key
         if key in trainable:
             assert not np.array_equal(value, before[key]), f"{key} did not move"
         else:
             np.testing.assert_array_equal(value, before[key], err_msg=f"frozen {key} moved")
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("name", sorted(O.OPTIMIZERS))
+def test_make_optimizer_keeps_half_precision_dtypes(name, dtype):
+    model = tiny_llama()
+    model.set_dtype(dtype)
+    groups = O.param_groups(model)
+    before = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
+    opt = O.make_optimizer(name, model, constraint="normalize" if name == "adamw" else None)
+    _, grads = nn.value_and_grad(model, lm_loss)(model, TOKENS)
+    opt.update(model, grads)
+    mx.eval(model.parameters())
+    for key, value in tree_flatten(model.parameters()):
+        assert value.dtype == dtype, f"{key}: {dtype} became {value.dtype}"
+        value = np.array(value.astype(mx.float32))
+        assert np.isfinite(value).all(), key
+        # Gains at 1 may not move: a 1e-3 step is below half a bfloat16 ulp there.
+        if groups[key] == "matrix":
+            assert not np.array_equal(value, before[key]), f"{key} did not move"
 
 
 def compiled_and_eager_runs(make_model, make_opt, steps=3):

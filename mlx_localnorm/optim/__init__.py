@@ -1,7 +1,9 @@
 """Normalized optimizers: Muon (Newton–Schulz / Polar Express), NorMuon, Scion, LARS, LAMB,
-weight constraints and parameter groups. All are ``mlx.optimizers.Optimizer`` subclasses that
-work inside ``mx.compile`` and under ``MultiOptimizer``."""
+AdamW with float32 moments, weight constraints and parameter groups. All are
+``mlx.optimizers.Optimizer`` subclasses that work inside ``mx.compile`` and under
+``MultiOptimizer``."""
 
+from .adamw import AdamW
 from .constrained import Constrained
 from .groups import (
     OPTIMIZERS,
@@ -17,6 +19,7 @@ from .scion import SCION_NORMS, Scion
 from .trust import LAMB, LARS
 
 __all__ = [
+    "AdamW",
     "LAMB",
     "LARS",
     "LR_SCALES",

@@ -24,6 +24,7 @@ from ._checks import (
     check_non_negative,
     check_positive,
 )
+from .adamw import AdamW
 from .constrained import Constrained
 from .muon import Muon, NorMuon
 from .scion import Scion
@@ -133,23 +134,23 @@ def make_optimizer(
     adamw = {**_ADAMW_DEFAULTS, **adamw}
     if name == "adamw":
         adamw = {**_ADAMW_DEFAULTS, **main}
-        parts = [(optim.AdamW(**adamw), ("matrix", "embedding", "head", "decay"))]
+        parts = [(AdamW(**adamw), ("matrix", "embedding", "head", "decay"))]
     elif name in ("muon", "normuon"):
         muon_cls = Muon if name == "muon" else NorMuon
         parts = [(muon_cls(**main), ("matrix",)),
-                 (optim.AdamW(**adamw), ("embedding", "head", "decay"))]
+                 (AdamW(**adamw), ("embedding", "head", "decay"))]
     elif name == "scion":
         rho = {g: main.pop(f"rho_{g}", 1.0) for g in ("hidden", "embedding", "head")}
         parts = [(Scion(norm="spectral", rho=rho["hidden"], **main), ("matrix",)),
                  (Scion(norm="colnorm", rho=rho["embedding"], **main), ("embedding",)),
                  (Scion(norm="sign", rho=rho["head"], **main), ("head",)),
-                 (optim.AdamW(**adamw), ("decay",))]
+                 (AdamW(**adamw), ("decay",))]
     if name in ("lamb", "lars"):
         trust_cls = LAMB if name == "lamb" else LARS
         parts = [(trust_cls(**main), ("matrix", "embedding", "head", "decay"))]
         fallback = trust_cls(**{**main, "weight_decay": 0.0})
     else:
-        fallback = optim.AdamW(**{**adamw, "weight_decay": 0.0})
+        fallback = AdamW(**{**adamw, "weight_decay": 0.0})
     filters = [_group_filter(groups, wanted) for _, wanted in parts]
     opt = MultiOptimizer([o for o, _ in parts] + [fallback], filters)
     return opt if constraint is None else Constrained(opt, mode=constraint)
@@ -177,7 +178,7 @@ def _group_filter(groups: dict[str, str], wanted: tuple):
 
 
 def _split_hparams(name: str, hparams: dict) -> tuple[dict, dict]:
-    main_cls = {"adamw": optim.AdamW, "muon": Muon, "normuon": NorMuon, "scion": Scion,
+    main_cls = {"adamw": AdamW, "muon": Muon, "normuon": NorMuon, "scion": Scion,
                 "lamb": LAMB, "lars": LARS}[name]
     valid = set(inspect.signature(main_cls.__init__).parameters) - {"self", "muon_options"}
     if name == "normuon":
