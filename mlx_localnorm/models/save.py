@@ -9,6 +9,7 @@ imports them from this package, so the package must be installed where the model
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +20,10 @@ from mlx_lm.utils import save_model as save_weights
 from .localnorm import Model
 
 MODEL_FILE = "localnorm_model.py"
+# Lists the files save_model wrote: a directory holding only these may be replaced.
+MANIFEST = ".localnorm-saved"
+_STAGING = ".localnorm-staging-"
+_ASIDE = ".localnorm-old"
 _MODEL_FILE_SOURCE = '''"""LocalNorm transformer for mlx-lm: load with trust_remote_code=True (needs mlx-localnorm)."""
 
 import os
@@ -30,13 +35,16 @@ from mlx_localnorm.models import Model, ModelArgs  # noqa: E402, F401
 '''
 
 
-def save_model(model: Model, tokenizer, path: str | Path) -> Path:
+def save_model(model: Model, tokenizer, path: str | Path, *, overwrite: bool = False) -> Path:
     """Write config.json, model.safetensors, tokenizer files and the model file to ``path``.
 
     ``tokenizer`` is a Hugging Face tokenizer or mlx-lm ``TokenizerWrapper`` (anything with
-    ``save_pretrained``). The directory is assembled beside ``path`` and renamed into place,
-    replacing an existing one, so a crash never leaves a half-written model. Load it with
-    ``mlx_lm.load(path, trust_remote_code=True)``.
+    ``save_pretrained``). ``path`` must be missing, empty or a model saved here before;
+    anything else (a file, a run directory, a model with files added) is replaced only with
+    ``overwrite=True``. The model is written beside ``path``; the old one is renamed aside,
+    the new one renamed in, then the old one deleted. A save killed in between leaves the
+    old model aside, and the next save to ``path`` restores it before starting. Load the
+    result with ``mlx_lm.load(path, trust_remote_code=True)``.
     """
     if not isinstance(model, Model):
         raise TypeError(f"save_model: model must be an mlx_localnorm Model, got "
@@ -46,26 +54,87 @@ def save_model(model: Model, tokenizer, path: str | Path) -> Path:
                         f"tokenizer or TokenizerWrapper), got {type(tokenizer).__name__}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    _recover(path)
+    if not overwrite:
+        _check_replaceable(path)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}{_STAGING}", dir=path.parent))
     try:
-        save_weights(staging, model)
-        # None means "default": leave it out (transformers warns on some null keys).
-        config = {k: v for k, v in dataclasses.asdict(model.args).items() if v is not None}
-        config["model_file"] = MODEL_FILE
-        eos = getattr(tokenizer, "eos_token_id", None)
-        if eos is not None:
-            config["eos_token_id"] = eos
-        save_config(config, staging / "config.json")
-        tokenizer.save_pretrained(str(staging))
-        (staging / MODEL_FILE).write_text(_MODEL_FILE_SOURCE)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            path.rename(old / path.name)
-            staging.rename(path)
-            shutil.rmtree(old)
-        else:
-            staging.rename(path)
+        _write(model, tokenizer, staging)
+        _move_into_place(staging, path)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
     return path
+
+
+def _write(model: Model, tokenizer, directory: Path) -> None:
+    save_weights(directory, model)
+    # None means "default": leave it out (transformers warns on some null keys).
+    config = {k: v for k, v in dataclasses.asdict(model.args).items() if v is not None}
+    config["model_file"] = MODEL_FILE
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None:
+        config["eos_token_id"] = eos
+    save_config(config, directory / "config.json")
+    tokenizer.save_pretrained(str(directory))
+    (directory / MODEL_FILE).write_text(_MODEL_FILE_SOURCE)
+    names = sorted(p.name for p in directory.iterdir())
+    (directory / MANIFEST).write_text("\n".join(names) + "\n")
+
+
+def _aside(path: Path) -> Path:
+    return path.with_name(f".{path.name}{_ASIDE}")
+
+
+def _move_into_place(staging: Path, path: Path) -> None:
+    """Rename ``staging`` to ``path``; an old ``path`` goes aside first and is deleted last."""
+    if not os.path.lexists(path):
+        os.rename(staging, path)
+        return
+    aside = _aside(path)
+    os.rename(path, aside)
+    try:
+        os.rename(staging, path)
+    except BaseException:
+        os.rename(aside, path)
+        raise
+    _remove(aside)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _recover(path: Path) -> None:
+    """Undo what a killed save left: stale staging directories, an old model moved aside."""
+    staging = f".{path.name}{_STAGING}"
+    for stale in path.parent.iterdir():
+        if stale.name.startswith(staging):
+            shutil.rmtree(stale)
+    aside = _aside(path)
+    if os.path.lexists(aside):
+        if os.path.lexists(path):  # killed after the new model was in place
+            _remove(aside)
+        else:  # killed between the renames: the old model comes back
+            os.rename(aside, path)
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse to replace anything but nothing, an empty directory or a model saved here."""
+    if not os.path.lexists(path):
+        return
+    if not path.is_dir():
+        raise ValueError(f"save_model: path {str(path)!r} is a file, not a model directory; "
+                         "pass overwrite=True to replace it")
+    found = {p.name for p in path.iterdir()}
+    manifest = path / MANIFEST
+    ours = {MANIFEST, *manifest.read_text().splitlines()} if manifest.is_file() else set()
+    unknown = sorted(found - ours)
+    if unknown:
+        raise ValueError(
+            f"save_model: path {str(path)!r} is not empty and not a model saved by save_model "
+            f"(it holds {', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}); "
+            "choose another path or pass overwrite=True to replace it")
