@@ -456,6 +456,28 @@ def test_bad_arguments_raise_clear_errors(call, match):
         kernels.seednorm(np.ones((2, 8)), w, w, w)
 
 
+KERNEL_PARAMETERS = {
+    "seednorm weight": (lambda x, v, w: kernels.seednorm(x, v, w, w, backend="emulate"), "weight"),
+    "seednorm alpha": (lambda x, v, w: kernels.seednorm(x, w, v, w, backend="emulate"), "alpha"),
+    "seednorm beta": (lambda x, v, w: kernels.seednorm(x, w, w, v, backend="ops"), "beta"),
+    "rms_norm weight": (lambda x, v, w: kernels.rms_norm(x, v, backend="emulate"), "weight"),
+    "patchnorm weight": (lambda x, v, w: kernels.patchnorm(x, v, backend="emulate"), "weight"),
+    "patchnorm bias": (lambda x, v, w: kernels.patchnorm(x, w, v, backend="ops"), "bias"),
+}
+
+
+@pytest.mark.parametrize("case,value", [
+    (case, value) for case in KERNEL_PARAMETERS
+    for value in ([1.0] * 8, np.ones(8, np.float32)) + (() if "bias" in case else (None,))])
+def test_kernel_parameters_must_be_arrays(case, value):
+    call, argument = KERNEL_PARAMETERS[case]
+    x, w = mx.ones((2, 8)), mx.ones((8,))
+    optional = " or None" if argument == "bias" else ""
+    with pytest.raises(TypeError, match=rf"kernels\.\w+: {argument} must be an mx\.array"
+                                        rf"{optional}, got {type(value).__name__}"):
+        call(x, value, w)
+
+
 def test_emulated_kernel_gradients_under_value_and_grad():
     from mlx import nn
 

@@ -6,6 +6,7 @@ wrong norm.
 """
 
 import math
+import re
 
 import mlx_localnorm as ln
 import mlx.core as mx
@@ -508,7 +509,7 @@ def test_integer_input_is_a_type_error():
         ln.RMSNorm(4)(np.zeros((2, 4), np.float32))
 
 
-@pytest.mark.parametrize("eps", [0, -1e-6, float("nan"), float("inf"), "1e-6"])
+@pytest.mark.parametrize("eps", [0, -1e-6, float("nan"), float("inf")])
 def test_non_positive_eps(eps):
     for name in ("rmsnorm", "layernorm", "seednorm", "patchnorm", "l2norm"):
         with pytest.raises(ValueError, match=r"eps must be a positive finite number, got"):
@@ -533,7 +534,7 @@ def test_heads_must_divide_dims():
 
 
 def test_other_bad_options():
-    with pytest.raises(ValueError, match=r"dims must be a positive int, got 0"):
+    with pytest.raises(ValueError, match=r"dims must be a positive int \(at most 2147483647\), got 0"):
         ln.RMSNorm(0)
     with pytest.raises(ValueError, match=r"mode must be one of \('rms', 'affine'\), got 'l1'"):
         ln.PatchNorm(8, mode="l1")
@@ -553,3 +554,112 @@ def test_params_survive_dtype_casts():
     assert norm(mx.ones((2, 16), mx.bfloat16)).dtype == mx.bfloat16
     assert tree_map(lambda v: v.shape, norm.parameters()) == {
         "weight": (16,), "alpha": (16,), "beta": (16,)}
+
+
+# Every norm class and every bad value of its arguments: (class, base arguments, argument, bad
+# value, error). Wrong types are TypeErrors, wrong values ValueErrors; sizes must fit MLX's
+# int32 shapes.
+NAN, INF, HUGE = float("nan"), float("inf"), 2**31
+_DIMS = [("dims", v, e) for v, e in (("8", TypeError), (8.0, TypeError), (True, TypeError),
+                                       (None, TypeError), (0, ValueError), (HUGE, ValueError),
+                                       (10**30, ValueError))]
+_EPS = [("eps", v, e) for v, e in (("1e-6", TypeError), ([1e-6], TypeError), (None, TypeError),
+                                     (NAN, ValueError), (-1.0, ValueError))]
+_BACKEND = [("backend", v, ValueError) for v in ("gpu", None)]
+BAD_ARGUMENTS = {
+    ln.RMSNorm: _DIMS + _EPS + [("zero_centered", v, TypeError) for v in ("no", "True", 1, None)],
+    ln.LayerNorm: _DIMS + _EPS + [(name, v, TypeError) for name in ("affine", "bias")
+                                  for v in ("no", 0)],
+    ln.SeeDNorm: _DIMS + _EPS + _BACKEND + [
+        ("alpha_init", "1", TypeError), ("alpha_init", [1.0], TypeError),
+        ("alpha_init", None, TypeError), ("alpha_init", NAN, ValueError),
+        ("alpha_init", INF, ValueError), ("beta_init_std", "0.1", TypeError),
+        ("beta_init_std", NAN, ValueError), ("beta_init_std", INF, ValueError),
+        ("beta_init_std", -0.1, ValueError), ("num_heads", "2", TypeError),
+        ("num_heads", 2.0, TypeError), ("num_heads", 0, ValueError),
+        ("num_heads", HUGE, ValueError), ("dot_scale", "sqrt", ValueError),
+        ("head_rms", "yes", TypeError)],
+    ln.PatchNorm: _DIMS + _EPS + _BACKEND + [
+        ("patch_size", "3", TypeError), ("patch_size", 2.0, TypeError),
+        ("patch_size", 0, ValueError), ("patch_size", HUGE, ValueError),
+        ("patch_ndim", True, TypeError), ("patch_ndim", 1.0, TypeError),
+        ("patch_ndim", 3, ValueError), ("mode", "l1", ValueError), ("mode", ["rms"], ValueError),
+        ("weight", "dense", ValueError), ("bias", "no", TypeError)],
+    ln.DyT: _DIMS + [("alpha_init", "0.5", TypeError), ("alpha_init", [0.5], TypeError),
+                     ("alpha_init", NAN, ValueError), ("alpha_init", -INF, ValueError),
+                     ("bias", "no", TypeError)],
+    ln.L2Norm: _DIMS + _EPS + [("scale", "no", TypeError)],
+    ln.ApproxNorm: _DIMS + [("nu", "1", TypeError), ("nu", NAN, ValueError),
+                            ("nu", 0.0, ValueError)],
+    ln.PatchNormLinear: [(name, v, e) for name in ("input_dims", "output_dims")
+                         for _, v, e in _DIMS] + _EPS + [("bias", "no", TypeError),
+                                                         ("mode", "l1", ValueError)],
+    ln.PatchNormConv1d: [(name, v, e) for name in ("in_channels", "out_channels", "kernel_size")
+                         for _, v, e in _DIMS] + _EPS + [("bias", "no", TypeError)],
+    ln.PatchNormConv2d: [("kernel_size", v, e) for _, v, e in _DIMS] + [("bias", 1, TypeError)],
+    ln.QKNorm: [("head_dim", v, e) for _, v, e in _DIMS]
+               + [("norm", ["rmsnorm"], TypeError), ("norm", None, TypeError)],
+}
+BASE_ARGUMENTS = {ln.PatchNormLinear: {"input_dims": 8, "output_dims": 4},
+                  ln.PatchNormConv1d: {"in_channels": 8, "out_channels": 4, "kernel_size": 3},
+                  ln.PatchNormConv2d: {"in_channels": 8, "out_channels": 4, "kernel_size": 3},
+                  ln.QKNorm: {"head_dim": 8}}
+
+
+def _named(argument, value) -> str:
+    """The message must name the argument and show the value given."""
+    return rf"\b{argument}\b.* must be .*got {re.escape(repr(value))}"
+
+
+@pytest.mark.parametrize("cls,argument,value,error", [
+    pytest.param(cls, *case, id=f"{cls.__name__}-{case[0]}={case[1]!r}")
+    for cls, cases in BAD_ARGUMENTS.items() for case in cases])
+def test_bad_arguments_name_the_argument_expected_and_given(cls, argument, value, error):
+    kwargs = dict(BASE_ARGUMENTS.get(cls, {"dims": 8}), **{argument: value})
+    with pytest.raises(error, match=_named(argument, value)):
+        cls(**kwargs)
+    name = next((n for n, c in ln.NORMS.items() if c is cls), None)
+    if name is not None and argument != "dims":
+        with pytest.raises(error, match=_named(argument, value)):
+            ln.make_norm(name, 8, **{argument: value})
+
+
+@pytest.mark.parametrize("name", [["rmsnorm"], None, 3])
+def test_make_norm_name_must_be_a_string(name):
+    for call in (lambda: ln.make_norm(name, 8), lambda: ln.norms.norm_options(name)):
+        with pytest.raises(TypeError, match=r"name must be a str, one of .*rmsnorm.*; got "
+                                            + re.escape(repr(name))):
+            call()
+
+
+def test_a_full_patchnorm_weight_must_fit_mlx():
+    with pytest.raises(ValueError, match=r"weight='full' needs dims\*\*2 = 2500000000 entries"):
+        ln.PatchNorm(50_000, weight="full")
+
+
+# The pure functions with a bad parameter: (function, argument, value).
+_X = mx.ones((2, 4))
+BAD_PARAMETERS = [
+    (lambda v: ln.norms.seednorm(_X, v, _X[0], _X[0]), "weight"),
+    (lambda v: ln.norms.seednorm(_X, _X[0], v, _X[0]), "alpha"),
+    (lambda v: ln.norms.seednorm(_X, _X[0], _X[0], v), "beta"),
+    (lambda v: ln.norms.patchnorm(_X, v), "weight"),
+    (lambda v: ln.norms.dyt(_X, v), "alpha"),
+]
+
+
+@pytest.mark.parametrize("value", [[1.0, 1.0, 1.0, 1.0], None, np.ones(4, np.float32)])
+@pytest.mark.parametrize("call,argument", BAD_PARAMETERS)
+def test_pure_functions_need_array_parameters(call, argument, value):
+    given = type(value).__name__
+    with pytest.raises(TypeError, match=rf"\b{argument} must be an mx.array, got {given}"):
+        call(value)
+
+
+@pytest.mark.parametrize("value", [[1.0, 1.0, 1.0, 1.0], np.ones(4, np.float32)])
+@pytest.mark.parametrize("fn", [ln.norms.rms_norm, ln.norms.layer_norm, ln.norms.l2_norm])
+def test_optional_weights_are_arrays_or_none(fn, value):
+    assert fn(_X, None).shape == _X.shape
+    given = type(value).__name__
+    with pytest.raises(TypeError, match=rf"weight must be an mx.array or None, got {given}"):
+        fn(_X, value)

@@ -191,7 +191,7 @@ def seednorm(
     check_input(x, None, owner)
     dims = x.shape[-1]
     for name, p in (("weight", weight), ("alpha", alpha), ("beta", beta)):
-        check_param(p, (dims,), name, owner)
+        check_param(p, (dims,), name, owner, optional=False)
         check_input(p, dims, f"{owner} ({name})")
     check_eps(eps, owner)
     check_heads(num_heads, dims, owner)
@@ -226,7 +226,7 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float = 1e-6, backend: str = "a
     """
     owner = "kernels.rms_norm"
     check_input(x, None, owner)
-    check_param(weight, (x.shape[-1],), "weight", owner)
+    check_param(weight, (x.shape[-1],), "weight", owner, optional=False)
     check_input(weight, x.shape[-1], f"{owner} (weight)")
     check_eps(eps, owner)
     chosen = resolve_backend(backend)

@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..ops._checks import check_dims, check_input
+from ..ops._checks import check_dims, check_input, check_number
 
 _ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "silu": lambda z: z / (1 + np.exp(-z)),
@@ -57,12 +57,7 @@ class ApproxNorm(nn.Module):
     def __init__(self, dims: int, nu: float = 1.0):
         super().__init__()
         self.dims = check_dims(dims, "ApproxNorm")
-        if isinstance(nu, bool) or not isinstance(nu, (int, float)) or not (
-            math.isfinite(nu) and nu > 0
-        ):
-            raise ValueError(f"ApproxNorm(dims={dims}): nu must be a positive finite number, "
-                             f"got {nu!r}")
-        self.nu = float(nu)
+        self.nu = check_number(nu, "nu", f"ApproxNorm(dims={dims})", "positive")
 
     def _extra_repr(self) -> str:
         return f"{self.dims}, nu={self.nu:.6g}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..ops._checks import check_dims, check_input, check_param
+from ..ops._checks import check_dims, check_flag, check_input, check_number, check_param
 
 
 def dyt(
@@ -13,6 +13,7 @@ def dyt(
 ) -> mx.array:
     """``y = weight * tanh(alpha * x) + bias``, computed in float32, returned in x's dtype."""
     check_input(x, None, "dyt")
+    check_param(alpha, None, "alpha", "dyt", optional=False)
     check_param(weight, (x.shape[-1],), "weight", "dyt")
     check_param(bias, (x.shape[-1],), "bias", "dyt")
     y = mx.tanh(alpha.astype(mx.float32) * x.astype(mx.float32))
@@ -41,9 +42,10 @@ class DyT(nn.Module):
     def __init__(self, dims: int, alpha_init: float = 0.5, bias: bool = True):
         super().__init__()
         self.dims = check_dims(dims, "DyT")
-        self.alpha = mx.array([float(alpha_init)])
+        owner = f"DyT(dims={dims})"
+        self.alpha = mx.array([check_number(alpha_init, "alpha_init", owner)])
         self.weight = mx.ones((dims,))
-        if bias:
+        if check_flag(bias, "bias", owner):
             self.bias = mx.zeros((dims,))
 
     def _extra_repr(self) -> str:

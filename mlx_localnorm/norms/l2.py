@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..ops._checks import check_dims, check_eps, check_input, check_param
+from ..ops._checks import check_dims, check_eps, check_flag, check_input, check_param
 
 
 def l2_norm(x: mx.array, weight: mx.array | None = None, eps: float = 1e-6) -> mx.array:
@@ -36,7 +36,7 @@ class L2Norm(nn.Module):
         super().__init__()
         self.dims = check_dims(dims, "L2Norm")
         self.eps = check_eps(eps, f"L2Norm(dims={dims})")
-        if scale:
+        if check_flag(scale, "scale", f"L2Norm(dims={dims})"):
             self.weight = mx.ones((dims,))
 
     def _extra_repr(self) -> str:

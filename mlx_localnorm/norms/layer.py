@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..ops._checks import check_dims, check_eps, check_input, check_param
+from ..ops._checks import check_dims, check_eps, check_flag, check_input, check_param
 
 
 def layer_norm(
@@ -34,8 +34,10 @@ class LayerNorm(nn.Module):
     def __init__(self, dims: int, eps: float = 1e-5, affine: bool = True, bias: bool = True):
         super().__init__()
         self.dims = check_dims(dims, "LayerNorm")
-        self.eps = check_eps(eps, f"LayerNorm(dims={dims})")
-        if affine:
+        owner = f"LayerNorm(dims={dims})"
+        self.eps = check_eps(eps, owner)
+        check_flag(bias, "bias", owner)
+        if check_flag(affine, "affine", owner):
             self.weight = mx.ones((dims,))
             if bias:
                 self.bias = mx.zeros((dims,))

@@ -15,8 +15,23 @@ import mlx.nn as nn
 
 from ..kernels import BACKENDS
 from ..kernels import patchnorm as fused_patchnorm
-from ..ops._checks import check_choice, check_dims, check_eps, check_input
-from ..ops.patch import MODES, divide, patch_divisor, patch_sum_squares, patchnorm
+from ..ops._checks import (
+    MAX_SIZE,
+    check_choice,
+    check_dims,
+    check_eps,
+    check_flag,
+    check_input,
+    check_size,
+)
+from ..ops.patch import (
+    MODES,
+    check_patch_shape,
+    divide,
+    patch_divisor,
+    patch_sum_squares,
+    patchnorm,
+)
 
 
 class PatchNorm(nn.Module):
@@ -61,13 +76,14 @@ class PatchNorm(nn.Module):
         self.dims = check_dims(dims, "PatchNorm")
         self.eps = check_eps(eps, owner)
         self.mode = check_choice(mode, MODES, "mode", owner)
-        self.patch_ndim = check_choice(patch_ndim, (1, 2), "patch_ndim", owner)
-        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
-            raise ValueError(f"{owner}: patch_size must be a positive int, got {patch_size!r}")
-        self.patch_size = patch_size
+        check_patch_shape(patch_size, patch_ndim, owner)
+        self.patch_size, self.patch_ndim = patch_size, patch_ndim
         check_choice(weight, ("diagonal", "full"), "weight", owner)
+        if weight == "full" and dims**2 > MAX_SIZE:
+            raise ValueError(f"{owner}: weight='full' needs dims**2 = {dims**2} entries, more "
+                             f"than MLX's {MAX_SIZE}; use weight='diagonal'")
         self.weight = mx.eye(dims) if weight == "full" else mx.ones((dims,))
-        if bias:
+        if check_flag(bias, "bias", owner):
             self.bias = mx.zeros((dims,))
 
     def _extra_repr(self) -> str:
@@ -92,13 +108,13 @@ class PatchNormLinear(nn.Module):
     def __init__(self, input_dims: int, output_dims: int, bias: bool = True,
                  mode: str = "affine", eps: float = 1e-6):
         super().__init__()
-        check_dims(input_dims, "PatchNormLinear")
-        check_dims(output_dims, "PatchNormLinear")
+        check_size(input_dims, "input_dims", "PatchNormLinear")
+        check_size(output_dims, "output_dims", "PatchNormLinear")
         self.mode = check_choice(mode, MODES, "mode", "PatchNormLinear")
         self.eps = check_eps(eps, "PatchNormLinear")
         scale = math.sqrt(1.0 / input_dims)
         self.weight = mx.random.uniform(-scale, scale, (output_dims, input_dims))
-        if bias:
+        if check_flag(bias, "bias", "PatchNormLinear"):
             self.bias = mx.random.uniform(-scale, scale, (output_dims,))
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -115,17 +131,16 @@ class _PatchNormConv(nn.Module):
                  mode: str, eps: float):
         super().__init__()
         name = type(self).__name__
-        check_dims(in_channels, name)
-        check_dims(out_channels, name)
-        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
-            raise ValueError(f"{name}: kernel_size must be a positive int, got {kernel_size!r}")
+        check_size(in_channels, "in_channels", name)
+        check_size(out_channels, "out_channels", name)
+        check_size(kernel_size, "kernel_size", name)
         self.mode = check_choice(mode, MODES, "mode", name)
         self.eps = check_eps(eps, name)
         self.kernel_size = kernel_size
         scale = math.sqrt(1.0 / (in_channels * kernel_size**self.ndim))
         shape = (out_channels,) + (kernel_size,) * self.ndim + (in_channels,)
         self.weight = mx.random.uniform(-scale, scale, shape)
-        if bias:
+        if check_flag(bias, "bias", name):
             self.bias = mx.zeros((out_channels,))
 
     def _padding(self) -> tuple[int, int]:

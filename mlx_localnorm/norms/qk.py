@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..ops._checks import check_size
 from .registry import make_norm
 
 
@@ -20,6 +21,7 @@ class QKNorm(nn.Module):
 
     def __init__(self, head_dim: int, norm: str = "rmsnorm", **options):
         super().__init__()
+        check_size(head_dim, "head_dim", "QKNorm")
         self.q_norm = make_norm(norm, head_dim, **options)
         self.k_norm = make_norm(norm, head_dim, **options)
 

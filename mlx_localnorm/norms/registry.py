@@ -32,6 +32,9 @@ def norm_options(name: str) -> list[str]:
 
 
 def _norm_class(name: str) -> type[nn.Module]:
+    if not isinstance(name, str):
+        raise TypeError(f"norm name must be a str, one of {', '.join(sorted(NORMS))}; "
+                        f"got {name!r}")
     if name not in NORMS:
         raise ValueError(f"unknown norm {name!r}; valid names: {', '.join(sorted(NORMS))}")
     return NORMS[name]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..ops._checks import check_dims, check_eps, check_input
+from ..ops._checks import check_dims, check_eps, check_flag, check_input
 from ..ops.rms import rms_norm
 
 
@@ -27,7 +27,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.dims = check_dims(dims, "RMSNorm")
         self.eps = check_eps(eps, f"RMSNorm(dims={dims})")
-        self.zero_centered = bool(zero_centered)
+        self.zero_centered = check_flag(zero_centered, "zero_centered", f"RMSNorm(dims={dims})")
         self.weight = mx.zeros((dims,)) if zero_centered else mx.ones((dims,))
 
     def _extra_repr(self) -> str:

@@ -7,7 +7,15 @@ import mlx.nn as nn
 
 from ..kernels import BACKENDS
 from ..kernels import seednorm as fused_seednorm
-from ..ops._checks import check_choice, check_dims, check_eps, check_heads, check_input
+from ..ops._checks import (
+    check_choice,
+    check_dims,
+    check_eps,
+    check_flag,
+    check_heads,
+    check_input,
+    check_number,
+)
 from ..ops.seed import DOT_SCALES
 
 
@@ -57,12 +65,12 @@ class SeeDNorm(nn.Module):
         self.eps = check_eps(eps, owner)
         self.num_heads = check_heads(num_heads, dims, owner)
         self.dot_scale = check_choice(dot_scale, DOT_SCALES, "dot_scale", owner)
-        self.head_rms = bool(head_rms)
+        self.head_rms = check_flag(head_rms, "head_rms", owner)
         self.backend = check_choice(backend, BACKENDS, "backend", owner)
-        if beta_init_std < 0:
-            raise ValueError(f"{owner}: beta_init_std must be >= 0, got {beta_init_std!r}")
+        alpha_init = check_number(alpha_init, "alpha_init", owner)
+        beta_init_std = check_number(beta_init_std, "beta_init_std", owner, "non_negative")
         self.weight = mx.ones((dims,))
-        self.alpha = mx.full((dims,), float(alpha_init))
+        self.alpha = mx.full((dims,), alpha_init)
         self.beta = beta_init_std * mx.random.normal((dims,)) if beta_init_std else mx.zeros((dims,))
 
     def _extra_repr(self) -> str:

@@ -10,23 +10,51 @@ import math
 import mlx.core as mx
 
 
+MAX_SIZE = 2**31 - 1  # MLX array shapes are int32
+
+
+def check_size(value, name: str, owner: str) -> int:
+    """A positive int that fits an axis of an MLX array."""
+    expected = f"{name} must be a positive int (at most {MAX_SIZE})"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {expected}, got {value!r}")
+    if not 1 <= value <= MAX_SIZE:
+        raise ValueError(f"{owner}: {expected}, got {value!r}")
+    return value
+
+
 def check_dims(dims, owner: str) -> int:
-    if isinstance(dims, bool) or not isinstance(dims, int) or dims < 1:
-        raise ValueError(f"{owner}: dims must be a positive int, got {dims!r}")
-    return dims
+    return check_size(dims, "dims", owner)
+
+
+_BOUNDS = {"any": "a finite number", "non_negative": "a finite number >= 0",
+           "positive": "a positive finite number"}
+
+
+def check_number(value, name: str, owner: str, bound: str = "any") -> float:
+    """A finite real number; ``bound`` is "any", "non_negative" or "positive"."""
+    expected = f"{name} must be {_BOUNDS[bound]}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: {expected}, got {value!r}")
+    if not math.isfinite(value) or (bound == "non_negative" and value < 0) or (
+            bound == "positive" and value <= 0):
+        raise ValueError(f"{owner}: {expected}, got {value!r}")
+    return float(value)
 
 
 def check_eps(eps, owner: str) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
-        math.isfinite(eps) and eps > 0
-    ):
-        raise ValueError(f"{owner}: eps must be a positive finite number, got {eps!r}")
-    return float(eps)
+    return check_number(eps, "eps", owner, "positive")
+
+
+def check_flag(value, name: str, owner: str) -> bool:
+    """A bool: a string such as "no" would otherwise count as True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be True or False, got {value!r}")
+    return value
 
 
 def check_heads(num_heads, dims: int, owner: str) -> int:
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"{owner}: num_heads must be a positive int, got {num_heads!r}")
+    check_size(num_heads, "num_heads", owner)
     if dims % num_heads:
         raise ValueError(f"{owner}: num_heads={num_heads} must divide dims={dims}")
     return num_heads
@@ -55,6 +83,12 @@ def check_input(x, dims: int | None, owner: str, min_ndim: int = 1) -> None:
         raise ValueError(f"{owner} got input with last axis {x.shape[-1]}, expected {dims}")
 
 
-def check_param(p, shape: tuple, name: str, owner: str) -> None:
-    if p is not None and tuple(p.shape) != tuple(shape):
+def check_param(p, shape: tuple | None, name: str, owner: str, optional: bool = True) -> None:
+    """An mx.array parameter (or None if ``optional``) of the given shape (None: any)."""
+    if p is None and optional:
+        return
+    if not isinstance(p, mx.array):
+        expected = "an mx.array or None" if optional else "an mx.array"
+        raise TypeError(f"{owner}: {name} must be {expected}, got {type(p).__name__}")
+    if shape is not None and tuple(p.shape) != tuple(shape):
         raise ValueError(f"{owner}: {name} must have shape {tuple(shape)}, got {tuple(p.shape)}")

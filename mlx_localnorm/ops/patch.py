@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ._checks import check_choice, check_eps, check_input, check_param
+from ._checks import check_choice, check_eps, check_input, check_param, check_size
 
 MODES = ("rms", "affine")
 
@@ -62,11 +62,17 @@ def divide(z: mx.array, d: mx.array, bias: mx.array | None, mode: str) -> mx.arr
     return z
 
 
+def check_patch_shape(patch_size, patch_ndim, owner: str) -> None:
+    check_size(patch_size, "patch_size", owner)
+    check_choice(check_size(patch_ndim, "patch_ndim", owner), (1, 2), "patch_ndim", owner)
+
+
 def check_patchnorm_args(x, weight, bias, eps, patch_size, patch_ndim, mode, owner) -> None:
     """The checks of :func:`patchnorm`'s arguments, shared with its fused kernel."""
     check_input(x, None, owner)
     dims = x.shape[-1]
     _check_patch(x, patch_size, patch_ndim, mode, eps, owner)
+    check_param(weight, None, "weight", owner, optional=False)
     if weight.ndim == 1:
         check_param(weight, (dims,), "weight", owner)
     elif weight.ndim != 2 or weight.shape[1] != dims:
@@ -76,9 +82,7 @@ def check_patchnorm_args(x, weight, bias, eps, patch_size, patch_ndim, mode, own
 
 
 def _check_patch(x, patch_size, patch_ndim, mode, eps, owner):
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
-        raise ValueError(f"{owner}: patch_size must be a positive int, got {patch_size!r}")
-    check_choice(patch_ndim, (1, 2), "patch_ndim", owner)
+    check_patch_shape(patch_size, patch_ndim, owner)
     check_choice(mode, MODES, "mode", owner)
     check_eps(eps, owner)
     if patch_size > 1 and x.ndim < patch_ndim + 1:

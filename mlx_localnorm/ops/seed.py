@@ -28,7 +28,7 @@ def seednorm(
     check_input(x, None, "seednorm")
     dims = x.shape[-1]
     for name, p in (("weight", weight), ("alpha", alpha), ("beta", beta)):
-        check_param(p, (dims,), name, "seednorm")
+        check_param(p, (dims,), name, "seednorm", optional=False)
     check_eps(eps, "seednorm")
     check_heads(num_heads, dims, "seednorm")
     check_choice(dot_scale, DOT_SCALES, "dot_scale", "seednorm")
