@@ -1,12 +1,17 @@
-"""Weight constraints (nGPT normalize, anGPT constrain) against float64 NumPy references."""
+"""Weight constraints (nGPT normalize, anGPT constrain) and the nGPT/anGPT residual updates
+with negative eigen learning rates, against float64 NumPy references."""
+
+import math
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx import nn
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
 from mlx_localnorm import constraints as C
+from mlx_localnorm.placements import ANGPTBlock, NGPTBlock
 
 
 def tiny_llama(layers: int = 2) -> llama.Model:
@@ -159,3 +164,73 @@ def test_bad_arguments_raise():
         C.project_tree(model.parameters(), eps=-1)
     with pytest.raises(TypeError, match="floating array, got dtype"):
         C.project(mx.zeros((2, 2), dtype=mx.int32), -1)
+
+
+# ---- nGPT/anGPT residual updates with negative eigen learning rates --------------------------
+
+class LinearAttention(nn.Module):
+    """Stands in for attention: the blocks only need ``self_attn(x, mask, cache)``."""
+
+    def __init__(self, w: np.ndarray):
+        super().__init__()
+        self.proj = nn.Linear(*w.shape[::-1], bias=False)
+        self.proj.weight = mx.array(w.astype(np.float32))
+
+    def __call__(self, x, mask=None, cache=None):
+        return self.proj(x)
+
+
+class TanhMLP(LinearAttention):
+    def __call__(self, x):
+        return mx.tanh(self.proj(x))
+
+
+def silu_constant() -> float:
+    """anGPT's ``1 / sqrt(E[silu(z)^2])``, z ~ N(0, 1) (SPEC: about 1.68)."""
+    z = np.linspace(-12, 12, 200001)
+    density = np.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+    return 1 / math.sqrt(np.sum((z / (1 + np.exp(-z))) ** 2 * density) * (z[1] - z[0]))
+
+
+def ref_hypersphere_block(placement, x, w_attn, w_mlp, p_attn, p_mlp, alpha_init, nu_f):
+    """SPEC: nGPT ``h = L2(h + |a| (L2(F(h)) - h))``; anGPT ``h = nu(a) (h + a (nu_F F(h) - h))``
+    with ``a = |alpha|``, ``nu(a) = 1 / sqrt((1-a)^2 + a^2)``; ``alpha = p alpha_init sqrt(D)``."""
+    d = x.shape[-1]
+
+    def l2(v):
+        return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-6)
+
+    h = x.astype(np.float64)
+    functions = (lambda v: v @ w_attn.T, lambda v: np.tanh(v @ w_mlp.T))
+    for f, p, nu in zip(functions, (p_attn, p_mlp), nu_f):
+        a = np.abs(p * alpha_init * math.sqrt(d))
+        if placement == "ngpt":
+            h = l2(h + a * (l2(f(h)) - h))
+        else:
+            h = (h + a * (nu * f(h) - h)) / np.sqrt((1 - a) ** 2 + a**2)
+    return h
+
+
+@pytest.mark.parametrize("placement", ["ngpt", "angpt"])
+def test_negative_eigen_learning_rates_act_by_their_magnitude(placement):
+    d, hidden, alpha_init = 8, 16, 0.3
+    rng = np.random.default_rng(5)
+    w_attn = rng.normal(size=(d, d)) / math.sqrt(d)
+    w_mlp = rng.normal(size=(d, d)) / math.sqrt(d)
+    # Stored eigen learning rates with every other entry negative (nothing keeps them >= 0
+    # during training); |alpha| is in [0.15, 0.45].
+    signs = np.where(np.arange(d) % 2, -1.0, 1.0)
+    p_attn, p_mlp = (signs * rng.uniform(0.5, 1.5, d) / math.sqrt(d) for _ in range(2))
+    attn, mlp = LinearAttention(w_attn), TanhMLP(w_mlp)
+    if placement == "ngpt":
+        block, nu_f = NGPTBlock(attn, mlp, d, alpha_init), (1.0, 1.0)
+    else:  # the MLP-output constant assumes a SiLU MLP of width `hidden` (SPEC ApproxNorm)
+        block = ANGPTBlock(attn, mlp, d, hidden, hidden, alpha_init)
+        nu_f = (math.sqrt(d / hidden), silu_constant() * math.sqrt(d / hidden))
+    block.alpha_attn = mx.array(p_attn.astype(np.float32))
+    block.alpha_mlp = mx.array(p_mlp.astype(np.float32))
+    x = rng.normal(size=(2, 3, d))
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    got = np.array(block(mx.array(x.astype(np.float32))), dtype=np.float64)
+    want = ref_hypersphere_block(placement, x, w_attn, w_mlp, p_attn, p_mlp, alpha_init, nu_f)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
