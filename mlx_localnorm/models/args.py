@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,12 @@ def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"ModelArgs: {name} must be a positive int, got {value!r}")
     return value
+
+
+def check_mix_ratio(value, where: str) -> None:
+    """Mix-LN's share of Post-LN blocks must be a fraction."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{where}: mix_ratio must be in [0, 1], got {value!r}")
 
 
 @dataclass
@@ -88,11 +95,21 @@ class ModelArgs(BaseModelArgs):
                     f"hidden_size={self.hidden_size} (or set head_dim)")
             self.head_dim = self.hidden_size // self.num_attention_heads
         _positive_int(self.head_dim, "head_dim")
+        if self.head_dim % 2:
+            raise ValueError("ModelArgs: head_dim must be even for RoPE (it rotates pairs of "
+                             f"features), got {self.head_dim}")
+        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) \
+                or not 0 < self.rope_theta < math.inf:
+            raise ValueError(f"ModelArgs: rope_theta must be a positive number, got "
+                             f"{self.rope_theta!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"ModelArgs: num_key_value_heads={self.num_key_value_heads} must divide "
                 f"num_attention_heads={self.num_attention_heads}")
 
+        if not isinstance(self.norm_options, dict):
+            raise TypeError(f"ModelArgs: norm_options must be a dict of make_norm options, got "
+                            f"{type(self.norm_options).__name__} {self.norm_options!r}")
         if self.norm_type is None:
             self.norm_type = HYPERSPHERE_NORMS.get(self.placement, "rmsnorm")
         check_placement(self.placement, self.norm_type)
@@ -103,8 +120,7 @@ class ModelArgs(BaseModelArgs):
         self.new_norm()  # fails early with make_norm's message on a bad option
         if self.qk_norm is not None:
             make_norm(self.qk_norm, self.head_dim, eps=self.norm_eps)
-        if not 0.0 <= self.mix_ratio <= 1.0:
-            raise ValueError(f"ModelArgs: mix_ratio must be in [0, 1], got {self.mix_ratio!r}")
+        check_mix_ratio(self.mix_ratio, "ModelArgs")
         if self.ngpt_alpha_init is None:
             self.ngpt_alpha_init = NGPT_ALPHA_INIT
 
@@ -124,6 +140,8 @@ class ModelArgs(BaseModelArgs):
                                  f"{self.num_experts}], got {self.num_experts_per_tok!r}")
             if self.moe_intermediate_size is None:
                 self.moe_intermediate_size = self.intermediate_size
+        if self.moe_intermediate_size is not None:
+            _positive_int(self.moe_intermediate_size, "moe_intermediate_size")
         if self.hypersphere and (self.num_experts or self.attention_gate or self.qk_norm
                                  or self.attention_bias or self.mlp_bias):
             raise ValueError(f"ModelArgs: placement {self.placement!r} fixes its own q/k norm and "

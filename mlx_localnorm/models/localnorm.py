@@ -17,12 +17,34 @@ from .args import ModelArgs
 from .layers import MLP, Attention, MoE
 
 
-def _check_tokens(inputs) -> None:
+def _check_tokens(inputs, vocab_size: int, cache) -> None:
+    """Type, shape and range of token ids: out-of-range ids crash or corrupt MLX's gather."""
     if not isinstance(inputs, mx.array) or not mx.issubdtype(inputs.dtype, mx.integer):
         kind = inputs.dtype if isinstance(inputs, mx.array) else type(inputs).__name__
         raise TypeError(f"Model expects integer token ids as an mx.array, got {kind}")
     if inputs.ndim != 2:
         raise ValueError(f"Model expects token ids of shape (batch, length), got {inputs.shape}")
+    if inputs.size == 0:
+        raise ValueError(f"Model expects at least one token, got shape {inputs.shape}")
+    if _sampled_tokens(inputs, cache):
+        return
+    try:
+        low, high = mx.stack([inputs.min(), inputs.max()]).tolist()
+    except ValueError:  # inside mx.compile or vmap, where values cannot be read
+        return
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"Model: token ids must be in [0, vocab_size={vocab_size}), "
+                         f"got ids from {low} to {high}")
+
+
+def _sampled_tokens(inputs, cache) -> bool:
+    """mlx-lm's decode step: its own samples (unsigned, in range) fed back on a warm cache.
+
+    They are still being computed; reading them would stall mlx-lm's asynchronous pipeline.
+    """
+    if cache is None or mx.issubdtype(inputs.dtype, mx.signedinteger):
+        return False
+    return cache[0] is not None and not cache[0].empty()
 
 
 class LocalNormModel(nn.Module):
@@ -90,7 +112,7 @@ class Model(nn.Module):
     def __call__(self, inputs: mx.array, cache=None,
                  input_embeddings: mx.array | None = None) -> mx.array:
         if input_embeddings is None:
-            _check_tokens(inputs)
+            _check_tokens(inputs, self.args.vocab_size, cache)
         h = self.model(inputs, cache, input_embeddings)
         if self.args.tie_word_embeddings:
             logits = self.model.embed_tokens.as_linear(h)

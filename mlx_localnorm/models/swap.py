@@ -6,6 +6,7 @@ import mlx.nn as nn
 
 from ..norms import make_norm
 from ..placements import HYPERSPHERE_NORMS, check_placement, has_final_norm, make_block
+from .args import check_mix_ratio
 
 SWAPPABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # Placements whose norms sit where mlx-lm's Pre-LN norms sit, so their gains carry over.
@@ -40,6 +41,7 @@ def swap_norms(model: nn.Module, norm: str = "seednorm", placement: str = "pre",
                          "weights, not just norms; build ln.Model(ln.ModelArgs(placement="
                          f"{placement!r}, ...)) instead")
     check_placement(placement, norm)
+    check_mix_ratio(mix_ratio, "swap_norms")
     inner = model.model
     options = {"eps": inner.norm.eps, **norm_options}
 
