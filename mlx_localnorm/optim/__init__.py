@@ -19,7 +19,6 @@ from .scion import SCION_NORMS, Scion
 from .trust import LAMB, LARS
 
 __all__ = [
-    "AdamW",
     "LAMB",
     "LARS",
     "LR_SCALES",
@@ -29,6 +28,7 @@ __all__ = [
     "PARAM_GROUPS",
     "POLAR_EXPRESS",
     "SCION_NORMS",
+    "AdamW",
     "Constrained",
     "MultiOptimizer",
     "Muon",
