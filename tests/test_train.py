@@ -89,6 +89,58 @@ def test_resume_reproduces_the_uninterrupted_run(prepared, tmp_path, full_run):
     assert [s for s, _ in losses(out)] == list(range(1, 13))
 
 
+def test_resume_restores_tokens_seen_and_elapsed_time(prepared, tmp_path):
+    out = run_dir(prepared, tmp_path)
+    Pretrainer(config(out)).run(until=5)
+    at_stop = read_metrics(out / "metrics.jsonl")[-1]
+    per_step = TINY["batch_size"] * TINY["seq_len"]
+    assert at_stop["step"] == 5 and at_stop["tokens"] == 5 * per_step
+    resumed = Pretrainer(resume_config(out), resume=True)
+    assert resumed.tokens_seen == 5 * per_step
+    assert resumed.elapsed == at_stop["elapsed_s"] > 0
+    resumed.run(until=7)
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["tokens"] for r in records] == [step * per_step for step in range(1, 8)]
+    elapsed = [r["elapsed_s"] for r in records]
+    assert all(a < b for a, b in zip(elapsed, elapsed[1:])), elapsed
+
+
+@pytest.mark.parametrize("keep, kept", [(1, [5]), (3, [3, 4, 5])])
+def test_pruning_keeps_exactly_the_newest_checkpoints(prepared, tmp_path, keep, kept):
+    out = run_dir(prepared, tmp_path)
+    Pretrainer(config(out, save_every=1, keep_checkpoints=keep, eval_every=0)).run(until=5)
+    assert sorted(os.listdir(out / "checkpoints")) == [f"step_{s:07d}" for s in kept]
+
+
+def _validation_sequences(out, count):
+    """The first ``count`` validation sequences of ``seq_len + 1`` tokens, in file order."""
+    manifest = json.loads((out / "valid.json").read_text())
+    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+    tokens = np.fromfile(out / "valid.bin", dtype=dtype).astype(np.int64)
+    n = TINY["seq_len"]
+    return np.stack([tokens[i * n:i * n + n + 1] for i in range(count)])
+
+
+def _mean_cross_entropy(model, sequences):
+    """Mean next-token cross-entropy in float64 NumPy from the model's logits."""
+    logits = np.array(model(mx.array(sequences[:, :-1])).astype(mx.float32), dtype=np.float64)
+    logits -= logits.max(axis=-1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    return -np.take_along_axis(log_probs, sequences[:, 1:, None], axis=-1).mean()
+
+
+def test_validation_covers_exactly_eval_batches_batches(prepared, tmp_path):
+    out = run_dir(prepared, tmp_path)
+    trainer = Pretrainer(config(out, eval_batches=3, eval_every=2, save_every=0))
+    trainer.run(until=2)
+    rows = TINY["batch_size"]  # the validation batch is as large as the training batch
+    expected = {n: _mean_cross_entropy(trainer.model, _validation_sequences(out, n * rows))
+                for n in (2, 3, 4)}
+    # The check below tells 2, 3 and 4 batches apart.
+    assert min(abs(expected[3] - expected[2]), abs(expected[3] - expected[4])) > 1e-3
+    assert val_losses(out) == [(2, pytest.approx(expected[3], rel=1e-5))]
+
+
 def test_loss_is_sane_and_decreases(full_run):
     out, _ = full_run
     curve = [loss for _, loss in losses(out)]
