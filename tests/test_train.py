@@ -431,6 +431,31 @@ def test_ctrl_c_right_after_a_save_keeps_that_checkpoint(prepared, tmp_path, ful
     assert losses(out) == losses(reference)
 
 
+def test_second_ctrl_c_while_the_last_checkpoint_is_written(prepared, tmp_path, full_run,
+                                                           monkeypatch):
+    """The stop at step 6 writes a checkpoint after the default handler is back; a Ctrl-C
+    mid-write stops at once, and the restart resumes from step 4."""
+    reference, _ = full_run
+    out = run_dir(prepared, tmp_path)
+    trainer = Pretrainer(config(out))
+    trainer.run(until=4)
+    real_save = mx.save_safetensors
+
+    def write_then_ctrl_c(path, arrays, *args, **kw):
+        real_save(path, arrays, *args, **kw)
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(mx, "save_safetensors", write_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(until=6)
+    monkeypatch.undo()
+    assert [c.name for c in list_checkpoints(out)] == ["step_0000004"]
+    restarted = Pretrainer(resume_config(out), resume=True)
+    assert os.listdir(out / "checkpoints") == ["step_0000004"]
+    restarted.run()
+    assert losses(out) == losses(reference)
+
+
 def _tiny_model_and_optimizer():
     model = nn.Linear(3, 2)
     optimizer = optim.Adam(learning_rate=1e-2)
@@ -447,6 +472,19 @@ def test_a_saved_step_is_never_overwritten(tmp_path):
         save_checkpoint(tmp_path, 1, model, optimizer, {})
     assert _snapshot(tmp_path) == before
     assert os.listdir(tmp_path / "checkpoints") == ["step_0000001"]
+
+
+@pytest.mark.parametrize("step, keep, message", [
+    (1, 0, "keep must be a positive int, got 0"),
+    (1, 2.0, "keep must be a positive int, got 2.0"),
+    (-1, 3, "step must be an int >= 0, got -1"),
+    (True, 3, "step must be an int >= 0, got True"),
+])
+def test_save_checkpoint_rejects_bad_step_and_keep(tmp_path, step, keep, message):
+    model, optimizer = _tiny_model_and_optimizer()
+    with pytest.raises(ValueError, match=r"save_checkpoint: " + message):
+        save_checkpoint(tmp_path, step, model, optimizer, {}, keep=keep)
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_restart_removes_only_its_own_leftovers(prepared, tmp_path):

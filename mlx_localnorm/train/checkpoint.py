@@ -54,6 +54,10 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module,
     Raises ``FileExistsError`` if ``step`` is already saved: replacing it would leave a
     moment with no complete checkpoint of that step.
     """
+    if not _is_int(step) or step < 0:
+        raise ValueError(f"save_checkpoint: step must be an int >= 0, got {step!r}")
+    if not _is_int(keep) or keep < 1:
+        raise ValueError(f"save_checkpoint: keep must be a positive int, got {keep!r}")
     root = checkpoint_dir(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:07d}"
@@ -124,6 +128,10 @@ def load_checkpoint(path: str | Path, model: nn.Module,
     model.load_weights(list(weights.items()))
     optimizer.state = tree_unflatten(list(opt_state.items()))
     return state
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_same_tree(expected: dict[str, mx.array], got: dict[str, mx.array],
