@@ -272,6 +272,21 @@ def test_run_directory_loads_in_mlx_lm(full_run):
     assert (out / "loss.png").stat().st_size > 10_000
 
 
+def test_export_after_a_killed_export(prepared, tmp_path):
+    """A kill while export moves files out of its scratch directory leaves some behind;
+    the next export replaces them."""
+    out = run_dir(prepared, tmp_path)
+    trainer = Pretrainer(config(out, steps=2, eval_every=0))
+    trainer.run()
+    (out / ".export").mkdir()
+    (out / ".export" / "model.safetensors").write_bytes(b"half a file")
+    trainer.export()
+    assert not (out / ".export").exists()
+    exported = mx.load(str(out / "model.safetensors"))
+    for key, value in tree_flatten(trainer.model.parameters()):
+        np.testing.assert_array_equal(np.array(exported[key]), np.array(value), err_msg=key)
+
+
 # ----------------------------------------------------------------------------- schedule
 @pytest.mark.parametrize("kind", ["cosine", "wsd", "constant"])
 def test_lr_schedule(kind):

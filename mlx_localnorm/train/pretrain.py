@@ -355,7 +355,8 @@ class Pretrainer:
         from transformers import PreTrainedTokenizerFast
 
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(self.out_dir))
-        staging = save_model(self.model, tokenizer, self.out_dir / ".export")
+        # Our scratch directory: what a killed export left in it is ours to replace.
+        staging = save_model(self.model, tokenizer, self.out_dir / ".export", overwrite=True)
         for item in staging.iterdir():
             os.replace(item, self.out_dir / item.name)
         staging.rmdir()
