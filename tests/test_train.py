@@ -27,6 +27,7 @@ from mlx_localnorm.train import (
     resume_config,
     save_checkpoint,
 )
+from mlx_localnorm import _fast_blas as fast_blas
 from mlx_localnorm.train import pretrain as pretrain_module
 from mlx_localnorm.train.command import build_parser, parse_config
 
@@ -566,8 +567,10 @@ def test_kill_during_a_checkpoint_then_restart(prepared, tmp_path, full_run, fau
     reference, _ = full_run
     out = run_dir(prepared, tmp_path)
     fields = {**TINY, "out_dir": str(out), "keep_checkpoints": 1}
+    # The same CPU BLAS as this process (loading a saved model turns the fast one off here).
+    env = {**os.environ, "MLX_LOCALNORM_FAST_BLAS": "1" if fast_blas.status == "loaded" else "0"}
     proc = subprocess.run([sys.executable, "-c", KILLED_TRAINER, fault, json.dumps(fields)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert len(list((out / "checkpoints").iterdir())) == 2  # the survivor and a leftover
     restarted = Pretrainer(resume_config(out), resume=True)
