@@ -34,6 +34,8 @@ UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 SPM_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
 MAX_TRAINING_LINES = 10_000_000
+# The smallest vocabulary: 4 special pieces, 256 byte pieces and one learned piece.
+MIN_VOCAB_SIZE = 261
 _NORMAL, _USER_DEFINED = (
     sp_pb2.ModelProto.SentencePiece.NORMAL,
     sp_pb2.ModelProto.SentencePiece.USER_DEFINED,
@@ -68,10 +70,10 @@ def train_tokenizer(
         raise ValueError(
             f"train_tokenizer(model_type=...) must be one of {MODEL_TYPES}, got {model_type!r}"
         )
-    if not isinstance(vocab_size, int) or vocab_size < 261:
+    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(
-            f"train_tokenizer(vocab_size=...) must be an int >= 261 (4 special + 256 "
-            f"byte pieces + 1), got {vocab_size!r}"
+            f"train_tokenizer(vocab_size=...) must be an int >= {MIN_VOCAB_SIZE} (4 special + "
+            f"256 byte pieces + 1), got {vocab_size!r}"
         )
     model = io.BytesIO()
     # Past MAX_TRAINING_LINES, sentencepiece samples lines at random: seed it for reproducibility.

@@ -15,6 +15,12 @@ from typing import Any
 
 import yaml
 
+from ..data.tokenizer import MIN_VOCAB_SIZE, MODEL_TYPES
+from ..models import ModelArgs
+from ..norms import NORMS
+from ..optim import OPTIMIZERS
+from ..placements import HYPERSPHERE_NORMS, PLACEMENTS
+
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 # Fields a resumed run may change; everything else must match the saved config.
@@ -22,8 +28,19 @@ RESUMABLE_CHANGES = ("steps", "tokens", "eval_every", "save_every", "keep_checkp
                      "log_every", "sample_tokens", "sample_prompt", "progress")
 
 
+# A field's annotation -> (accepted types, how an error message names them).
+_TYPES = {"int": (int, "an int"), "float": ((int, float), "a number"), "str": (str, "a string"),
+          "bool": (bool, "a bool"), "dict": (dict, "a JSON object")}
+
+
 def _help(text: str, **kw) -> Any:
     return field(metadata={"help": text}, **kw)
+
+
+def field_type(annotation: str) -> tuple[str, bool]:
+    """``("float", True)`` for a field annotated ``float | None``: the base type, and None."""
+    parts = [p.strip() for p in annotation.split("|")]
+    return next(p for p in parts if p != "None"), "None" in parts
 
 
 @dataclass
@@ -100,18 +117,23 @@ class PretrainConfig:
         return math.ceil(self.tokens / per_step) if self.tokens > 0 else self.steps
 
     def validate(self) -> None:
-        positive = ("vocab_size", "seq_len", "batch_size", "grad_accum", "hidden_size",
-                    "num_layers", "num_heads", "context_length", "eval_batches",
-                    "keep_checkpoints", "log_every")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"PretrainConfig: {name} must be a positive int, got {value!r}")
+        """Check every field before any work: types, ranges, names, and that the model fits."""
+        self._check_types()
+        for name in ("vocab_size", "seq_len", "batch_size", "grad_accum", "hidden_size",
+                     "num_layers", "num_heads", "context_length", "eval_batches",
+                     "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PretrainConfig: {name} must be a positive int, got "
+                                 f"{getattr(self, name)!r}")
         for name in ("steps", "tokens", "eval_every", "save_every", "warmup_steps", "seed",
                      "sample_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"PretrainConfig: {name} must be an int >= 0, got {value!r}")
+            if getattr(self, name) < 0:
+                raise ValueError(f"PretrainConfig: {name} must be an int >= 0, got "
+                                 f"{getattr(self, name)!r}")
+        if self.vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(f"PretrainConfig: vocab_size must be an int >= {MIN_VOCAB_SIZE} "
+                             f"(sentencepiece's special and byte pieces + 1), got "
+                             f"{self.vocab_size!r}")
         if self.total_steps < 1:
             raise ValueError("PretrainConfig: steps (or tokens) must be positive")
         if self.seq_len > self.context_length:
@@ -120,24 +142,65 @@ class PretrainConfig:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"PretrainConfig: grad_accum={self.grad_accum} must divide "
                              f"batch_size={self.batch_size}")
+        self._check_optimization()
         for name, choices in (("schedule", SCHEDULES), ("dtype", DTYPES),
-                              ("tokenizer_type", ("bpe", "unigram"))):
+                              ("tokenizer_type", MODEL_TYPES), ("optimizer", sorted(OPTIMIZERS)),
+                              ("norm", sorted(NORMS)), ("placement", list(PLACEMENTS)),
+                              ("qk_norm", [*sorted(NORMS), None])):
             if getattr(self, name) not in choices:
                 raise ValueError(f"PretrainConfig: {name} must be one of {choices}, got "
                                  f"{getattr(self, name)!r}")
-        for name in ("learning_rate", "adamw_learning_rate", "weight_decay"):
+        try:
+            self.model_args()
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"PretrainConfig: the model settings do not fit: {err}") from None
+
+    def _check_types(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            base, optional = field_type(f.type)
+            if value is None and optional:
+                continue
+            # bool is an int to isinstance, but True is no step count
+            if isinstance(value, bool) != (base == "bool") or not isinstance(
+                    value, _TYPES[base][0]):
+                expected = _TYPES[base][1] + (" or None" if optional else "")
+                raise TypeError(f"PretrainConfig: {f.name} must be {expected}, got {value!r} "
+                                f"({type(value).__name__})")
+            if base == "float" and not math.isfinite(value):
+                raise ValueError(f"PretrainConfig: {f.name} must be a finite number, got "
+                                 f"{value!r}")
+
+    def _check_optimization(self) -> None:
+        for name in ("learning_rate", "adamw_learning_rate"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value >= 0):
-                raise ValueError(f"PretrainConfig: {name} must be a number >= 0, got {value!r}")
+            if value is not None and value <= 0:
+                raise ValueError(f"PretrainConfig: {name} must be > 0, got {value!r}")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"PretrainConfig: {name} must be >= 0, got {value!r}")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
             raise ValueError(f"PretrainConfig: min_lr_ratio must be in [0, 1] and "
                              f"decay_fraction in (0, 1], got {self.min_lr_ratio!r}, "
                              f"{self.decay_fraction!r}")
-        if self.grad_clip < 0:
-            raise ValueError(f"PretrainConfig: grad_clip must be >= 0, got {self.grad_clip!r}")
-        if not isinstance(self.norm_options, dict):
-            raise TypeError(f"PretrainConfig: norm_options must be a dict, got "
-                            f"{type(self.norm_options).__name__}")
+
+    def model_args(self, vocab_size: int | None = None) -> ModelArgs:
+        """The model this run trains; ``vocab_size``: the tokenizer's (default: the config's)."""
+        return ModelArgs(
+            vocab_size=self.vocab_size if vocab_size is None else vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            intermediate_size=self.intermediate_size or 3 * self.hidden_size,
+            max_position_embeddings=self.context_length,
+            norm_type=None if self.placement in HYPERSPHERE_NORMS else self.norm,
+            norm_options=self.norm_options,
+            placement=self.placement,
+            qk_norm=self.qk_norm,
+            tie_word_embeddings=True,
+        )
 
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict[str, Any]:
@@ -148,7 +211,18 @@ class PretrainConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], where: str = "config") -> PretrainConfig:
+    def from_dict(cls, values: dict[str, Any], where: str | None = None) -> PretrainConfig:
+        """A config from field values; error messages name ``where`` (e.g. their file)."""
+        cls._check_fields(values, where or "PretrainConfig")
+        try:
+            return cls(**values)
+        except (ValueError, TypeError) as err:
+            if where is None:
+                raise
+            raise type(err)(f"{where}: {err}") from None
+
+    @classmethod
+    def _check_fields(cls, values: Any, where: str) -> None:
         if not isinstance(values, dict):
             raise ValueError(f"{where}: expected a mapping of config fields, got "
                              f"{type(values).__name__}")
@@ -156,15 +230,30 @@ class PretrainConfig:
         if unknown:
             raise ValueError(f"{where}: unknown config field(s) {unknown}; valid fields: "
                              f"{', '.join(cls.field_names())}")
-        return cls(**values)
 
     @classmethod
     def read(cls, path: str | Path) -> dict[str, Any]:
-        """The field values in a JSON or YAML file (validated by ``from_dict``)."""
+        """The field values in a JSON or YAML file; its syntax and field names are checked."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        text = path.read_text()
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        cls.from_dict(values or {}, where=str(path))  # fail early, naming the file
-        return values or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+            values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except UnicodeDecodeError:
+            raise ValueError(f"config file {path} is not UTF-8 text") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"config file {path} is not valid JSON: {err}") from None
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {path} is not valid YAML: {_yaml_problem(err)}"
+                             ) from None
+        values = {} if values is None else values
+        cls._check_fields(values, str(path))
+        return values
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message in one line: the problem and where it is."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    return f"{getattr(err, 'problem', None) or err}{where}"

@@ -27,7 +27,7 @@ from mlx.optimizers import clip_grad_norm
 from mlx.utils import tree_flatten, tree_map
 
 from ..data import Batches, prepare_data
-from ..models import Model, ModelArgs, save_model
+from ..models import Model, save_model
 from ..optim import make_optimizer
 from .checkpoint import (CheckpointError, list_checkpoints, load_checkpoint,
                          remove_leftovers, save_checkpoint)
@@ -57,23 +57,6 @@ def resume_config(out_dir: str | Path, overrides: dict[str, Any] | None = None) 
                              f"{', '.join(RESUMABLE_CHANGES)} can")
         saved[key] = value
     return PretrainConfig.from_dict(saved, where=str(path))
-
-
-def model_args(config: PretrainConfig, vocab_size: int) -> ModelArgs:
-    return ModelArgs(
-        vocab_size=vocab_size,
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads,
-        intermediate_size=config.intermediate_size or 3 * config.hidden_size,
-        max_position_embeddings=config.context_length,
-        norm_type=None if config.placement in ("ngpt", "angpt") else config.norm,
-        norm_options=config.norm_options,
-        placement=config.placement,
-        qk_norm=config.qk_norm,
-        tie_word_embeddings=True,
-    )
 
 
 def make_training_optimizer(config: PretrainConfig, model: nn.Module):
@@ -149,7 +132,7 @@ class Pretrainer:
         self.data = self._prepare_data()
         self.tokens_per_step = config.batch_size * config.seq_len
         mx.random.seed(config.seed)
-        self.model = Model(model_args(config, self.data.tokenizer.vocab_size()))
+        self.model = Model(config.model_args(self.data.tokenizer.vocab_size()))
         if config.dtype != "float32":
             self.model.set_dtype(DTYPES[config.dtype])
         if config.grad_checkpoint:
