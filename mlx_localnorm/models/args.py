@@ -66,6 +66,8 @@ class ModelArgs(BaseModelArgs):
         default=None, metadata={"help": "nGPT/anGPT eigen learning rate init; None = 0.05"})
     qk_norm: str | None = field(
         default=None, metadata={"help": "per-head norm of q and k (a name of ln.NORMS)"})
+    qk_norm_options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "extra make_norm options of qk_norm"})
     attention_gate: bool = field(
         default=False, metadata={"help": "sigmoid output gate per head (Qwen3-Next)"})
     layer_types: list[str] | None = field(
@@ -107,9 +109,10 @@ class ModelArgs(BaseModelArgs):
                 f"ModelArgs: num_key_value_heads={self.num_key_value_heads} must divide "
                 f"num_attention_heads={self.num_attention_heads}")
 
-        if not isinstance(self.norm_options, dict):
-            raise TypeError(f"ModelArgs: norm_options must be a dict of make_norm options, got "
-                            f"{type(self.norm_options).__name__} {self.norm_options!r}")
+        for name in ("norm_options", "qk_norm_options"):
+            if not isinstance(getattr(self, name), dict):
+                raise TypeError(f"ModelArgs: {name} must be a dict of make_norm options, got "
+                                f"{type(getattr(self, name)).__name__} {getattr(self, name)!r}")
         if self.norm_type is None:
             self.norm_type = HYPERSPHERE_NORMS.get(self.placement, "rmsnorm")
         check_placement(self.placement, self.norm_type)
@@ -118,8 +121,7 @@ class ModelArgs(BaseModelArgs):
                              "(a causal token window needs past tokens the KV cache does not "
                              f"keep), got patch_size={self.norm_options['patch_size']!r}")
         self.new_norm()  # fails early with make_norm's message on a bad option
-        if self.qk_norm is not None:
-            make_norm(self.qk_norm, self.head_dim, eps=self.norm_eps)
+        self.new_qk_norm()
         check_mix_ratio(self.mix_ratio, "ModelArgs")
         if self.ngpt_alpha_init is None:
             self.ngpt_alpha_init = NGPT_ALPHA_INIT
@@ -152,6 +154,14 @@ class ModelArgs(BaseModelArgs):
     def hypersphere(self) -> bool:
         """nGPT or anGPT: hidden states and weights live on (or in) the unit sphere."""
         return self.placement in HYPERSPHERE_NORMS
+
+    def new_qk_norm(self) -> nn.Module | None:
+        """A fresh per-head q/k norm: L2 for nGPT/anGPT, else ``qk_norm`` (None: no q/k norm)."""
+        if self.hypersphere:
+            return make_norm("l2norm", self.head_dim, eps=self.norm_eps)
+        if self.qk_norm is None:
+            return None
+        return make_norm(self.qk_norm, self.head_dim, eps=self.norm_eps, **self.qk_norm_options)
 
     def new_norm(self, dims: int | None = None) -> nn.Module:
         """A fresh norm of ``norm_type`` over ``dims`` (default ``hidden_size``)."""

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_inplace, shard_linear, sum_gradients
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from ..norms import make_norm
 from ..placements import scaled_vector
 from .args import ModelArgs
+
+
+def _shard_vector(vector: mx.array, group: mx.distributed.Group) -> mx.array:
+    """This rank's part of a per-feature scale, split like its projection's outputs."""
+    return mx.split(vector, group.size())[group.rank()]
 
 
 class Attention(nn.Module):
@@ -39,10 +44,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dims, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dims, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dims, bias=bias)
-        qk_norm = "l2norm" if args.hypersphere else args.qk_norm
-        if qk_norm is not None:
-            self.q_norm = make_norm(qk_norm, self.head_dim, eps=args.norm_eps)
-            self.k_norm = make_norm(qk_norm, self.head_dim, eps=args.norm_eps)
+        if args.new_qk_norm() is not None:
+            self.q_norm, self.k_norm = args.new_qk_norm(), args.new_qk_norm()
         if args.hypersphere:
             # SPEC: s_qk stored at 1/sqrt(D), used as p * 1 / (1/sqrt(D)).
             self.s_q, self.s_factor = scaled_vector(self.head_dim * self.n_heads, 1.0,
@@ -75,6 +78,17 @@ class Attention(nn.Module):
             out = out * mx.sigmoid(self.g_proj(x))
         return self.o_proj(out)
 
+    def shard(self, group: mx.distributed.Group) -> None:
+        """Tensor parallelism: each rank keeps 1/N of the heads; o_proj sums the ranks."""
+        for name in ("q_proj", "k_proj", "v_proj", "g_proj"):
+            if name in self:
+                setattr(self, name, shard_linear(self[name], "all-to-sharded", group=group))
+        self.o_proj = shard_linear(self.o_proj, "sharded-to-all", group=group)
+        if "s_q" in self:
+            self.s_q, self.s_k = _shard_vector(self.s_q, group), _shard_vector(self.s_k, group)
+        self.n_heads //= group.size()
+        self.n_kv_heads //= group.size()
+
 
 class MLP(nn.Module):
     r"""SwiGLU MLP: :math:`W_{down}(\mathrm{silu}(W_{gate} x) \odot W_{up} x)`.
@@ -99,6 +113,14 @@ class MLP(nn.Module):
             up, gate = up * self.s_u, gate * (self.s_v * self.gate_factor)
         return self.down_proj(swiglu(gate, up))
 
+    def shard(self, group: mx.distributed.Group) -> None:
+        """Tensor parallelism: each rank keeps 1/N of the hidden width; down_proj sums them."""
+        self.gate_proj = shard_linear(self.gate_proj, "all-to-sharded", group=group)
+        self.up_proj = shard_linear(self.up_proj, "all-to-sharded", group=group)
+        self.down_proj = shard_linear(self.down_proj, "sharded-to-all", group=group)
+        if "s_u" in self:
+            self.s_u, self.s_v = _shard_vector(self.s_u, group), _shard_vector(self.s_v, group)
+
 
 class MoE(nn.Module):
     r"""Top-k mixture of SwiGLU experts with a load-balance loss (arXiv 2101.03961).
@@ -118,13 +140,18 @@ class MoE(nn.Module):
         self.gate = nn.Linear(args.hidden_size, self.num_experts, bias=False)
         self.switch_mlp = SwitchGLU(args.hidden_size, args.moe_intermediate_size,
                                     self.num_experts, bias=args.mlp_bias)
+        self.sharding_group = None
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.sharding_group is not None:
+            x = sum_gradients(self.sharding_group)(x)
         probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)
         top = mx.stop_gradient(mx.argpartition(probs, kth=-self.top_k, axis=-1)[..., -self.top_k:])
         gates = mx.take_along_axis(probs, top, axis=-1)
         gates = gates / gates.sum(axis=-1, keepdims=True)
         y = (self.switch_mlp(x, top) * gates[..., None].astype(x.dtype)).sum(axis=-2)
+        if self.sharding_group is not None:
+            y = mx.distributed.all_sum(y, group=self.sharding_group)
 
         routed = (top[..., None] == mx.arange(self.num_experts)).sum(axis=-2)
         f = routed.reshape(-1, self.num_experts).mean(axis=0) / self.top_k
@@ -132,3 +159,14 @@ class MoE(nn.Module):
         # Underscore: kept out of parameters(); read by Model.aux_loss() in the same trace.
         self._aux_loss = self.aux_loss_coef * self.num_experts * (f * p).sum()
         return y.astype(x.dtype)
+
+    def shard(self, group: mx.distributed.Group) -> None:
+        """Tensor parallelism as mlx-lm's MoE models: every rank keeps 1/N of each expert's
+        width and the whole (replicated) router; the expert outputs are summed across ranks."""
+        self.sharding_group = group
+        mlp = self.switch_mlp
+        shard_inplace(mlp.gate_proj, "all-to-sharded", group=group)
+        shard_inplace(mlp.up_proj, "all-to-sharded", group=group)
+        shard_inplace(mlp.down_proj, "sharded-to-all", group=group)
+        if "bias" in mlp.down_proj:  # every rank adds it before the sum
+            mlp.down_proj.bias = mlp.down_proj.bias / group.size()

@@ -138,6 +138,36 @@ class Model(nn.Module):
             weights.pop("lm_head.weight", None)
         return weights
 
+    def shard(self, group: mx.distributed.Group | None = None) -> None:
+        """Tensor parallelism as mlx-lm's Llama/Qwen3 (``mlx_lm.utils.sharded_load`` calls it).
+
+        Each rank of ``group`` (default: ``mx.distributed.init()``) keeps 1/N of the attention
+        heads and of the MLP (or each expert's) width; o_proj and down_proj sum across ranks.
+        Norms, embeddings and the head are replicated. For inference: nGPT/anGPT's
+        ``project_weights`` does not know the split.
+        """
+        group = group or mx.distributed.init()
+        width = "moe_intermediate_size" if self.args.num_experts else "intermediate_size"
+        for name in ("num_key_value_heads", width):
+            if getattr(self.args, name) % group.size():
+                raise ValueError(f"Model.shard: {name}={getattr(self.args, name)} must be "
+                                 f"divisible by the group size {group.size()}")
+        for layer in self.layers:
+            layer.self_attn.shard(group)
+            layer.mlp.shard(group)
+
+    @property
+    def quant_predicate(self):
+        """mlx-lm's quantization rule for MoE models: routers (``mlp.gate``) at 8 bits."""
+
+        def predicate(path: str, module: nn.Module):
+            if path.endswith("mlp.gate"):
+                # mlx-lm's group of 64; a router too narrow for it stays in full precision.
+                return module.weight.shape[-1] % 64 == 0 and {"group_size": 64, "bits": 8}
+            return True
+
+        return predicate
+
     def aux_loss(self) -> mx.array:
         """The MoE load-balance loss of the last forward pass (0 for a dense model).
 

@@ -2,7 +2,7 @@
 
 mlx-lm 0.32 resolves ``mlx_lm.models.<model_type>`` unless config.json names a
 ``model_file``: then ``load(path, trust_remote_code=True)`` (CLI: ``--trust-remote-code``)
-executes that file and takes its ``Model`` and ``ModelArgs``. Ours is a two-line shim that
+executes that file and takes its ``Model`` and ``ModelArgs``. Ours is a short shim that
 imports them from this package, so the package must be installed where the model is loaded.
 """
 
@@ -14,10 +14,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import mlx.nn as nn
 from mlx_lm.utils import save_config
 from mlx_lm.utils import save_model as save_weights
 
 from .localnorm import Model
+from .quantized import quantization_config
+from .swap import to_localnorm
 
 MODEL_FILE = "localnorm_model.py"
 # Lists the files save_model wrote: a directory holding only these may be replaced.
@@ -32,12 +35,19 @@ import os
 os.environ.setdefault("MLX_LOCALNORM_FAST_BLAS", "0")
 
 from mlx_localnorm.models import Model, ModelArgs  # noqa: E402, F401
+from mlx_localnorm.models.transformers_config import register  # noqa: E402
+
+register()  # before mlx-lm reads the tokenizer through transformers' AutoTokenizer
 '''
 
 
-def save_model(model: Model, tokenizer, path: str | Path, *, overwrite: bool = False) -> Path:
+def save_model(model: nn.Module, tokenizer, path: str | Path, *,
+               overwrite: bool = False) -> Path:
     """Write config.json, model.safetensors, tokenizer files and the model file to ``path``.
 
+    ``model`` is a LocalNorm :class:`Model` (quantized or not: config.json then records each
+    layer's quantization as mlx-lm does) or an mlx-lm model changed by ``swap_norms``, saved
+    as the LocalNorm model with the same weights and outputs.
     ``tokenizer`` is a Hugging Face tokenizer or mlx-lm ``TokenizerWrapper`` (anything with
     ``save_pretrained``). ``path`` must be missing, empty or a model saved here before;
     anything else (a file, a run directory, a model with files added) is replaced only with
@@ -47,8 +57,11 @@ def save_model(model: Model, tokenizer, path: str | Path, *, overwrite: bool = F
     result with ``mlx_lm.load(path, trust_remote_code=True)``.
     """
     if not isinstance(model, Model):
-        raise TypeError(f"save_model: model must be an mlx_localnorm Model, got "
-                        f"{type(model).__name__} (save mlx-lm models with mlx_lm.utils.save)")
+        if getattr(model, "swapped_norms", None) is None:
+            raise TypeError(f"save_model: model must be an mlx_localnorm Model or an mlx-lm "
+                            f"model changed by swap_norms, got {type(model).__name__} (save "
+                            "other mlx-lm models with mlx_lm.utils.save)")
+        model = to_localnorm(model)
     if not hasattr(tokenizer, "save_pretrained"):
         raise TypeError(f"save_model: tokenizer must have save_pretrained (a Hugging Face "
                         f"tokenizer or TokenizerWrapper), got {type(tokenizer).__name__}")
@@ -72,6 +85,9 @@ def _write(model: Model, tokenizer, directory: Path) -> None:
     # None means "default": leave it out (transformers warns on some null keys).
     config = {k: v for k, v in dataclasses.asdict(model.args).items() if v is not None}
     config["model_file"] = MODEL_FILE
+    quantization = quantization_config(model)
+    if quantization is not None:  # both keys, as mlx_lm.utils.quantize_model writes them
+        config["quantization"] = config["quantization_config"] = quantization
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None:
         config["eos_token_id"] = eos
