@@ -213,6 +213,12 @@ SHIM_CASES = [
     ("simd_prefix_inclusive_product(v > 0.0f ? 2.0f : 1.0f)", lambda v, k: 2.0**k, 0),
     ("quad_shuffle(v, 3)", lambda v, k: (k // 4 * 4 + 3) / 4, 0),
     ("elem_to_loc(uint(k), x_shape, x_strides, x_ndim) * 1.0f", lambda v, k: k, 0),
+    # Metal's math constants (MSL specification, section 6.5).
+    ("metal::max(-INFINITY, v) + float(INFINITY == HUGE_VALF)", lambda v, k: v + 1, 0),
+    ("float(metal::isnan(NAN)) + MAXFLOAT / FLT_MAX", lambda v, k: 2, 0),
+    ("M_PI_F * v + M_SQRT2_F - M_E_F", lambda v, k: np.pi * v + np.sqrt(2) - np.e, 1e-6),
+    ("M_LN2_F * M_LOG2E_F + M_PI_2_F / M_PI_4_F", lambda v, k: 3, 1e-6),
+    ("FLT_EPSILON / FLT_MIN * 0.0f + M_1_PI_F * M_2_SQRTPI_F", lambda v, k: 2 / np.pi**1.5, 1e-6),
 ]
 
 
