@@ -2,10 +2,11 @@
 
 Every kernel's exact Metal source runs in :mod:`mlx_localnorm.emulate` and is checked, forward
 and backward, against a float64 NumPy reference written here from SPEC.md and against the ops
-twin in :mod:`mlx_localnorm.norms`. Per-dtype tolerances are relative to the reference's
+twin in :mod:`mlx_localnorm.ops`. Per-dtype tolerances are relative to the reference's
 scale. The emulator's device-memory byte counts check the traffic targets.
 """
 
+import importlib
 import itertools
 import math
 import warnings
@@ -185,30 +186,67 @@ def test_seednorm_forward_and_gradients(rows, dims, dtype):
     (16, False, "rsqrt_d", 4096, "float16"),
     (3, True, "none", 33, "float32"),
     (2, False, "none", 8192, "float32"),
+    (4, False, "rsqrt_d", 64, "float32"),
+    (8, True, "rsqrt_d", 4096, "float32"),
 ])
 def test_seednorm_multi_head(heads, head_rms, dot_scale, dims, dtype):
+    """Both paths against the reference: the ops twin is what Linux and the model run."""
     (x, w, a, b, g), (x64, w64, a64, b64, g64) = seed_inputs(5, dims, dtype, seed=heads)
     scale = (dims // heads) ** -0.5 if dot_scale == "rsqrt_d" else 1.0
     y_ref, grads_ref = ref_seednorm(x64, w64, a64, b64, heads=heads, scale=scale,
                                     head_rms=head_rms, g=g64)
-    fn = lambda *p: kernels.seednorm(*p, num_heads=heads, backend="emulate",
-                                     dot_scale=dot_scale, head_rms=head_rms)
-    (y,), grads = run_vjp(fn, [x, w, a, b], [g])
-    assert_close(y, y_ref, dtype, "y")
-    for name, got, ref in zip(("dx", "dweight", "dalpha", "dbeta"), grads, grads_ref):
-        assert_close(got, ref, dtype, name)
+    results = {}
+    for backend in ("ops", "emulate"):
+        fn = lambda *p, backend=backend: kernels.seednorm(
+            *p, num_heads=heads, backend=backend, dot_scale=dot_scale, head_rms=head_rms)
+        (y,), grads = results[backend] = run_vjp(fn, [x, w, a, b], [g])
+        assert_close(y, y_ref, dtype, f"y ({backend})")
+        for name, got, ref in zip(("dx", "dweight", "dalpha", "dbeta"), grads, grads_ref):
+            assert_close(got, ref, dtype, f"{name} ({backend})")
+    (y_ops,), grads_ops = results["ops"]
+    (y_emu,), grads_emu = results["emulate"]
+    assert_close(y_emu, f64(y_ops), dtype, "y kernel vs ops twin", factor=2)
+    for name, got, twin in zip(("dx", "dweight", "dalpha", "dbeta"), grads_emu, grads_ops):
+        assert_close(got, f64(twin), dtype, f"{name} kernel vs ops twin", factor=2)
 
 
+@pytest.mark.parametrize("backend", ["ops", "emulate"])
 @pytest.mark.parametrize("dims,dtype", [(33, "float32"), (1024, "float16"), (8192, "bfloat16")])
-def test_seednorm_frozen_parameters(dims, dtype):
+def test_seednorm_frozen_parameters(dims, dtype, backend):
     (x, w, a, b, g), (x64, w64, a64, b64, g64) = seed_inputs(3, dims, dtype, seed=7)
     _, (dx_ref, *_) = ref_seednorm(x64, w64, a64, b64, g=g64)
-    fn = lambda *p: kernels.seednorm(*p, backend="emulate", frozen=True)
-    (y,), (dx, dw, da, db) = run_vjp(fn, [x, w, a, b], [g])
+    fn = lambda *p: kernels.seednorm(*p, backend=backend, frozen=True)
+    with kernels.record_traffic() as launches:
+        (y,), (dx, dw, da, db) = run_vjp(fn, [x, w, a, b], [g])
     assert_close(y, ref_seednorm(x64, w64, a64, b64), dtype, "y")
     assert_close(dx, dx_ref, dtype, "dx")
     for grad in (dw, da, db):
         assert not f64(grad).any(), "frozen parameters must get zero gradients"
+    # The kernel skips the parameter partials: no such output, no column sum.
+    assert [s.kernel.split("__")[0] for s in launches] == (
+        [] if backend == "ops" else ["custom_kernel_mlx_localnorm_seednorm_fwd",
+                                     "custom_kernel_mlx_localnorm_seednorm_bwd_frozen"])
+    assert all(b.name != "param_partials" for s in launches for b in s.buffers)
+
+
+@pytest.mark.parametrize("backend", ["ops", "emulate"])
+@pytest.mark.parametrize("rows,dims,dtype", [(3, 1, "float32"), (5, 33, "float16"),
+                                             (2, 4099, "bfloat16"), (100, 1024, "float32")])
+def test_rms_norm_kernel_frozen_weight(rows, dims, dtype, backend):
+    (x, w, _, _, g), (x64, w64, _, _, g64) = seed_inputs(rows, dims, dtype, seed=13)
+    zero = np.zeros(dims)
+    y_ref, (dx_ref, *_) = ref_seednorm(x64, w64, zero, zero, g=g64)
+    fn = lambda x, w: kernels.rms_norm(x, w, backend=backend, frozen=True)
+    with kernels.record_traffic() as launches:
+        (y,), (dx, dw) = run_vjp(fn, [x, w], [g])
+    assert y.dtype == dx.dtype == x.dtype and dw.dtype == w.dtype
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(dx, dx_ref, dtype, "dx", scale=dx_scale(x64, w64, g64))
+    assert not f64(dw).any(), "a frozen weight must get a zero gradient"
+    assert [s.kernel.split("__")[0] for s in launches] == (
+        [] if backend == "ops" else ["custom_kernel_mlx_localnorm_rmsnorm_fwd",
+                                     "custom_kernel_mlx_localnorm_rmsnorm_bwd_frozen"])
+    assert all(b.name != "param_partials" for s in launches for b in s.buffers)
 
 
 @pytest.mark.parametrize("rows,dims,dtype", [
@@ -349,6 +387,65 @@ def test_patchnorm_forward_and_gradients(shape, k, ndim, mode, full, bias, dtype
     assert_close(y, f64(y_ops), dtype, "y vs ops twin", factor=2)
     for name, got, twin in zip(("dx", "dweight", "dbias"), grads, grads_ops):
         assert_close(got, f64(twin), dtype, f"{name} vs ops twin", factor=2)
+
+
+# ----------------------------------------------------------------- thread schedules
+
+@pytest.fixture
+def three_schedules(monkeypatch):
+    """Every emulated launch runs under three seeded thread and threadgroup orders and must
+    give bitwise-equal outputs (a race shows up as a difference); the kernel objects are
+    rebuilt to read the setting, and rebuilt again afterwards."""
+    from mlx_localnorm.emulate.kernel import SCHEDULES_ENV, SEED_ENV
+
+    caches = [importlib.import_module(f"mlx_localnorm.kernels.{name}")._fused
+              for name in ("seednorm", "patchnorm")]
+    caches.append(importlib.import_module("mlx_localnorm.kernels._launch").kernel)
+
+    def rebuild():
+        for cache in caches:
+            cache.cache_clear()
+
+    monkeypatch.setenv(SCHEDULES_ENV, "3")
+    monkeypatch.setenv(SEED_ENV, "11")
+    rebuild()
+    yield
+    monkeypatch.delenv(SCHEDULES_ENV)
+    monkeypatch.delenv(SEED_ENV)
+    rebuild()
+
+
+SCHEDULED = {
+    "seednorm 2 heads": lambda x, w, a, b, be: kernels.seednorm(x, w, a, b, num_heads=2,
+                                                                backend=be),
+    "seednorm residual": lambda x, w, a, b, be: kernels.seednorm(x, w, a, b, residual=x * a,
+                                                                 backend=be)[1],
+    "seednorm frozen, head_rms": lambda x, w, a, b, be: kernels.seednorm(
+        x, w, a, b, num_heads=4, head_rms=True, frozen=True, backend=be),
+    "rms_norm": lambda x, w, a, b, be: kernels.rms_norm(x, w, backend=be) * a,
+    "patchnorm 1-D k=3 affine": lambda x, w, a, b, be: kernels.patchnorm(
+        x.reshape(2, -1, x.shape[-1]), w, b, patch_size=3, mode="affine", backend=be),
+    "patchnorm 2-D k=2": lambda x, w, a, b, be: kernels.patchnorm(
+        x.reshape(1, 4, -1, x.shape[-1]), w, b, patch_size=2, patch_ndim=2, backend=be),
+}
+
+
+@pytest.mark.parametrize("case", list(SCHEDULED))
+def test_package_kernels_agree_under_several_thread_schedules(case, three_schedules):
+    """Forward and backward kernels, with several simdgroups and threadgroups per launch."""
+    (x, w, a, b, _), _ = seed_inputs(8, 300, "float32", seed=21)
+    results = {}
+    for backend in ("emulate", "ops"):
+        fn = lambda *p, backend=backend: SCHEDULED[case](*p, backend)
+        with kernels.record_traffic() as launches:
+            y = fn(x, w, a, b)
+            g = mx.random.normal(y.shape, key=mx.random.key(22))
+            results[backend] = run_vjp(fn, [x, w, a, b], [g])
+        assert bool(launches) == (backend == "emulate")
+    (out_emu, grads_emu), (out_ops, grads_ops) = results["emulate"], results["ops"]
+    for name, got, twin in zip(("y", "dx", "dweight", "dalpha", "dbeta"),
+                               out_emu + grads_emu, out_ops + grads_ops):
+        assert_close(got, f64(twin), "float32", f"{case}: {name} vs ops twin", factor=2)
 
 
 # ----------------------------------------------------------------- the references themselves

@@ -261,10 +261,11 @@ def test_forward_and_gradients(case, dims, dtype):
 @pytest.mark.parametrize("dims", [8, 32, 4096])
 @pytest.mark.parametrize("heads", [2, 4])
 @pytest.mark.parametrize("head_rms", [False, True])
+@pytest.mark.parametrize("dot_scale", ["none", "rsqrt_d"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_seednorm_multi_head(dims, heads, head_rms, dtype):
-    CASES["_mh"] = ("seednorm", {"num_heads": heads, "head_rms": head_rms}, ref_seednorm,
-                    {"num_heads": heads, "head_rms": head_rms})
+def test_seednorm_multi_head(dims, heads, head_rms, dot_scale, dtype):
+    options = {"num_heads": heads, "head_rms": head_rms, "dot_scale": dot_scale}
+    CASES["_mh"] = ("seednorm", options, ref_seednorm, options)
     try:
         _run_case("_mh", dims, (3, 5), dtype)
     finally:

@@ -137,8 +137,9 @@ def _fused(eps: float, num_heads: int, dot_scale: str, head_rms: bool, residual:
         # Second derivatives: differentiate the ops twin's VJP (the stats get no cotangent).
         def twin_backward(source, *rest):
             p, grad_y, extra = rest[:len(params)], rest[len(params)], rest[len(params) + 1:]
-            if frozen:
-                grads = mx.vjp(lambda s: twin(s, *p), [source], [grad_y])[1]
+            if frozen:  # constants: no derivative of any order reaches them
+                frozen_p = [mx.stop_gradient(q) for q in p]
+                grads = mx.vjp(lambda s: twin(s, *frozen_p), [source], [grad_y])[1]
             else:
                 grads = mx.vjp(twin, [source, *p], [grad_y])[1]
             if extra:
@@ -206,6 +207,8 @@ def seednorm(
         warn_fallback(owner, reason)
     if chosen == "ops" or reason:
         h = x if residual is None else x + residual
+        if frozen:
+            weight, alpha, beta = (mx.stop_gradient(p) for p in (weight, alpha, beta))
         y = ops.seednorm(h, weight, alpha, beta, eps, num_heads, dot_scale, head_rms)
         return y if residual is None else (h, y)
 
@@ -222,7 +225,7 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float = 1e-6, backend: str = "a
     """RMSNorm from the SeeDNorm template without the dynamic scale: ``y = weight x / RMS(x)``.
 
     arXiv 1910.07467. The baseline that measures the template against ``mx.fast.rms_norm``
-    (which is also its ops twin).
+    (which is also its ops twin). ``frozen=True`` as in :func:`seednorm`.
     """
     owner = "kernels.rms_norm"
     check_input(x, None, owner)
@@ -234,6 +237,6 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float = 1e-6, backend: str = "a
     if reason:
         warn_fallback(owner, reason)
     if chosen == "ops" or reason:
-        return ops.rms_norm(x, weight, eps)
+        return ops.rms_norm(x, mx.stop_gradient(weight) if frozen else weight, eps)
     fused = _fused(float(eps), 1, "none", False, False, bool(frozen), False, chosen)
     return fused(x, weight)[0]
