@@ -535,7 +535,8 @@ def test_heads_must_divide_dims():
 
 
 def test_other_bad_options():
-    with pytest.raises(ValueError, match=r"dims must be a positive int \(at most 2147483647\), got 0"):
+    with pytest.raises(ValueError, match=r"dims must be a positive int \(at most 2147483647\), "
+                                         r"got 0"):
         ln.RMSNorm(0)
     with pytest.raises(ValueError, match=r"mode must be one of \('rms', 'affine'\), got 'l1'"):
         ln.PatchNorm(8, mode="l1")

@@ -14,11 +14,11 @@ others. DyT works elementwise: +-inf maps to ``+-weight + bias``, NaN stays NaN;
 only scales. Check inputs with ``mx.isfinite`` upstream if they may be non-finite.
 """
 
+from ..ops import patchnorm, rms_norm, seednorm
 from .approx import ApproxNorm, nu_activation, nu_lerp, nu_linear
 from .dyt import DyT, dyt
 from .l2 import L2Norm, l2_norm
 from .layer import LayerNorm, layer_norm
-from ..ops import patchnorm, rms_norm, seednorm
 from .patch import PatchNorm, PatchNormConv1d, PatchNormConv2d, PatchNormLinear
 from .qk import QKNorm
 from .registry import NORMS, make_norm, norm_options

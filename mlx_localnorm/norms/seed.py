@@ -71,7 +71,8 @@ class SeeDNorm(nn.Module):
         beta_init_std = check_number(beta_init_std, "beta_init_std", owner, "non_negative")
         self.weight = mx.ones((dims,))
         self.alpha = mx.full((dims,), alpha_init)
-        self.beta = beta_init_std * mx.random.normal((dims,)) if beta_init_std else mx.zeros((dims,))
+        self.beta = (beta_init_std * mx.random.normal((dims,)) if beta_init_std
+                     else mx.zeros((dims,)))
 
     def _extra_repr(self) -> str:
         return f"{self.dims}, eps={self.eps}, num_heads={self.num_heads}"

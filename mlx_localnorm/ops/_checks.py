@@ -9,7 +9,6 @@ import math
 
 import mlx.core as mx
 
-
 MAX_SIZE = 2**31 - 1  # MLX array shapes are int32
 
 
