@@ -227,6 +227,8 @@ SHARDABLE = {
     "ngpt": dict(placement="ngpt"),
     "seednorm_sandwich": dict(placement="sandwich", norm_type="seednorm",
                               norm_options={"num_heads": 4, "beta_init_std": 0.1}),
+    "quantized_moe": dict(hidden_size=64, intermediate_size=128, num_experts=4,
+                          moe_intermediate_size=64, qk_norm="rmsnorm"),
 }
 
 
@@ -237,6 +239,8 @@ def shardable_model(kind) -> Model:
     model.load_weights([(k, mx.array(rng.normal(size=v.shape).astype(np.float32)))
                         for k, v in tree_flatten(model.parameters()) if k.endswith(".bias")],
                        strict=False)
+    if kind.startswith("quantized"):  # each rank's half of a row still holds whole groups
+        nn.quantize(model, group_size=32, bits=4)
     return model
 
 
