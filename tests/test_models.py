@@ -115,10 +115,15 @@ def synthetic_batches(steps, batch=16, length=16, seed=0):
         yield mx.array(seq)
 
 
+# Adam at 1e-2 is chaotic here: float32 sums reordered by another BLAS kernel grew to 1-100%
+# loss differences by step 20. At 1e-3 they stay below 5e-6 over 30 steps (measured below).
+GOLDEN_LR = 1e-3
+
+
 def train_tiny(placement, norm=None, steps=30, after_step=None) -> list[float]:
-    """Train a 4-layer float32 model with Adam (lr 1e-2); return the loss of every step."""
+    """Train a 4-layer float32 model with Adam (lr GOLDEN_LR); return the loss of every step."""
     model = tiny_model(placement=placement, norm_type=norm, num_hidden_layers=4)
-    optimizer = optim.Adam(learning_rate=1e-2)
+    optimizer = optim.Adam(learning_rate=GOLDEN_LR)
 
     def loss_fn(model, seq):
         return nn.losses.cross_entropy(model(seq[:, :-1]), seq[:, 1:], reduction="mean")
@@ -176,9 +181,11 @@ def test_training_matches_golden_losses(placement, norm):
     assert path.exists(), f"missing {path}: run `python tests/fixtures/losses/make_golden.py`"
     golden = np.loadtxt(path)
     assert golden.shape == losses.shape == (30,)
-    # Deterministic on one machine (difference 0 here); another BLAS or CPU reorders float32
-    # sums, and 30 Adam steps amplify that. A change in the math moves losses by > 1e-2.
-    np.testing.assert_allclose(losses, golden, rtol=1e-3, atol=1e-4)
+    # Another CPU or BLAS reorders float32 sums. Across OpenBLAS's Zen, Haswell and Sandybridge
+    # kernels and MLX's reference BLAS (MLX_LOCALNORM_FAST_BLAS=0) every case stayed within
+    # 5e-6 absolute: the tolerance is 14x that. Scaling LN-Scaling's 1/sqrt(l) by 0.999 moves
+    # the losses by 9e-4 relative; real mistakes move them by far more.
+    np.testing.assert_allclose(losses, golden, rtol=1e-4, atol=1e-5)
     assert losses[-5:].mean() < 0.85 * losses[0], "the loss did not decrease"
 
 
