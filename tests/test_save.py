@@ -149,3 +149,22 @@ def test_a_kill_at_any_point_loses_no_model(tmp_path, point, survivor):
     save_model(tiny_model(seed=2), tiny_tokenizer(), path)
     assert saved_weights_equal(path, seed=2)
     assert os.listdir(tmp_path) == ["m"]
+
+
+LOAD_SCRIPT = """
+import os, sys, warnings
+import mlx_lm  # imports MLX first, as every mlx-lm user does
+warnings.simplefilter("error")
+mlx_lm.load(sys.argv[1], trust_remote_code=True)
+print(os.environ.get("MLX_LOCALNORM_FAST_BLAS", "unset"))
+"""
+
+
+def test_loading_a_saved_model_changes_no_environment_and_warns_nothing(tmp_path):
+    """The model file must not leak a BLAS choice into processes the loader starts later."""
+    save_model(tiny_model(), tiny_tokenizer(), tmp_path / "m")
+    env = {k: v for k, v in os.environ.items() if k != "MLX_LOCALNORM_FAST_BLAS"}
+    loaded = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(tmp_path / "m")],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.split() == ["unset"]

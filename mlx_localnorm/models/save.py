@@ -29,13 +29,14 @@ _STAGING = ".localnorm-staging-"
 _ASIDE = ".localnorm-old"
 _MODEL_FILE_SOURCE = '''"""LocalNorm transformer for mlx-lm: load with trust_remote_code=True (needs mlx-localnorm)."""
 
-import os
+import warnings
 
-# mlx-lm imported MLX already, too late to swap its CPU BLAS: skip the attempt and its warning.
-os.environ.setdefault("MLX_LOCALNORM_FAST_BLAS", "0")
-
-from mlx_localnorm.models import Model, ModelArgs  # noqa: E402, F401
-from mlx_localnorm.models.transformers_config import register  # noqa: E402
+# mlx-lm imported MLX already, too late to swap its CPU BLAS: silence only that warning
+# (setting MLX_LOCALNORM_FAST_BLAS here would leak into every process started later).
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="mlx_localnorm: mlx.core was imported before")
+    from mlx_localnorm.models import Model, ModelArgs  # noqa: F401
+    from mlx_localnorm.models.transformers_config import register
 
 register()  # before mlx-lm reads the tokenizer through transformers' AutoTokenizer
 '''
