@@ -1,4 +1,10 @@
-"""``mlx-localnorm <command>``: a thin argparse layer over the package."""
+"""``mlx-localnorm <command>``: a thin argparse layer over the package.
+
+User errors end a command with one line on stderr and a non-zero exit status, never a
+traceback: 2 for an invalid command line or config, 1 for an input that does not fit or a
+file that cannot be read or written (``OSError``), 130 for Ctrl-C outside training (which
+checkpoints and stops by itself). Any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -79,7 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if rest and not args.forwards:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return args.func(args, rest)
+    prog = f"{parser.prog} {args.command}"
+    try:
+        return args.func(args, rest)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as err:  # a path that is missing, not writable, or a full disk
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

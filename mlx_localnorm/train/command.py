@@ -1,4 +1,10 @@
-"""``mlx-localnorm pretrain``: every ``PretrainConfig`` field is a flag (``--field-name``)."""
+"""``mlx-localnorm pretrain``: every ``PretrainConfig`` field is a flag (``--field-name``).
+
+A user error ends the command with one line on stderr, no traceback: exit status 2 for an
+invalid command line or config (found before any work), 1 for a corpus, run directory or
+checkpoint that does not fit, or a file that cannot be read or written (a full disk). Other
+exceptions are bugs and keep their traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +13,30 @@ import dataclasses
 import json
 import math
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import PretrainConfig
+from .checkpoint import list_checkpoints
+from .config import PretrainConfig, field_type
 
+if TYPE_CHECKING:
+    from .pretrain import Pretrainer
+
+PROG = "mlx-localnorm pretrain"
 _SCALARS = {"int": int, "float": float, "str": str}
+# MLX reports a failed file write (e.g. a full disk) as a RuntimeError with these prefixes.
+_MLX_WRITE_ERRORS = ("[write]", "[save")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line: the usage text of every config flag would bury them."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
 def _parser_for(annotation: str):
     """An argparse ``type`` for a field annotation such as ``int``, ``float | None`` or ``dict``."""
-    parts = [p.strip() for p in annotation.split("|")]
-    optional = "None" in parts
-    base = next(p for p in parts if p != "None")
+    base, optional = field_type(annotation)
 
     def parse(text: str):
         if optional and text.lower() == "none":
@@ -37,8 +55,8 @@ def _parser_for(annotation: str):
     return parse
 
 
-def build_parser(prog: str = "mlx-localnorm pretrain") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = _Parser(
         prog=prog, description="Pre-train a LocalNorm language model. Precedence: defaults < "
         "--config file < flags.", argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="JSON or YAML file of config fields")
@@ -58,26 +76,25 @@ def build_parser(prog: str = "mlx-localnorm pretrain") -> argparse.ArgumentParse
 
 
 def parse_config(argv: list[str] | None, defaults: dict[str, Any] | None = None,
-                 prog: str = "mlx-localnorm pretrain") -> tuple[PretrainConfig, bool]:
+                 prog: str = PROG) -> tuple[PretrainConfig, bool]:
     """``(config, resume)`` from command-line arguments over ``defaults``."""
     from .pretrain import resume_config
 
     args = vars(build_parser(prog).parse_args(argv))
     resume = args.pop("resume", False)
-    given = PretrainConfig.read(args.pop("config")) if "config" in args else {}
+    config_file = args.pop("config", None)
+    given = PretrainConfig.read(config_file) if config_file else {}
     given.update(args)
     defaults = defaults or {}
     if resume:  # the saved config, with only what was given here changed
         out_dir = given.pop("out_dir", defaults.get("out_dir", PretrainConfig.out_dir))
         return resume_config(out_dir, given), True
-    return PretrainConfig.from_dict({**defaults, **given}), False
+    return PretrainConfig.from_dict({**defaults, **given}, where=config_file), False
 
 
-def run(config: PretrainConfig, resume: bool) -> int:
+def run(trainer: Pretrainer) -> int:
     """Train, then print a sample and how to use the model with mlx-lm."""
-    from .pretrain import Pretrainer
-
-    trainer = Pretrainer(config, resume=resume)
+    config = trainer.config
     summary = trainer.run()
     if not trainer.is_main:
         return 0
@@ -101,10 +118,46 @@ def run(config: PretrainConfig, resume: bool) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, defaults: dict[str, Any] | None = None,
+         prog: str = PROG, continue_saved: bool = False) -> int:
+    """Run the command; ``continue_saved``: resume a run already in ``out_dir`` (the demo)."""
+    from .pretrain import Pretrainer
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        config, resume = parse_config(argv)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"mlx-localnorm pretrain: error: {err}", file=sys.stderr)
-        return 2
-    return run(config, resume)
+        config, resume = parse_config(argv, defaults, prog)
+        if continue_saved and not resume and list_checkpoints(config.out_dir):
+            print(f"{config.out_dir} holds an earlier run: continuing it (delete "
+                  f"{config.out_dir} to start over)")
+            config, resume = parse_config([*argv, "--resume"], defaults, prog)
+    except (ValueError, TypeError, OSError) as err:  # flags, config file, run to resume
+        return _fail(prog, err, status=2)
+    try:
+        trainer = Pretrainer(config, resume=resume)
+    except (ValueError, TypeError) as err:  # corpus, run directory or checkpoint
+        return _fail(prog, err)
+    except (OSError, RuntimeError) as err:
+        return _fail(prog, _io_error(err, config.out_dir))
+    try:
+        return run(trainer)
+    except FloatingPointError as err:  # a diverged loss; the message says what to change
+        return _fail(prog, err)
+    except (OSError, RuntimeError) as err:
+        return _fail(prog, _io_error(err, config.out_dir))
+
+
+def _io_error(err: OSError | RuntimeError, out_dir: str) -> str:
+    """A failed read or write in one line, naming the run directory if the error names no
+    file; any other RuntimeError is a bug and is raised again."""
+    if isinstance(err, RuntimeError):
+        if not str(err).startswith(_MLX_WRITE_ERRORS):
+            raise err
+        return f"writing into {out_dir} failed: {err} (is the disk full?)"
+    if err.errno is None or err.filename:  # our own message, or the OS's with its path
+        return str(err)
+    return f"writing into {out_dir} failed: {err.strerror}"
+
+
+def _fail(prog: str, error: BaseException | str, status: int = 1) -> int:
+    print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return status
