@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--dims", type=int, default=1024)
+    parser.add_argument("--repeat", type=int, default=10, help="timing samples per norm")
     args = parser.parse_args(argv)
+    for name in ("rows", "dims", "repeat"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
 
     x = activations(args.rows, args.dims)
     cotangent = mx.random.normal(x.shape, key=mx.random.key(3))
@@ -55,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def eager_times(f, params):
         calls = passes(f, x, params, cotangent)
-        return {kind: time_ms(calls[(kind, "eager")], repeat=5)
+        return {kind: time_ms(calls[(kind, "eager")], repeat=args.repeat)
                 for kind in ("forward", "forward+backward")}
 
     base = eager_times(*fast_rms_function(args.dims))

@@ -301,3 +301,235 @@ def test_a_bug_still_shows_its_traceback(interrupted_run, tmp_path, monkeypatch)
     monkeypatch.setattr(Pretrainer, "run", mlx_bug)
     with pytest.raises(RuntimeError, match="matmul"):
         cli.main(["pretrain", "--out-dir", str(copy_run(interrupted_run, tmp_path)), "--resume"])
+
+
+# ----------------------------------------------------------------------------- item 10
+def test_list_names_every_norm_placement_and_optimizer():
+    proc = mlx_localnorm("list")
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split(maxsplit=2) for line in proc.stdout.strip().splitlines()]
+    assert all(len(r) == 3 and len(r[2]) > 10 for r in rows), rows  # kind, name, description
+    by_kind = {}
+    for kind, name, _ in rows:
+        by_kind.setdefault(kind, []).append(name)
+    assert {k: sorted(v) for k, v in by_kind.items()} == {
+        "norm": sorted(NORM_NAMES), "placement": sorted(PLACEMENT_NAMES),
+        "optimizer": sorted(OPTIMIZER_NAMES)}
+
+
+def test_showcase_table():
+    proc = mlx_localnorm("showcase", "--rows", 16, "--dims", 64, "--repeat", 1)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("norm ")))
+    columns = re.split(r"\s{2,}", lines[header].strip())
+    assert columns == ["norm", "params", "out RMS", "|f(2x)-f(x)|", "fwd ms", "fwd+bwd ms",
+                       "vs rms_norm"]
+    rows = {}
+    for line in lines[header + 2: header + 2 + len(NORM_NAMES)]:
+        cells = re.split(r"\s{2,}", line.strip())
+        rows[cells[0]] = dict(zip(columns, cells))
+    assert set(rows) == NORM_NAMES
+    assert int(rows["rmsnorm"]["params"]) == 64  # one gain per feature
+    assert int(rows["layernorm"]["params"]) == 128  # gain and bias
+    mean, spread = map(float, rows["rmsnorm"]["out RMS"].split(" +- "))
+    assert abs(mean - 1) < 1e-3 and spread < 1e-3  # unit gain: every row has RMS 1
+    # scale invariant up to eps (rows of RMS ~0.05 move by ~eps / RMS^2); tanh(alpha x) is not
+    assert float(rows["rmsnorm"]["|f(2x)-f(x)|"]) < 1e-2
+    assert float(rows["dyt"]["|f(2x)-f(x)|"]) > 0.1
+    assert all(float(r["fwd ms"]) > 0 for r in rows.values())
+
+
+def test_demo_starts_fresh_in_a_new_directory(corpus, tmp_path):
+    out = tmp_path / "demo"
+    proc = mlx_localnorm("demo", "--out-dir", out, "--corpus", corpus, *flags(**TINY))
+    assert proc.returncode == 0, proc.stderr
+    assert "continuing" not in proc.stdout
+    assert steps_logged(out) == [1, 2, 3, 4]
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000002", "step_0000004"]
+
+
+def test_demo_continues_an_interrupted_demo(interrupted_run, tmp_path):
+    out = copy_run(interrupted_run, tmp_path)
+    proc = mlx_localnorm("demo", "--out-dir", out)  # the saved config, not the demo defaults
+    assert proc.returncode == 0, proc.stderr
+    assert f"{out} holds an earlier run: continuing it" in proc.stdout
+    assert "Done: step 4" in proc.stdout
+    assert steps_logged(out) == [1, 2, 3, 4]
+    assert list_checkpoints(out)[-1].name == "step_0000004"
+
+
+def test_demo_continues_with_a_longer_budget(interrupted_run, tmp_path):
+    """Flags a resumed run may change (here steps) apply when the demo continues."""
+    out = copy_run(interrupted_run, tmp_path)
+    proc = mlx_localnorm("demo", "--out-dir", out, "--steps", 6)
+    assert proc.returncode == 0, proc.stderr
+    assert steps_logged(out) == [1, 2, 3, 4, 5, 6]
+
+
+# bench name -> (flags for a tiny run, {csv file: columns}); columns are written out here.
+BENCHES = {
+    "data": (["--model-types", "bpe", "--vocab-size", 400, "--batch-size", 2, "--seq-len", 8,
+              "--repeat", 1],
+             {"data.csv": ["machine", "device", "mlx", "stage", "model_type", "vocab_size",
+                           "size", "seconds", "throughput", "unit"]}),
+    "emulate": (["--shapes", "4x64", "--dtypes", "float32", "--repeat", 1],
+                {"emulate.csv": ["machine", "kernel", "dtype", "rows", "dims", "threads",
+                                 "threadgroups", "first_call_s", "seconds", "mthreads_per_s",
+                                 "bytes_moved", "minimum_bytes", "traffic_ratio"]}),
+    "kernels": (["--shapes", "4x64", "--traffic-shapes", "4x64", "--dtypes", "float32",
+                 "--repeat", 1],
+                {"kernels_timing.csv": ["machine", "os", "device", "mlx", "dtype", "shape",
+                                        "method", "path", "pass", "ms", "gbps", "pct_copy"],
+                 "kernels_traffic.csv": ["machine", "os", "device", "mlx", "dtype", "shape",
+                                         "kernel", "pass", "launches", "bytes_per_element",
+                                         "min_bytes_per_element", "ratio"]}),
+    "model": (["--hidden", 32, "--layers", 1, "--heads", 2, "--kv-heads", 1, "--mlp", 64,
+               "--vocab", 64, "--batch", 1, "--seq-len", 8, "--norms", "rmsnorm,seednorm",
+               "--placements", "pre,peri", "--rounds", 1, "--pair-rounds", 2],
+              {"model.csv": ["machine", "device", "mlx", "dtype", "model", "norm", "placement",
+                             "params", "tokens_per_step", "ms_per_step", "ms_median",
+                             "tokens_per_s", "vs_llama", "vs_pre_rmsnorm"],
+               "model_pairs.csv": ["pair", "llama_ms", "localnorm_ms", "vs_llama"]}),
+    "norms": (["--shape", "8,64", "--dtypes", "float32", "--norms", "rmsnorm,seednorm",
+               "--repeat", 1, "--matmul-size", 64],
+              {"norms.csv": ["machine", "device", "mlx", "dtype", "shape", "norm", "path",
+                             "pass", "ms", "ratio"]}),
+    "optim": (["--shapes", "32x16", "--dtypes", "float32", "--repeat", 1, "--runs",
+               "adamw,muon", "--steps", 3, "--batch", 2, "--seq-len", 16, "--eval-every", 2],
+              {"optim_orth.csv": ["machine", "device", "mlx", "shape", "dtype", "what", "ms",
+                                  "ratio_to_mlx_muon_step", "cpu_ms",
+                                  "cpu_ratio_to_mlx_muon_step", "samples", "load_avg_1min"],
+               "optim_loss.csv": ["machine", "device", "mlx", "adamw_lr", "muon_lr", "batch",
+                                  "seq_len", "seed", "optimizer", "step", "tokens",
+                                  "train_loss", "valid_loss"]}),
+    "train": (["--vocab", 300, "--hidden", 32, "--layers", 1, "--heads", 2, "--batch", 1,
+               "--seq-len", 8, "--rounds", 1],
+              {"train.csv": ["machine", "device", "mlx", "configuration", "model", "norm",
+                             "placement", "optimizer", "tokens_per_step", "ms_per_step",
+                             "tokens_per_s", "vs_llama", "vs_rmsnorm_pre_adamw",
+                             "peak_memory_mb"]}),
+}
+
+
+@pytest.fixture
+def bench(tmp_path, corpus):
+    """Run ``bench NAME`` on its tiny size; return {csv name: rows} after checking headers."""
+    def run(name):
+        args, files = BENCHES[name]
+        if name == "data":
+            args = [*args, "--corpus", corpus]
+        proc = mlx_localnorm("bench", name, "--out", tmp_path, *args)
+        assert proc.returncode == 0, proc.stderr
+        tables = {}
+        for file, columns in files.items():
+            header, rows = read_csv(tmp_path / file)
+            assert header == columns, file
+            assert rows, file
+            tables[file] = rows
+        return tables
+    return run
+
+
+def test_bench_data(bench):
+    rows = bench("data")["data.csv"]
+    assert [r["stage"] for r in rows] == ["train_tokenizer", "write_tokens (sentencepiece)",
+                                          "encode (mlx-lm tokenizer)", "next(Batches)"]
+    assert {r["model_type"] for r in rows} == {"bpe"} and {r["vocab_size"] for r in rows} == {
+        "400"}
+    assert rows[3]["size"] == "2x8"
+    written, encoded = (int(r["size"].split()[0]) for r in rows[1:3])
+    assert written > 0 and encoded > 0
+    assert all(float(r["seconds"]) > 0 and float(r["throughput"]) > 0 for r in rows)
+
+
+def test_bench_emulate(bench):
+    rows = {r["kernel"]: r for r in bench("emulate")["emulate.csv"]}
+    assert set(rows) == {"rms_norm", "copy_float4"}
+    copy = rows["copy_float4"]
+    assert int(copy["threads"]) == 4 * 64 // 4  # one float4 per thread
+    assert int(copy["minimum_bytes"]) == 2 * 4 * 64 * 4  # read x once, write it once
+    for r in rows.values():
+        assert (r["dtype"], r["rows"], r["dims"]) == ("float32", "4", "64")
+        assert int(r["bytes_moved"]) >= int(r["minimum_bytes"])
+        assert float(r["traffic_ratio"]) == pytest.approx(
+            int(r["bytes_moved"]) / int(r["minimum_bytes"]), abs=1e-3)
+
+
+def test_bench_kernels(bench):
+    tables = bench("kernels")
+    timing = tables["kernels_timing.csv"]
+    methods = {r["method"] for r in timing}
+    assert {"mx.fast.rms_norm", "mx.fast.layer_norm", "seednorm ops",
+            "patchnorm ops (k=4)"} <= methods
+    # every method in every pass and path, once
+    assert sorted((r["method"], r["pass"], r["path"]) for r in timing) == sorted(
+        (m, p, q) for m in methods for p in ("forward", "forward+backward")
+        for q in ("eager", "compiled"))
+    assert all(float(r["ms"]) > 0 and r["shape"] == "4x64" for r in timing)
+    traffic = {(r["kernel"], r["pass"]): r for r in tables["kernels_traffic.csv"]}
+    assert {k for k, _ in traffic} == {"seednorm", "seednorm, 8 heads", "seednorm, frozen",
+                                       "seednorm + residual", "rms_norm",
+                                       "patchnorm k=4 (fused division)"}
+    # rms_norm forward must read x (4 bytes), write y (4 bytes) and read the 64 weights once.
+    assert float(traffic["rms_norm", "forward"]["min_bytes_per_element"]) == pytest.approx(
+        (2 * 4 * 64 * 4 + 64 * 4) / (4 * 64))
+    for r in traffic.values():
+        assert float(r["ratio"]) == pytest.approx(
+            float(r["bytes_per_element"]) / float(r["min_bytes_per_element"]), abs=2e-3)
+        assert float(r["ratio"]) >= 1 and int(r["launches"]) >= 1
+
+
+def test_bench_model(bench):
+    tables = bench("model")
+    rows = {(r["model"], r["norm"], r["placement"]): r for r in tables["model.csv"]}
+    assert set(rows) == {("mlx_lm.llama", "rmsnorm", "pre"), ("localnorm", "rmsnorm", "pre"),
+                         ("localnorm", "seednorm", "pre"), ("localnorm", "rmsnorm", "peri"),
+                         ("localnorm", "seednorm", "peri")}
+    # vocab 64 x 32 tied embedding; q, o 32x32, k, v 32x16 (1 kv head of 16); MLP 3 x 32x64;
+    # two block norms and the final norm of 32
+    params = 64 * 32 + 2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 3 * 32
+    assert int(rows["mlx_lm.llama", "rmsnorm", "pre"]["params"]) == params
+    assert int(rows["localnorm", "rmsnorm", "pre"]["params"]) == params  # like for like
+    assert float(rows["mlx_lm.llama", "rmsnorm", "pre"]["vs_llama"]) == 1.0
+    assert float(rows["localnorm", "rmsnorm", "pre"]["vs_pre_rmsnorm"]) == 1.0
+    assert all(r["tokens_per_step"] == "8" and float(r["ms_per_step"]) > 0
+               for r in rows.values())
+    assert [p["pair"] for p in tables["model_pairs.csv"]] == ["0", "1"]
+
+
+def test_bench_norms(bench):
+    rows = bench("norms")["norms.csv"]
+    norm_rows = [r for r in rows if r["norm"] != "matmul"]
+    assert sorted((r["norm"], r["pass"], r["path"]) for r in norm_rows) == sorted(
+        (n, p, q) for n in ("mx.fast.rms_norm", "rmsnorm", "seednorm")
+        for p in ("forward", "forward+backward") for q in ("eager", "compiled"))
+    assert all(float(r["ratio"]) == 1.0 for r in norm_rows if r["norm"] == "mx.fast.rms_norm")
+    assert all((r["dtype"], r["shape"]) == ("float32", "8x64") for r in norm_rows)
+    matmul = [r for r in rows if r["norm"] == "matmul"]
+    assert [r["shape"] for r in matmul] == ["64x64x64"] * len(matmul)
+
+
+def test_bench_optim(bench):
+    tables = bench("optim")
+    orth = {r["what"]: r for r in tables["optim_orth.csv"]}
+    assert set(orth) == {"newton_schulz", "polar_express", "muon_step", "mlx_muon_step"}
+    assert all((r["shape"], r["dtype"]) == ("32x16", "float32") for r in orth.values())
+    assert float(orth["mlx_muon_step"]["ratio_to_mlx_muon_step"]) == 1.0
+    loss = tables["optim_loss.csv"]
+    assert [(r["optimizer"], r["step"]) for r in loss] == [
+        (o, str(s)) for o in ("adamw", "muon") for s in (1, 2, 3)]
+    assert all(int(r["tokens"]) == int(r["step"]) * 2 * 16 for r in loss)
+    evaluated = [(r["optimizer"], r["step"]) for r in loss if r["valid_loss"]]
+    assert evaluated == [(o, s) for o in ("adamw", "muon") for s in ("2", "3")]
+    assert all(0 < float(r["train_loss"]) < 10 for r in loss)
+
+
+def test_bench_train(bench):
+    rows = bench("train")["train.csv"]
+    assert [(r["model"], r["norm"], r["placement"], r["optimizer"]) for r in rows] == [
+        ("llama", "rmsnorm", "pre", "adamw"), ("localnorm", "rmsnorm", "pre", "adamw"),
+        ("localnorm", "seednorm", "pre", "adamw"), ("localnorm", "rmsnorm", "peri", "adamw"),
+        ("localnorm", "rmsnorm", "pre", "muon"), ("localnorm", "seednorm", "peri", "muon")]
+    assert float(rows[0]["vs_llama"]) == 1.0 and float(rows[1]["vs_rmsnorm_pre_adamw"]) == 1.0
+    assert all(r["tokens_per_step"] == "8" and float(r["peak_memory_mb"]) > 0 for r in rows)

@@ -40,10 +40,10 @@ def device() -> str:
 
 
 def time_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 10,
-            min_seconds: float = 0.2) -> float:
-    """Median wall time of ``mx.eval(fn())`` in milliseconds.
+            sample_seconds: float = 0.02) -> float:
+    """Median wall time of ``mx.eval(fn())`` in milliseconds, over ``repeat`` samples.
 
-    Each sample runs the call enough times to last about ``min_seconds / repeat``, so short
+    Each sample runs the call enough times to last about ``sample_seconds``, so short
     kernels are not dominated by timer and dispatch noise.
     """
     for _ in range(warmup):
@@ -51,7 +51,7 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 10,
     start = time.perf_counter()
     mx.eval(fn())
     once = max(time.perf_counter() - start, 1e-6)
-    inner = max(1, int(min_seconds / repeat / once))
+    inner = max(1, int(sample_seconds / once))
     samples = []
     for _ in range(repeat):
         start = time.perf_counter()

@@ -2,8 +2,8 @@
 
 Forward and forward+backward times of each norm in the zoo, eager and ``mx.compile``d, for
 one shape and several dtypes, as ratios to ``mx.fast.rms_norm`` measured in the same run; on
-Linux also a float32 1024^3 matmul with and without the OpenBLAS shim. This is the baseline
-the fused Metal kernels have to beat.
+Linux also a float32 N^3 matmul (``--matmul-size``, default 1024) with and without the
+OpenBLAS shim. This is the baseline the fused Metal kernels have to beat.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # Options that make a norm do its full work (SeeDNorm's beta = 0 would be a special case).
 NORM_OPTIONS = {"seednorm": {"beta_init_std": 0.02}, "l2norm": {"scale": True}}
 MATMUL_CODE = (
-    "import mlx_localnorm, mlx.core as mx; from mlx_localnorm.bench.common import time_ms; "
-    "a = mx.random.normal((1024, 1024)); b = mx.random.normal((1024, 1024)); "
+    "import sys, mlx_localnorm, mlx.core as mx; from mlx_localnorm.bench.common import time_ms; "
+    "n = int(sys.argv[1]); a = mx.random.normal((n, n)); b = mx.random.normal((n, n)); "
     "print(time_ms(lambda: a @ b, warmup=2, repeat=5))"
 )
 
@@ -59,16 +59,16 @@ def passes(f: Callable, x: mx.array, params: dict, cotangent: mx.array) -> dict[
     }
 
 
-def matmul_rows() -> list[dict]:
-    """Float32 1024^3 matmul in fresh interpreters with and without the BLAS shim (Linux)."""
+def matmul_rows(size: int = 1024) -> list[dict]:
+    """Float32 ``size``^3 matmul in fresh interpreters with and without the BLAS shim (Linux)."""
     rows = []
     for label, flag in (("openblas-shim", "1"), ("reference-blas", "0")):
-        run = subprocess.run([sys.executable, "-c", MATMUL_CODE], capture_output=True,
+        run = subprocess.run([sys.executable, "-c", MATMUL_CODE, str(size)], capture_output=True,
                              text=True, env={**os.environ, "MLX_LOCALNORM_FAST_BLAS": flag})
         if run.returncode != 0:
             raise RuntimeError(f"matmul timing failed: {run.stderr.strip()}")
         rows.append({"pass": "forward", "norm": "matmul", "path": label, "dtype": "float32",
-                     "shape": "1024x1024x1024", "ms": float(run.stdout.split()[-1])})
+                     "shape": f"{size}x{size}x{size}", "ms": float(run.stdout.split()[-1])})
     for r in rows:  # the reference BLAS relative to the shim
         r["ratio"] = r["ms"] / rows[0]["ms"]
     return rows
@@ -136,7 +136,12 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma separated, from {', '.join(DTYPES)}")
     parser.add_argument("--norms", default=",".join(NORMS), help="comma separated norm names")
     parser.add_argument("--repeat", type=int, default=10, help="timing samples per row")
+    parser.add_argument("--matmul-size", type=int, default=1024,
+                        help="N of the N^3 matmul timed with and without the BLAS shim (Linux)")
     args = parser.parse_args(argv)
+    for name in ("repeat", "matmul_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     shape = tuple(int(s) for s in args.shape.split(","))
     dtypes = args.dtypes.split(",")
     for d in dtypes:
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = run(shape, dtypes, norms, args.repeat)
     if sys.platform.startswith("linux") and _fast_blas.status == "loaded":
-        rows += matmul_rows()
+        rows += matmul_rows(args.matmul_size)
     for r in rows:
         r.update(machine=machine(), device=device(), mlx=mx.__version__)
         r["ms"] = round(r["ms"], 4)

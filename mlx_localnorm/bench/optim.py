@@ -3,7 +3,8 @@
 1. Time of one orthogonalization (Newton–Schulz, Polar Express) and of one full optimizer step
    (our ``Muon`` against ``mlx.optimizers.Muon`` at the same settings: 5 Newton–Schulz steps,
    momentum 0.95, Nesterov, no weight decay) for (1024, 1024), (4096, 1024) and a stack of
-   8 x (512, 512), in float32 and bfloat16, as ratios to MLX's step in the same run. MLX's
+   8 x (512, 512) (or ``--shapes``), in float32 and bfloat16, as ratios to MLX's step in the
+   same run. MLX's
    Muon flattens a 3-D parameter to one (8, 262144) matrix, so for the stack it gets the 8
    matrices as 8 separate parameters (the per-matrix update ours computes).
 2. Loss of a tiny mlx-lm Llama trained for a fixed number of steps on character-level
@@ -36,7 +37,7 @@ from ..data import load_corpus
 from ..optim import Muon, make_optimizer, orthogonalize, split_params
 from .common import device, machine, markdown_table, write_csv
 
-SHAPES = {"1024x1024": (1024, 1024), "4096x1024": (4096, 1024), "8x512x512": (8, 512, 512)}
+SHAPES = "1024x1024,4096x1024,8x512x512"
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 OPTIMIZER_RUNS = ("adamw", "mlx_muon", "muon", "normuon", "muon_polar_express")
 DEFAULT_RUNS = ("adamw", "mlx_muon", "muon", "normuon")
@@ -83,6 +84,7 @@ def step_calls(shape: tuple, dtype: mx.Dtype) -> dict[str, Callable[[], object]]
 
 
 def orth_rows(shapes: list[str], dtypes: list[str], repeat: int, slow_repeat: int) -> list[dict]:
+    """Timings of ``step_calls`` for each shape (``"ROWSxCOLS"`` or ``"NxROWSxCOLS"``)."""
     rows = []
     for shape_name in shapes:
         for dtype_name in dtypes:
@@ -90,7 +92,8 @@ def orth_rows(shapes: list[str], dtypes: list[str], repeat: int, slow_repeat: in
             # bfloat16 matmuls skip BLAS on the CPU (about 10x slower): fewer rounds there.
             fast = dtype == mx.float32 or device() == "gpu"
             warmup, reps = (1, repeat) if fast else (0, slow_repeat)
-            times = time_interleaved_ms(step_calls(SHAPES[shape_name], dtype), warmup, reps)
+            shape = tuple(int(n) for n in shape_name.split("x"))
+            times = time_interleaved_ms(step_calls(shape, dtype), warmup, reps)
             # Other processes on a shared CPU make timings noisy: record how busy it was.
             load = round(os.getloadavg()[0], 2)
             mlx_wall, mlx_cpu = times["mlx_muon_step"]
@@ -191,8 +194,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for run in dict.fromkeys(r["optimizer"] for r in rows):
         sel = [r for r in rows if r["optimizer"] == run]
         loss = np.array([r["train_loss"] for r in sel])
-        smooth = np.convolve(loss, np.ones(10) / 10, mode="valid")  # 10-step moving average
-        line, = ax.plot([r["step"] for r in sel][9:], smooth, label=run)
+        window = min(10, len(loss))  # a 10-step moving average (shorter for a short run)
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        line, = ax.plot([r["step"] for r in sel][window - 1:], smooth, label=run)
         val = [(r["step"], r["valid_loss"]) for r in sel if r["valid_loss"] != ""]
         ax.plot(*zip(*val), "o", color=line.get_color(), ms=4)
     ax.set_xlabel("step")
@@ -218,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlx-localnorm bench optim", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results", help="output directory")
-    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma separated")
+    parser.add_argument("--shapes", default=SHAPES,
+                        help="gradient shapes ROWSxCOLS or NxROWSxCOLS, comma separated")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma separated")
     parser.add_argument("--repeat", type=int, default=5, help="timing rounds")
     parser.add_argument("--slow-repeat", type=int, default=1,
@@ -234,7 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    shapes = _choices(args.shapes, list(SHAPES), "--shapes", parser)
+    shapes = [s for s in args.shapes.split(",") if s]
+    for shape in shapes:
+        parts = shape.split("x")
+        if len(parts) not in (2, 3) or not all(p.isdigit() and int(p) > 0 for p in parts):
+            parser.error(f"--shapes: {shape!r} is not ROWSxCOLS or NxROWSxCOLS")
     dtypes = _choices(args.dtypes, list(DTYPES), "--dtypes", parser)
     runs = _choices(args.runs, list(OPTIMIZER_RUNS), "--runs", parser)
     for flag in ("repeat", "slow_repeat", "steps", "batch", "seq_len", "eval_every"):

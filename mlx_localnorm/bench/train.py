@@ -1,10 +1,11 @@
 """``mlx-localnorm bench train``: what the demo's choices cost per training step.
 
-The demo-size model (``PretrainConfig`` defaults: width 256, 8 blocks, 8192-piece vocabulary)
-is trained with one compiled step (value and gradient, global-norm clipping, update; the
-trainer's step) for mlx-lm's Llama + AdamW and for our model with RMSNorm + Pre-LN + AdamW
-(target: >= 0.97 of Llama's tokens/s), then with SeeDNorm, Peri-LN and Muon swapped in one
-at a time and all together (the demo). Configurations are timed in turn for several rounds
+The demo-size model (``PretrainConfig`` defaults: width 256, 8 blocks, 8192-piece vocabulary;
+other sizes with ``--vocab``, ``--hidden``, ``--layers``, ``--heads``) is trained with one
+compiled step (value and gradient, global-norm clipping, update; the trainer's step) for
+mlx-lm's Llama + AdamW and for our model with RMSNorm + Pre-LN + AdamW (target: >= 0.97 of
+Llama's tokens/s), then with SeeDNorm, Peri-LN and Muon swapped in one at a time and all
+together (the demo). Configurations are timed in turn for several rounds
 and each keeps its fastest round. Peak memory is the model and optimizer state plus the
 peak of one step above it.
 """
@@ -39,12 +40,12 @@ CONFIGURATIONS = [
 ]
 
 
-def demo_size() -> dict:
-    c = PretrainConfig()
-    return {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
-            "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
-            "num_key_value_heads": c.num_kv_heads or c.num_heads,
-            "intermediate_size": c.intermediate_size or 3 * c.hidden_size}
+def model_size(**config_fields) -> dict:
+    """The size of a ``PretrainConfig``'s model (the demo's by default) as ModelArgs fields."""
+    args = PretrainConfig(**config_fields).model_args()
+    return {name: getattr(args, name) for name in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "intermediate_size")}
 
 
 def training_step(model: nn.Module, optimizer_name: str, tokens: mx.array) -> Callable:
@@ -118,7 +119,12 @@ def run(size: dict, batch: int, seq_len: int, rounds: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlx-localnorm bench train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo = PretrainConfig()
     parser.add_argument("--out", default="bench/results", help="output directory")
+    parser.add_argument("--vocab", type=int, default=demo.vocab_size, help="vocabulary size")
+    parser.add_argument("--hidden", type=int, default=demo.hidden_size, help="hidden size")
+    parser.add_argument("--layers", type=int, default=demo.num_layers, help="number of blocks")
+    parser.add_argument("--heads", type=int, default=demo.num_heads, help="attention heads")
     parser.add_argument("--batch", type=int, default=16, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--rounds", type=int, default=6,
@@ -127,7 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("batch", "seq_len", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    rows = run(demo_size(), args.batch, args.seq_len, args.rounds)
+    try:
+        size = model_size(vocab_size=args.vocab, hidden_size=args.hidden,
+                          num_layers=args.layers, num_heads=args.heads)
+    except (ValueError, TypeError) as err:
+        parser.error(str(err))
+    rows = run(size, args.batch, args.seq_len, args.rounds)
     path = write_csv(rows, Path(args.out) / "train.csv")
     print(markdown_table(rows, ["configuration", "ms_per_step", "tokens_per_s", "vs_llama",
                                 "vs_rmsnorm_pre_adamw", "peak_memory_mb"]))
