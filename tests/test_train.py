@@ -589,3 +589,18 @@ def test_run_directory_rules(prepared, tmp_path):
         Pretrainer(config(out))
     with pytest.raises(FileNotFoundError, match="train_config.json does not exist"):
         resume_config(tmp_path / "nowhere")
+
+
+def test_a_failed_metrics_rewrite_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from mlx_localnorm.train.metrics import MetricsLog
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        MetricsLog(path, resume_step=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'

@@ -25,10 +25,14 @@ class MetricsLog:
 
     def _rewrite(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False,
-                                         suffix=".tmp") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.records)
-        os.replace(f.name, self.path)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.records)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.unlink(tmp)  # a full disk or Ctrl-C leaves the old file and no stray copy
+            raise
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
