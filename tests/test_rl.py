@@ -1,0 +1,305 @@
+"""GRPO family (ln.rl) against float64 NumPy references written here from SPEC.md."""
+
+import itertools
+
+import mlx.core as mx
+import mlx.optimizers as mlx_optim
+import numpy as np
+import pytest
+from mlx import nn
+
+import mlx_localnorm as ln
+from mlx_localnorm import rl
+
+# ---------------------------------------------------------------- float64 references (SPEC)
+
+
+def ref_advantages(rewards, group_size, mode, eps=1e-6):
+    out = []
+    for r in np.asarray(rewards, np.float64).reshape(-1, group_size):
+        if np.all(r == r[0]):
+            out.append(np.zeros_like(r))
+        elif mode == "grpo":
+            out.append((r - r.mean()) / (r.std() + eps))
+        elif mode == "dr_grpo":
+            out.append(r - r.mean())
+        else:  # rloo: each sample's baseline is the mean of the others
+            out.append(np.array([r[i] - np.delete(r, i).mean() for i in range(len(r))]))
+    return np.concatenate(out)
+
+
+def ref_policy_loss(lp, old, adv, mask, ref=None, beta=0.0, eps_low=0.2, eps_high=0.2,
+                    ratio="token", normalize="sequence", max_len=None):
+    m = mask.astype(np.float64)
+    n = m.sum(axis=1)
+    log_ratio = (lp - old) * m
+    if ratio == "sequence":
+        log_ratio = np.repeat((log_ratio.sum(axis=1) / n)[:, None], lp.shape[1], axis=1)
+    rho = np.exp(log_ratio)
+    a = adv[:, None]
+    per_token = -np.minimum(rho * a, np.clip(rho, 1 - eps_low, 1 + eps_high) * a)
+    if ref is not None:
+        d = ref - lp
+        per_token = per_token + beta * (np.exp(d) - d - 1)
+    per_token = per_token * m
+    if normalize == "sequence":
+        return np.mean(per_token.sum(axis=1) / n)
+    if normalize == "token":
+        return per_token.sum() / m.sum()
+    return per_token.sum() / (lp.shape[0] * (max_len or lp.shape[1]))
+
+
+def numeric_grad(f, x, h=1e-6):
+    g = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[idx] += h
+        down[idx] -= h
+        g[idx] = (f(up) - f(down)) / (2 * h)
+    return g
+
+
+# ---------------------------------------------------------------- advantages
+
+REWARDS = np.array([1.0, 0.0, 0.0, 1.0,  0.5, 0.5, 0.5, 0.5,  0.2, 0.9, 0.4, 0.0,
+                    3.0, -1.0, 0.25, 0.25])
+
+
+@pytest.mark.parametrize("mode", ["grpo", "dr_grpo", "rloo"])
+@pytest.mark.parametrize("group_size", [2, 4, 8])
+def test_group_advantages_match_reference(mode, group_size):
+    got = rl.group_advantages(mx.array(REWARDS), group_size, mode=mode)
+    assert got.dtype == mx.float32 and got.shape == (len(REWARDS),)
+    np.testing.assert_allclose(np.array(got), ref_advantages(REWARDS, group_size, mode),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["grpo", "dr_grpo", "rloo"])
+def test_equal_rewards_give_exactly_zero_advantage(mode):
+    # 0.1 is not exact in float32: a computed mean could leave a tiny non-zero residue.
+    got = np.array(rl.group_advantages([0.1, 0.1, 0.1, 0.7, 0.7, 0.7], 3, mode=mode))
+    assert np.all(got == 0.0)
+
+
+def test_group_advantages_accept_lists_and_numpy():
+    want = ref_advantages(REWARDS[:4], 2, "grpo")
+    for rewards in (list(REWARDS[:4]), REWARDS[:4], REWARDS[:4].astype(np.float32)):
+        np.testing.assert_allclose(np.array(rl.group_advantages(rewards, 2)), want, rtol=1e-5)
+
+
+def test_drop_equal_groups_keeps_only_informative_groups():
+    keep = rl.drop_equal_groups(REWARDS, 4)
+    assert np.array(keep).tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15]
+    keep = rl.drop_equal_groups([2.0, 2.0, 1.0, 1.0], 2)
+    assert keep.shape == (0,)
+    keep = rl.drop_equal_groups([2.0, 2.0, 1.0, 3.0, 0.0, 0.0], 2)
+    assert np.array(keep).tolist() == [2, 3]
+
+
+@pytest.mark.parametrize("call, pattern", [
+    (lambda: rl.group_advantages([1.0, 2.0], 1), r"group_size.*>= 2.*got 1"),
+    (lambda: rl.group_advantages([1.0, 2.0, 3.0], 2), r"rewards.*multiple of group_size=2.*got 3"),
+    (lambda: rl.group_advantages([1.0, float("nan"), 3.0, 4.0], 2),
+     r"rewards.*finite.*got nan at index 1"),
+    (lambda: rl.group_advantages([1.0, 2.0], 2, mode="ppo"),
+     r"mode.*'grpo', 'dr_grpo', 'rloo'.*got 'ppo'"),
+    (lambda: rl.group_advantages([[1.0, 2.0]], 2), r"rewards.*1-D.*got shape \(1, 2\)"),
+    (lambda: rl.group_advantages([], 2), r"rewards.*at least one group.*got 0"),
+    (lambda: rl.drop_equal_groups([1.0, float("inf")], 2), r"rewards.*finite.*got inf"),
+])
+def test_group_advantages_bad_input(call, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call()
+
+
+@pytest.mark.parametrize("group_size", [2.0, True, "4"])
+def test_group_size_must_be_an_int(group_size):
+    with pytest.raises(TypeError, match=r"group_size.*int.*got"):
+        rl.group_advantages([1.0, 2.0, 3.0, 4.0], group_size)
+
+
+# ---------------------------------------------------------------- policy loss
+
+
+def tiny_batch(seed=30):
+    """Log-probs of 4 completions of lengths 5, 3, 1, 4; ratios both sides of the clip range."""
+    rng = np.random.default_rng(seed)
+    lp = rng.uniform(-3.0, -0.1, size=(4, 5))
+    old = lp + rng.uniform(-0.4, 0.4, size=lp.shape)
+    ref = lp + rng.uniform(-0.5, 0.5, size=lp.shape)
+    mask = np.arange(5)[None, :] < np.array([5, 3, 1, 4])[:, None]
+    adv = np.array([1.0, -0.5, 0.3, -1.2])
+    return lp, old, ref, mask, adv
+
+
+def test_tiny_batch_clips_on_both_sides_away_from_the_clip_edges():
+    lp, old, _, mask, adv = tiny_batch()
+    rho = np.exp(lp - old)
+    a = np.broadcast_to(adv[:, None], rho.shape)
+    for low, high in ((0.8, 1.2), (0.8, 1.28), (0.9, 1.3)):
+        assert ((rho < low) & (a < 0))[mask].any() and ((rho > high) & (a > 0))[mask].any()
+        assert ((rho > low) & (rho < high))[mask].any()
+    for edge in (0.8, 0.9, 1.2, 1.28, 1.3):
+        assert np.abs(rho[mask] - edge).min() > 1e-3
+
+
+CASES = list(itertools.product(["token", "sequence"], ["sequence", "token", "constant"],
+                               [(0.2, 0.2, 0.0), (0.2, 0.28, 0.0), (0.1, 0.3, 0.04)]))
+
+
+@pytest.mark.parametrize("ratio, normalize, clip_kl", CASES)
+def test_policy_loss_value_and_grad_match_reference(ratio, normalize, clip_kl):
+    lp, old, ref, mask, adv = tiny_batch()
+    eps_low, eps_high, beta = clip_kl
+    kw = dict(eps_low=eps_low, eps_high=eps_high, ratio=ratio, normalize=normalize)
+    if normalize == "constant":
+        kw["max_len"] = 8
+    ref_mx = mx.array(ref, mx.float32) if beta else None
+
+    def loss(x):
+        return rl.policy_loss(x, mx.array(old, mx.float32), mx.array(adv, mx.float32),
+                              mx.array(mask), ref_logprobs=ref_mx, beta=beta, **kw)[0]
+
+    value, grad = mx.value_and_grad(loss)(mx.array(lp, mx.float32))
+
+    def want(x):
+        return ref_policy_loss(x, old, adv, mask, ref=ref if beta else None, beta=beta, **kw)
+
+    np.testing.assert_allclose(value.item(), want(lp), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(grad), numeric_grad(want, lp), rtol=1e-4, atol=1e-6)
+
+
+def test_policy_loss_metrics_match_reference():
+    lp, old, ref, mask, adv = tiny_batch()
+    _, metrics = rl.policy_loss(mx.array(lp), mx.array(old), mx.array(adv), mx.array(mask),
+                                ref_logprobs=mx.array(ref), beta=0.04, eps_low=0.2,
+                                eps_high=0.28)
+    rho = np.exp(lp - old)
+    a = np.broadcast_to(adv[:, None], rho.shape)
+    low = (rho < 0.8) & (a < 0)
+    high = (rho > 1.28) & (a > 0)
+    d = ref - lp
+    expected = {
+        "clip_low_fraction": low[mask].mean(),
+        "clip_high_fraction": high[mask].mean(),
+        "clip_fraction": (low | high)[mask].mean(),
+        "ratio_mean": rho[mask].mean(),
+        "kl": (np.exp(d) - d - 1)[mask].mean(),
+        "tokens": mask.sum(),
+    }
+    assert set(metrics) == set(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(metrics[name].item(), value, rtol=1e-5, err_msg=name)
+
+
+def test_kl_is_zero_at_the_reference():
+    lp, old, _, mask, adv = tiny_batch()
+    args = (mx.array(old, mx.float32), mx.array(adv, mx.float32), mx.array(mask))
+
+    def loss(x, beta):
+        return rl.policy_loss(x, *args, ref_logprobs=mx.stop_gradient(x), beta=beta)
+
+    x = mx.array(lp, mx.float32)
+    (with_kl, metrics), grad_kl = mx.value_and_grad(lambda x: loss(x, 0.5))(x)
+    (no_kl, _), grad = mx.value_and_grad(lambda x: loss(x, 0.0))(x)
+    assert metrics["kl"].item() == 0.0
+    assert with_kl.item() == no_kl.item()
+    np.testing.assert_array_equal(np.array(grad_kl), np.array(grad))
+
+
+def test_on_policy_loss_is_minus_mean_advantage_with_its_gradient():
+    # One update per rollout: pi_old = pi, ratio 1, gradient of rho * A (SPEC).
+    lp, _, _, mask, adv = tiny_batch()
+    (value, metrics), grad = mx.value_and_grad(
+        lambda x: rl.policy_loss(x, None, mx.array(adv), mx.array(mask)))(mx.array(lp))
+    n = mask.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(value.item(), -adv.mean(), rtol=1e-6)
+    np.testing.assert_allclose(np.array(grad), -adv[:, None] * mask / n / len(adv), rtol=1e-6)
+    assert metrics["ratio_mean"].item() == 1.0 and metrics["clip_fraction"].item() == 0.0
+
+
+def test_padding_values_do_not_leak_into_loss_or_gradient():
+    lp, old, ref, mask, adv = tiny_batch()
+    dirty = [a.copy() for a in (lp, old, ref)]
+    for a, fill in zip(dirty, (-np.inf, 1e30, np.nan)):
+        a[~mask] = fill
+
+    def run(lp, old, ref):
+        f = lambda x: rl.policy_loss(x, mx.array(old), mx.array(adv), mx.array(mask),
+                                     ref_logprobs=mx.array(ref), beta=0.1, ratio="sequence")
+        return mx.value_and_grad(f)(mx.array(lp, mx.float32))
+
+    (clean, clean_metrics), clean_grad = run(lp, old, ref)
+    (value, metrics), grad = run(*dirty)
+    assert value.item() == clean.item()
+    np.testing.assert_array_equal(np.array(grad), np.array(clean_grad))
+    for name in clean_metrics:
+        assert metrics[name].item() == clean_metrics[name].item(), name
+
+
+@pytest.mark.parametrize("kwargs, error, pattern", [
+    (dict(old_logprobs=np.zeros((4, 4))), ValueError, r"old_logprobs.*shape \(4, 5\).*\(4, 4\)"),
+    (dict(advantages=np.zeros((4, 1))), ValueError, r"advantages.*shape \(4,\).*\(4, 1\)"),
+    (dict(mask=np.ones((3, 5))), ValueError, r"mask.*shape \(4, 5\).*\(3, 5\)"),
+    (dict(logprobs=np.zeros(5)), ValueError, r"logprobs.*2-D.*got shape \(5,\)"),
+    (dict(ratio="seq"), ValueError, r"ratio.*'token', 'sequence'.*got 'seq'"),
+    (dict(normalize="mean"), ValueError, r"normalize.*'sequence', 'token', 'constant'.*'mean'"),
+    (dict(eps_low=-0.1), ValueError, r"eps_low.*>= 0.*got -0.1"),
+    (dict(eps_high=float("nan")), ValueError, r"eps_high.*>= 0.*got nan"),
+    (dict(beta=0.1), ValueError, r"beta=0.1 needs ref_logprobs.*got None"),
+    (dict(beta=-1.0, ref_logprobs=np.zeros((4, 5))), ValueError, r"beta.*>= 0.*got -1.0"),
+    (dict(max_len=0, normalize="constant"), ValueError, r"max_len.*positive.*got 0"),
+    (dict(max_len=3, normalize="constant"), ValueError, r"max_len.*>= 5.*got 3"),
+    (dict(max_len=8), ValueError, r"max_len.*normalize='constant'.*got normalize='sequence'"),
+    (dict(max_len=2.5, normalize="constant"), TypeError, r"max_len.*int.*got 2.5"),
+])
+def test_policy_loss_bad_input(kwargs, error, pattern):
+    lp, old, _, mask, adv = tiny_batch()
+    args = dict(logprobs=lp, old_logprobs=old, advantages=adv, mask=mask)
+    args.update(kwargs)
+    args = {k: mx.array(v) if isinstance(v, np.ndarray) else v for k, v in args.items()}
+    with pytest.raises(error, match=pattern):
+        rl.policy_loss(**args)
+
+
+# ---------------------------------------------------------------- with a model
+
+
+def tiny_model(seed=0, vocab_size=16):
+    mx.random.seed(seed)
+    model = ln.Model(ln.ModelArgs(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64))
+    mx.eval(model.parameters())
+    return model
+
+
+def test_token_logprobs_match_a_numpy_log_softmax():
+    model = tiny_model()
+    tokens = mx.array([[1, 2, 3, 4, 5], [1, 2, 3, 6, 7]])
+    got = rl.token_logprobs(model, tokens)
+    logits = np.array(model(tokens[:, :-1]), np.float64)
+    logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    want = np.take_along_axis(logp, np.array(tokens)[:, 1:, None], axis=-1)[..., 0]
+    assert got.shape == (2, 4)
+    np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_one_update_moves_probability_toward_the_better_completion():
+    model = tiny_model()
+    # Same prompt [1, 2, 3], completions [4, 5] (reward 1) and [6, 7] (reward 0).
+    tokens = mx.array([[1, 2, 3, 4, 5], [1, 2, 3, 6, 7]])
+    mask = mx.array([[False, False, True, True]] * 2)
+    advantages = rl.group_advantages([1.0, 0.0], 2)
+
+    def completion_logprob():
+        return (rl.token_logprobs(model, tokens) * mask).sum(axis=1)
+
+    def loss_fn(model):
+        logprobs = rl.token_logprobs(model, tokens)
+        return rl.policy_loss(logprobs, None, advantages, mask)[0]
+
+    before = np.array(completion_logprob())
+    _, grads = nn.value_and_grad(model, loss_fn)(model)
+    mlx_optim.SGD(learning_rate=0.05).update(model, grads)
+    after = np.array(completion_logprob())
+    assert after[0] > before[0] and after[1] < before[1]
