@@ -3,7 +3,8 @@
 User errors end a command with one line on stderr and a non-zero exit status, never a
 traceback: 2 for an invalid command line or config, 1 for an input that does not fit or a
 file that cannot be read or written (``OSError``), 130 for Ctrl-C outside training (which
-checkpoints and stops by itself). Any other exception is a bug and keeps its traceback.
+checkpoints and stops by itself). A benchmark's ``ValueError``/``TypeError`` comes from the
+sizes it was given and exits with 2. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ def _cmd_list(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
-    return importlib.import_module(BENCHES[args.what]).main(rest)
+    try:
+        return importlib.import_module(BENCHES[args.what]).main(rest)
+    except (TypeError, ValueError) as err:  # the package's checks of the sizes asked for
+        print(f"mlx-localnorm bench {args.what}: error: {err}", file=sys.stderr)
+        return 2
 
 
 def _forward(module: str):

@@ -286,6 +286,16 @@ def test_diverged_loss_is_one_line(corpus, tmp_path, capsys):
     assert_one_line_error(proc, "training loss is", "lower the learning_rate")
 
 
+@pytest.mark.parametrize("args, names", [
+    (["data", "--vocab-size", "10"], ["vocab_size", "10"]),
+    (["optim", "--shapes", "0x8"], ["0x8"]),
+])
+def test_bad_bench_arguments_are_one_line(args, names, capsys, tmp_path):
+    proc = run_in_process(capsys, "bench", *args, "--out", tmp_path)
+    assert_one_line_error(proc, *names)
+    assert proc.returncode == 2
+
+
 def test_a_bug_still_shows_its_traceback(interrupted_run, tmp_path, monkeypatch):
     """Only user errors are shortened: a programming error keeps its traceback."""
     def buggy(args, rest):

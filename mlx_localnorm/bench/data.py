@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .._argparse import OneLineParser
 from ..data import Batches, Corpus, load_corpus, train_tokenizer, write_tokens
 from ..data.tokenizer import MODEL_TYPES
 from .common import device, machine, markdown_table, time_ms, write_csv
@@ -99,7 +100,7 @@ def pipeline_rows(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mlx-localnorm bench data",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .._argparse import OneLineParser
 from ..emulate import metal_kernel
 from ..emulate.examples import (
     COPY_FLOAT4_SOURCE,
@@ -107,7 +108,7 @@ def measure(shapes: list[tuple[int, int]], dtypes: list[str], repeat: int) -> li
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mlx-localnorm bench emulate",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

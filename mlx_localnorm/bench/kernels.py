@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .._argparse import OneLineParser
 from .. import kernels, norms
 from .common import device, machine, markdown_table, time_ms, write_csv
 
@@ -198,7 +199,7 @@ def _shapes(text: str) -> list[tuple[int, int]]:
 
 def main(argv: list[str] | None = None) -> int:
     on_mac = mx.metal.is_available()
-    parser = argparse.ArgumentParser(prog="mlx-localnorm bench kernels", description=__doc__,
+    parser = OneLineParser(prog="mlx-localnorm bench kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results", help="output directory")
     parser.add_argument("--shapes", type=_shapes,

@@ -26,6 +26,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
+from .._argparse import OneLineParser
 from ..models import Model, ModelArgs
 from ..norms import NORMS
 from ..placements import HYPERSPHERE_NORMS, PLACEMENTS
@@ -142,7 +143,7 @@ def run(size: dict, batch: int, seq_len: int, dtype_name: str, norms: list[str],
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mlx-localnorm bench model", description=__doc__,
+    parser = OneLineParser(prog="mlx-localnorm bench model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results", help="output directory")
     parser.add_argument("--hidden", type=int, default=128, help="hidden size")

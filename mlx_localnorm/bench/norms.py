@@ -18,6 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from .._argparse import OneLineParser
 from .. import _fast_blas
 from ..norms import NORMS, make_norm
 from .common import device, machine, markdown_table, time_ms, write_csv
@@ -128,7 +129,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mlx-localnorm bench norms", description=__doc__,
+    parser = OneLineParser(prog="mlx-localnorm bench norms", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results", help="output directory")
     parser.add_argument("--shape", default="4096,1024", help="input shape, comma separated")

@@ -33,6 +33,7 @@ from mlx import nn
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
+from .._argparse import OneLineParser
 from ..data import load_corpus
 from ..optim import Muon, make_optimizer, orthogonalize, split_params
 from .common import device, machine, markdown_table, write_csv
@@ -219,7 +220,7 @@ def _choices(value: str, valid, flag: str, parser: argparse.ArgumentParser) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mlx-localnorm bench optim", description=__doc__,
+    parser = OneLineParser(prog="mlx-localnorm bench optim", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results", help="output directory")
     parser.add_argument("--shapes", default=SHAPES,

@@ -23,6 +23,7 @@ import mlx.nn as nn
 from mlx.optimizers import clip_grad_norm
 from mlx.utils import tree_flatten
 
+from .._argparse import OneLineParser
 from ..models import Model, ModelArgs
 from ..optim import make_optimizer
 from ..train.config import PretrainConfig
@@ -117,7 +118,7 @@ def run(size: dict, batch: int, seq_len: int, rounds: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mlx-localnorm bench train", description=__doc__,
+    parser = OneLineParser(prog="mlx-localnorm bench train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     demo = PretrainConfig()
     parser.add_argument("--out", default="bench/results", help="output directory")

@@ -15,6 +15,7 @@ import math
 import sys
 from typing import TYPE_CHECKING, Any
 
+from .._argparse import OneLineParser
 from .checkpoint import list_checkpoints
 from .config import PretrainConfig, field_type
 
@@ -25,13 +26,6 @@ PROG = "mlx-localnorm pretrain"
 _SCALARS = {"int": int, "float": float, "str": str}
 # MLX reports a failed file write (e.g. a full disk) as a RuntimeError with these prefixes.
 _MLX_WRITE_ERRORS = ("[write]", "[save")
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors in one line: the usage text of every config flag would bury them."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
 def _parser_for(annotation: str):
@@ -56,7 +50,7 @@ def _parser_for(annotation: str):
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog=prog, description="Pre-train a LocalNorm language model. Precedence: defaults < "
         "--config file < flags.", argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="JSON or YAML file of config fields")
