@@ -13,6 +13,10 @@ from ..norms import make_norm
 from ..placements import HYPERSPHERE_NORMS, NGPT_ALPHA_INIT, check_placement
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
+# silu: Llama/Qwen SwiGLU; gelu_tanh: GPT-2 and Gemma's GeGLU (tanh approximation); gelu: erf.
+MLP_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+# rope: rotary q/k; learned: absolute positions added to the embeddings (GPT-2).
+POSITION_EMBEDDINGS = ("rope", "learned")
 
 
 def _positive_int(value, name: str) -> int:
@@ -53,7 +57,18 @@ class ModelArgs(BaseModelArgs):
         default=None, metadata={"help": "context length (used by scaled RoPE)"})
     tie_word_embeddings: bool = field(default=True, metadata={"help": "head = embedding^T"})
     attention_bias: bool = field(default=False, metadata={"help": "biases in q/k/v/o"})
+    attention_out_bias: bool | None = field(
+        default=None, metadata={"help": "bias in o_proj; None = attention_bias (Qwen2: False)"})
     mlp_bias: bool = field(default=False, metadata={"help": "biases in the MLP"})
+    mlp_activation: str = field(
+        default="silu", metadata={"help": f"MLP nonlinearity, one of {MLP_ACTIVATIONS}"})
+    mlp_gated: bool = field(
+        default=True, metadata={"help": "GLU MLP act(gate) * up; False: act(up) (GPT-2)"})
+    position_embedding: str = field(
+        default="rope", metadata={"help": f"one of {POSITION_EMBEDDINGS}; learned needs "
+                                          "max_position_embeddings"})
+    embed_scale: float = field(
+        default=1.0, metadata={"help": "multiplies the token embeddings (Gemma: sqrt(D))"})
     norm_type: str | None = field(
         default=None, metadata={"help": "a name of ln.NORMS; None = the placement's norm"})
     norm_eps: float = field(default=1e-6, metadata={"help": "eps of every norm that has one"})
@@ -97,13 +112,14 @@ class ModelArgs(BaseModelArgs):
                     f"hidden_size={self.hidden_size} (or set head_dim)")
             self.head_dim = self.hidden_size // self.num_attention_heads
         _positive_int(self.head_dim, "head_dim")
-        if self.head_dim % 2:
+        if self.head_dim % 2 and self.position_embedding == "rope":
             raise ValueError("ModelArgs: head_dim must be even for RoPE (it rotates pairs of "
                              f"features), got {self.head_dim}")
         if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) \
                 or not 0 < self.rope_theta < math.inf:
             raise ValueError(f"ModelArgs: rope_theta must be a positive number, got "
                              f"{self.rope_theta!r}")
+        self._check_architecture()
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"ModelArgs: num_key_value_heads={self.num_key_value_heads} must divide "
@@ -145,10 +161,40 @@ class ModelArgs(BaseModelArgs):
         if self.moe_intermediate_size is not None:
             _positive_int(self.moe_intermediate_size, "moe_intermediate_size")
         if self.hypersphere and (self.num_experts or self.attention_gate or self.qk_norm
-                                 or self.attention_bias or self.mlp_bias):
+                                 or self.attention_bias or self.attention_out_bias or self.mlp_bias
+                                 or not self.mlp_gated or self.position_embedding != "rope"):
             raise ValueError(f"ModelArgs: placement {self.placement!r} fixes its own q/k norm and "
-                             "has no MoE, attention gate or biases; unset num_experts, "
-                             "attention_gate, qk_norm, attention_bias and mlp_bias")
+                             "has no MoE, attention gate, biases, ungated MLP or learned "
+                             "positions; unset num_experts, attention_gate, qk_norm, "
+                             "attention_bias, mlp_bias, mlp_gated and position_embedding")
+        if self.num_experts and (self.mlp_activation != "silu" or not self.mlp_gated):
+            raise ValueError(f"ModelArgs: MoE experts are SwiGLU; num_experts={self.num_experts} "
+                             f"needs mlp_activation='silu' and mlp_gated=True, got "
+                             f"{self.mlp_activation!r} and {self.mlp_gated!r}")
+
+    def _check_architecture(self) -> None:
+        """The options converted checkpoints need: activation, positions, scales, biases."""
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"ModelArgs: mlp_activation must be one of {MLP_ACTIVATIONS}, got "
+                             f"{self.mlp_activation!r}")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"ModelArgs: position_embedding must be one of "
+                             f"{POSITION_EMBEDDINGS}, got {self.position_embedding!r}")
+        if self.position_embedding == "learned":
+            _positive_int(self.max_position_embeddings,
+                          "max_position_embeddings (needed by learned positions)")
+        for name in ("mlp_gated", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"ModelArgs: {name} must be a bool, got {getattr(self, name)!r}")
+        if self.attention_out_bias is None:
+            self.attention_out_bias = self.attention_bias
+        if not isinstance(self.attention_out_bias, bool):
+            raise TypeError(f"ModelArgs: attention_out_bias must be a bool or None, got "
+                            f"{self.attention_out_bias!r}")
+        if isinstance(self.embed_scale, bool) or not isinstance(self.embed_scale, (int, float)) \
+                or not 0 < self.embed_scale < math.inf:
+            raise ValueError(f"ModelArgs: embed_scale must be a positive number, got "
+                             f"{self.embed_scale!r}")
 
     @property
     def hypersphere(self) -> bool:

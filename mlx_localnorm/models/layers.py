@@ -43,7 +43,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(dims, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(dims, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dims, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dims, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dims, bias=args.attention_out_bias)
         if args.new_qk_norm() is not None:
             self.q_norm, self.k_norm = args.new_qk_norm(), args.new_qk_norm()
         if args.hypersphere:
@@ -54,8 +54,9 @@ class Attention(nn.Module):
         self.scale = self.head_dim**0.5 if args.hypersphere else self.head_dim**-0.5
         if args.attention_gate:
             self.g_proj = nn.Linear(dims, self.n_heads * self.head_dim, bias=bias)
-        self.rope = initialize_rope(self.head_dim, args.rope_theta, args.rope_traditional,
-                                    args.rope_scaling, args.max_position_embeddings)
+        if args.position_embedding == "rope":
+            self.rope = initialize_rope(self.head_dim, args.rope_theta, args.rope_traditional,
+                                        args.rope_scaling, args.max_position_embeddings)
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         B, L, _ = x.shape
@@ -68,8 +69,9 @@ class Attention(nn.Module):
             q = q * (self.s_q * self.s_factor).reshape(self.n_heads, self.head_dim)
             k = k * (self.s_k * self.s_factor).reshape(self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        offset = 0 if cache is None else cache.offset
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if "rope" in self:
+            offset = 0 if cache is None else cache.offset
+            q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
@@ -90,32 +92,46 @@ class Attention(nn.Module):
         self.n_kv_heads //= group.size()
 
 
+ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": nn.gelu_approx, "gelu": nn.gelu}
+
+
 class MLP(nn.Module):
-    r"""SwiGLU MLP: :math:`W_{down}(\mathrm{silu}(W_{gate} x) \odot W_{up} x)`.
+    r"""Gated MLP :math:`W_{down}(\phi(W_{gate} x) \odot W_{up} x)` (SwiGLU with
+    :math:`\phi = \mathrm{silu}`, GeGLU with tanh GELU; arXiv 2002.05202), or with
+    ``gated=False`` the plain :math:`W_{down}\, \phi(W_{up} x)` of GPT-2.
 
     nGPT/anGPT (``scaled=True``): ``u = s_u * W_up x`` and ``v = s_v * sqrt(D) * W_gate x``,
     with ``s_u``, ``s_v`` stored at 1 and used as is (SPEC: init value 1, scaling 1).
     """
 
-    def __init__(self, dims: int, hidden_dims: int, bias: bool = False, scaled: bool = False):
+    def __init__(self, dims: int, hidden_dims: int, bias: bool = False, scaled: bool = False,
+                 activation: str = "silu", gated: bool = True):
         super().__init__()
-        self.gate_proj = nn.Linear(dims, hidden_dims, bias=bias)
+        if gated:
+            self.gate_proj = nn.Linear(dims, hidden_dims, bias=bias)
         self.up_proj = nn.Linear(dims, hidden_dims, bias=bias)
         self.down_proj = nn.Linear(hidden_dims, dims, bias=bias)
+        self.activation = activation
         if scaled:
             self.s_u, _ = scaled_vector(hidden_dims, 1.0, 1.0)
             self.s_v, _ = scaled_vector(hidden_dims, 1.0, 1.0)
             self.gate_factor = dims**0.5
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        up = self.up_proj(x)
+        if "gate_proj" not in self:
+            return self.down_proj(ACTIVATIONS[self.activation](up))
+        gate = self.gate_proj(x)
         if "s_u" in self:
             up, gate = up * self.s_u, gate * (self.s_v * self.gate_factor)
-        return self.down_proj(swiglu(gate, up))
+        if self.activation == "silu":  # mlx-lm's fused SwiGLU
+            return self.down_proj(swiglu(gate, up))
+        return self.down_proj(ACTIVATIONS[self.activation](gate) * up)
 
     def shard(self, group: mx.distributed.Group) -> None:
         """Tensor parallelism: each rank keeps 1/N of the hidden width; down_proj sums them."""
-        self.gate_proj = shard_linear(self.gate_proj, "all-to-sharded", group=group)
+        if "gate_proj" in self:
+            self.gate_proj = shard_linear(self.gate_proj, "all-to-sharded", group=group)
         self.up_proj = shard_linear(self.up_proj, "all-to-sharded", group=group)
         self.down_proj = shard_linear(self.down_proj, "sharded-to-all", group=group)
         if "s_u" in self:

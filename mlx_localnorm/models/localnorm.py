@@ -54,12 +54,15 @@ class LocalNormModel(nn.Module):
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        if args.position_embedding == "learned":
+            self.embed_positions = nn.Embedding(args.max_position_embeddings, args.hidden_size)
         dims, layers = args.hidden_size, args.num_hidden_layers
         self.layers = [
             make_block(
                 args.placement, i, layers, Attention(args),
                 MoE(args) if args.num_experts else MLP(
-                    dims, args.intermediate_size, args.mlp_bias, scaled=args.hypersphere),
+                    dims, args.intermediate_size, args.mlp_bias, scaled=args.hypersphere,
+                    activation=args.mlp_activation, gated=args.mlp_gated),
                 args.new_norm, mix_ratio=args.mix_ratio, dims=dims,
                 attn_dims=args.num_attention_heads * args.head_dim,
                 mlp_dims=args.intermediate_size, alpha_init=args.ngpt_alpha_init)
@@ -73,7 +76,11 @@ class LocalNormModel(nn.Module):
     def __call__(self, inputs: mx.array, cache=None,
                  input_embeddings: mx.array | None = None) -> mx.array:
         h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
+        if self.args.embed_scale != 1.0:
+            h = h * mx.array(self.args.embed_scale, dtype=h.dtype)
         cache = cache or [None] * len(self.layers)
+        if "embed_positions" in self:
+            h = h + self.embed_positions(self._positions(h.shape[1], cache[0]))
         # One mask per attention kind, made from the first cache of that kind (as mlx-lm).
         masks = {}
         for sliding in (False, True):
@@ -84,6 +91,15 @@ class LocalNormModel(nn.Module):
         for layer, sliding, layer_cache in zip(self.layers, self.sliding, cache):
             h = layer(h, masks[sliding], layer_cache)
         return self.norm(h) if "norm" in self else h
+
+    def _positions(self, length: int, cache) -> mx.array:
+        """Absolute positions of the next ``length`` tokens, after those in ``cache``."""
+        offset = 0 if cache is None else cache.offset
+        limit = self.args.max_position_embeddings
+        if offset + length > limit:
+            raise ValueError(f"Model: learned positions reach max_position_embeddings={limit}; "
+                             f"got {length} tokens after {offset} cached ones")
+        return mx.arange(offset, offset + length)
 
 
 class Model(nn.Module):
