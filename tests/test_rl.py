@@ -303,3 +303,200 @@ def test_one_update_moves_probability_toward_the_better_completion():
     mlx_optim.SGD(learning_rate=0.05).update(model, grads)
     after = np.array(completion_logprob())
     assert after[0] > before[0] and after[1] < before[1]
+
+
+# ---------------------------------------------------------------- shipped tasks
+
+
+@pytest.mark.parametrize("name", ["reverse", "add"])
+def test_task_prompts_are_deterministic_from_the_seed(name):
+    a = rl.tasks.make_prompts(name, 40, seed=1)
+    assert a == rl.tasks.make_prompts(name, 40, seed=1)
+    assert a != rl.tasks.make_prompts(name, 40, seed=2)
+    assert len(a) == 40 and all(set(r) == {"prompt", "answer"} for r in a)
+
+
+def test_reverse_answers_are_the_reversed_word():
+    for record in rl.tasks.make_prompts("reverse", 50, seed=0):
+        word = record["prompt"].removeprefix("reverse ").removesuffix(" =")
+        assert word.isalpha() and 3 <= len(word) <= 6
+        assert record["answer"] == word[::-1]
+
+
+def test_add_answers_are_the_sum():
+    for record in rl.tasks.make_prompts("add", 50, seed=0):
+        a, b = record["prompt"].removesuffix("=").split("+")
+        assert 0 <= int(a) <= 99 and 0 <= int(b) <= 99
+        assert record["answer"] == str(int(a) + int(b))
+
+
+@pytest.mark.parametrize("name", ["reverse", "add"])
+def test_train_and_test_prompts_are_disjoint(name):
+    train = {r["prompt"] for r in rl.tasks.make_prompts(name, 300, seed=0, split="train")}
+    test = {r["prompt"] for r in rl.tasks.make_prompts(name, 300, seed=0, split="test")}
+    assert len(test) > 100 and not train & test
+
+
+@pytest.mark.parametrize("completion, reward", [
+    (" dcba", 1.0), ("dcba\nreverse xyz = zyx", 1.0), ("  dcba  \n", 1.0),
+    (" dcxa", 0.75), (" dcbaa", 0.8), (" abcd", 0.0), ("", 0.0), ("\ndcba", 0.0), (" dc", 0.5),
+])
+def test_answer_match_scores_the_first_line_by_position(completion, reward):
+    assert rl.tasks.answer_match("reverse abcd =", completion, answer="dcba") == reward
+
+
+@pytest.mark.parametrize("name", ["reverse", "add"])
+def test_a_demonstration_earns_the_full_reward(name):
+    for record in rl.tasks.make_prompts(name, 10, seed=3):
+        text = rl.tasks.demonstration(record)
+        assert text.startswith(record["prompt"])
+        completion = text[len(record["prompt"]):]
+        reward = rl.tasks.answer_match(record["prompt"], completion, answer=record["answer"])
+        assert reward == 1.0
+
+
+@pytest.mark.parametrize("call, error, pattern", [
+    (lambda: rl.tasks.make_prompts("sort", 5), ValueError, r"task.*'reverse', 'add'.*'sort'"),
+    (lambda: rl.tasks.make_prompts("add", 0), ValueError, r"n must be a positive int.*got 0"),
+    (lambda: rl.tasks.make_prompts("add", 5, split="val"), ValueError,
+     r"split.*'train', 'test'.*'val'"),
+    (lambda: rl.tasks.make_prompts("add", 5, seed=1.5), TypeError, r"seed.*int.*got 1.5"),
+])
+def test_make_prompts_bad_input(call, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call()
+
+
+# ---------------------------------------------------------------- reward functions
+
+
+def length_reward(prompt, completion, **fields):
+    return float(len(completion))
+
+
+def raising_reward(prompt, completion, **fields):
+    raise KeyError("boom")
+
+
+RECORDS = [{"prompt": "reverse abcd =", "answer": "dcba"}, {"prompt": "1+2=", "answer": "3"}]
+
+
+def test_score_completions_passes_fields_and_returns_floats():
+    got = rl.score_completions(rl.tasks.answer_match, RECORDS, [" dcba", " 4"])
+    assert got == [1.0, 0.0] and all(type(v) is float for v in got)
+    seen = []
+
+    def spy(prompt, completion, **fields):
+        seen.append((prompt, completion, fields))
+        return True
+
+    assert rl.score_completions(spy, RECORDS, ["x", "y"]) == [1.0, 1.0]
+    assert seen == [("reverse abcd =", "x", {"answer": "dcba"}), ("1+2=", "y", {"answer": "3"})]
+
+
+def test_a_reward_that_raises_names_the_prompt_and_the_function():
+    with pytest.raises(rl.RewardError, match=r"test_rl:raising_reward raised KeyError: 'boom'"
+                                              r".*prompt '1\+2='") as info:
+        rl.score_completions(rl.combine_rewards([length_reward, raising_reward]),
+                             RECORDS[1:], ["x"])
+    assert isinstance(info.value, ValueError) and isinstance(info.value.__cause__, KeyError)
+
+
+@pytest.mark.parametrize("value, error, pattern", [
+    (float("nan"), ValueError, r"returned nan.*finite"),
+    (float("-inf"), ValueError, r"returned -inf.*finite"),
+    ("1.0", TypeError, r"returned '1.0'.*number"),
+    (None, TypeError, r"returned None.*number"),
+    (mx.array(1.0), TypeError, r"returned array.*number"),
+])
+def test_a_reward_must_return_a_finite_number(value, error, pattern):
+    def bad(prompt, completion, **fields):
+        return value
+
+    with pytest.raises(error, match=r"reward .*bad " + pattern + r".*prompt 'reverse abcd ='"):
+        rl.score_completions(bad, RECORDS, ["x", "y"])
+
+
+def test_numpy_and_int_rewards_are_accepted():
+    values = iter([np.float32(0.5), 2])
+    assert rl.score_completions(lambda p, c, **f: next(values), RECORDS, ["a", "b"]) == [0.5, 2.0]
+
+
+def test_combined_rewards_are_the_weighted_sum():
+    combined = rl.combine_rewards([rl.tasks.answer_match, length_reward], weights=[2.0, -0.5])
+    assert combined("reverse abcd =", " dcxa", answer="dcba") == 2.0 * 0.75 - 0.5 * 5
+    assert rl.combine_rewards([length_reward])("p", "abc") == 3.0
+
+
+@pytest.mark.parametrize("args, error, pattern", [
+    (([],), ValueError, r"functions.*at least one.*got \[\]"),
+    (([length_reward, "x"],), TypeError, r"functions\[1\].*callable.*got 'x'"),
+    (([length_reward], [1.0, 2.0]), ValueError, r"weights.*1 number.*got 2"),
+    (([length_reward], [float("nan")]), ValueError, r"weights\[0\].*finite.*got nan"),
+])
+def test_combine_rewards_bad_input(args, error, pattern):
+    with pytest.raises(error, match=pattern):
+        rl.combine_rewards(*args)
+
+
+def test_score_completions_bad_input():
+    with pytest.raises(ValueError, match=r"completions.*2 \(one per record\).*got 1"):
+        rl.score_completions(length_reward, RECORDS, ["x"])
+    with pytest.raises(TypeError, match=r"reward.*callable.*got 3"):
+        rl.score_completions(3, RECORDS, ["x", "y"])
+
+
+# ---------------------------------------------------------------- loading rewards and prompts
+
+
+def test_load_reward_from_a_module_and_from_a_file(tmp_path):
+    assert rl.load_reward("mlx_localnorm.rl.tasks:answer_match") is rl.tasks.answer_match
+    path = tmp_path / "my_rewards.py"
+    path.write_text("def short(prompt, completion, **fields):\n    return -len(completion)\n")
+    short = rl.load_reward(f"{path}:short")
+    assert short("p", "abcd") == -4
+
+
+@pytest.mark.parametrize("spec, error, pattern", [
+    ("json", ValueError, r"MODULE:FUNCTION.*got 'json'"),
+    ("json:", ValueError, r"MODULE:FUNCTION.*got 'json:'"),
+    ("no_such_module_xyz:f", ValueError, r"'no_such_module_xyz:f'.*cannot import.*no_such_module"),
+    ("json:no_such_fn", ValueError, r"'json:no_such_fn'.*json.*no attribute 'no_such_fn'"),
+    ("json:__name__", TypeError, r"'json:__name__'.*not callable.*str"),
+    ("/no/such/file.py:f", ValueError, r"cannot import.*/no/such/file.py"),
+    (3, TypeError, r"spec.*MODULE:FUNCTION.*got 3"),
+])
+def test_load_reward_bad_specs(spec, error, pattern):
+    with pytest.raises(error, match=pattern):
+        rl.load_reward(spec)
+
+
+def test_load_reward_names_the_spec_when_the_module_fails(tmp_path):
+    path = tmp_path / "broken.py"
+    path.write_text("import no_such_dependency_xyz\n")
+    with pytest.raises(ValueError, match=r"broken.py:f.*cannot import.*no_such_dependency_xyz"):
+        rl.load_reward(f"{path}:f")
+
+
+def test_load_prompts_reads_records_with_their_fields(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "1+2=", "answer": "3"}\n\n{"prompt": "x", "tags": [1]}\n')
+    assert rl.load_prompts(path) == [{"prompt": "1+2=", "answer": "3"},
+                                     {"prompt": "x", "tags": [1]}]
+
+
+@pytest.mark.parametrize("text, error, pattern", [
+    ('{"prompt": "a"}\n{"prompt": "b"\n', ValueError, r"prompts.jsonl:2: not a JSON object"),
+    ('{"prompt": "a"}\n\n["b"]\n', ValueError, r"prompts.jsonl:3: .*\"prompt\" field.*list"),
+    ('{"text": "a"}\n', ValueError, r"prompts.jsonl:1: .*\"prompt\" field.*\['text'\]"),
+    ('{"prompt": 3}\n', TypeError, r"prompts.jsonl:1: \"prompt\" must be a string, got int"),
+    ('{"prompt": "a", "completion": "b"}\n', ValueError,
+     r"prompts.jsonl:1: .*\"completion\" is reserved"),
+    ('\n\n', ValueError, r"prompts.jsonl: no prompts"),
+    (b'{"prompt": "caf\xe9"}', ValueError, r"prompts.jsonl: not UTF-8"),
+])
+def test_load_prompts_names_file_and_line(tmp_path, text, error, pattern):
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(error, match=pattern):
+        rl.load_prompts(path)

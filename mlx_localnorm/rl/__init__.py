@@ -1,21 +1,41 @@
-"""GRPO family: group-relative advantages, clipped policy losses and rollouts.
+"""GRPO family: group-relative advantages, clipped policy losses, rewards and rollouts.
 
 The pieces of an RL fine-tuning loop, usable on their own: :func:`group_advantages`
 (GRPO, Dr. GRPO, RLOO), :func:`drop_equal_groups` (DAPO's dynamic sampling),
-:func:`policy_loss` (token or GSPO sequence ratio, clip-higher, KL to a reference) and
-:func:`token_logprobs`. See docs/rl.md.
+:func:`policy_loss` (token or GSPO sequence ratio, clip-higher, KL to a reference),
+:func:`token_logprobs`, reward functions (:func:`score_completions`, :func:`combine_rewards`,
+:func:`load_reward`, :func:`load_prompts`) and the shipped verifiable tasks in
+:mod:`.tasks`. See docs/rl.md.
 """
 
+from . import tasks
 from .advantages import ADVANTAGE_MODES, drop_equal_groups, group_advantages
 from .loss import NORMALIZERS, RATIO_LEVELS, policy_loss
+from .rewards import (
+    RewardError,
+    call_reward,
+    combine_rewards,
+    load_prompts,
+    load_reward,
+    reward_name,
+    score_completions,
+)
 from .rollout import token_logprobs
 
 __all__ = [
     "ADVANTAGE_MODES",
     "NORMALIZERS",
     "RATIO_LEVELS",
+    "RewardError",
+    "call_reward",
+    "combine_rewards",
     "drop_equal_groups",
     "group_advantages",
+    "load_prompts",
+    "load_reward",
     "policy_loss",
+    "reward_name",
+    "score_completions",
+    "tasks",
     "token_logprobs",
 ]
