@@ -135,3 +135,207 @@ def test_odd_head_dim_needs_rope_only():
 def test_non_bool_flags_are_type_errors():
     with pytest.raises(TypeError, match="mlp_gated must be a bool, got 'no'"):
         ModelArgs(**TINY, mlp_gated="no")
+
+
+# ---- from_hf: exact logits ----------------------------------------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hf"
+CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file())
+RMSNORM_CASES = [c for c in CASES if c != "gpt2"]
+# transformers and MLX sum in different orders: measured <= 2e-5 on logits of size ~20.
+LOGIT_ATOL = 1e-4
+
+
+def test_every_model_type_has_a_fixture():
+    types = {json.loads((FIXTURES / c / "config.json").read_text())["model_type"] for c in CASES}
+    assert types == set(ln.convert.SUPPORTED_MODEL_TYPES)
+
+
+def converted_logits(directory, tokens, **options) -> np.ndarray:
+    model, _ = ln.convert.from_hf(directory, **options)
+    return f64(model(mx.array(tokens)))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_equal_transformers(case):
+    reference = np.load(FIXTURES / case / "reference.npz")
+    got = converted_logits(FIXTURES / case, reference["tokens"])
+    np.testing.assert_allclose(got, reference["logits"], rtol=0, atol=LOGIT_ATOL)
+
+
+def shard(source: Path, target: Path, parts: int = 3) -> None:
+    """Copy checkpoint ``source`` to ``target`` with its tensors split over ``parts`` files."""
+    shutil.copytree(source, target)
+    tensors = mx.load(str(target / "model.safetensors"))
+    (target / "model.safetensors").unlink()
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(parts):
+        file = f"model-{i + 1:05d}-of-{parts:05d}.safetensors"
+        mx.save_safetensors(str(target / file), {n: tensors[n] for n in names[i::parts]})
+        weight_map |= {n: file for n in names[i::parts]}
+    (target / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama_llama3"])
+def test_sharded_checkpoint_converts_identically(case, tmp_path):
+    shard(FIXTURES / case, tmp_path / case)
+    tokens = np.load(FIXTURES / case / "reference.npz")["tokens"]
+    np.testing.assert_array_equal(converted_logits(tmp_path / case, tokens),
+                                  converted_logits(FIXTURES / case, tokens))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_dtype_sets_every_weight(dtype):
+    model, _ = ln.convert.from_hf(FIXTURES / "qwen3", dtype=dtype)
+    assert {v.dtype for _, v in tree_flatten(model.parameters())} == {getattr(mx, dtype)}
+
+
+def test_tokenizer_comes_from_the_checkpoint():
+    _, tokenizer = ln.convert.from_hf(FIXTURES / "gpt2")
+    assert tokenizer.encode("w3 w4") == [5, 6]
+    assert tokenizer.eos_token_id == 1
+
+
+@pytest.mark.parametrize("case", RMSNORM_CASES)
+def test_seednorm_swap_keeps_the_logits(case):
+    """SeeDNorm equals RMSNorm at init; gains carry over (Gemma's as 1 + w)."""
+    reference = np.load(FIXTURES / case / "reference.npz")
+    model, _ = ln.convert.from_hf(FIXTURES / case, norm="seednorm")
+    norms = tuple(ln.NORMS.values())
+    assert {type(m) for _, m in model.named_modules() if isinstance(m, norms)} == {ln.SeeDNorm}
+    np.testing.assert_allclose(f64(model(mx.array(reference["tokens"]))), reference["logits"],
+                               rtol=0, atol=LOGIT_ATOL)
+
+
+def test_placement_swap_keeps_every_other_weight():
+    model, _ = ln.convert.from_hf(FIXTURES / "llama_llama3", placement="peri")
+    source = dict(tree_flatten(ln.convert.from_hf(FIXTURES / "llama_llama3")[0].parameters()))
+    swapped = dict(tree_flatten(model.parameters()))
+    assert "model.layers.0.embed_layernorm.weight" in swapped
+    for key in ("model.embed_tokens.weight", "lm_head.weight",
+                "model.layers.1.self_attn.k_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        np.testing.assert_array_equal(np.array(swapped[key]), np.array(source[key]))
+
+
+# ---- from_hf: bad input -------------------------------------------------------------------------
+
+def editable_copy(tmp_path, case="llama_llama3") -> Path:
+    target = tmp_path / case
+    shutil.copytree(FIXTURES / case, target)
+    return target
+
+
+def edit_tensors(directory: Path, edit) -> None:
+    tensors = mx.load(str(directory / "model.safetensors"))
+    edit(tensors)
+    mx.save_safetensors(str(directory / "model.safetensors"), tensors)
+
+
+def edit_config(directory: Path, **changes) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def test_unsupported_model_type_lists_the_supported_ones(tmp_path):
+    directory = editable_copy(tmp_path)
+    edit_config(directory, model_type="falcon")
+    with pytest.raises(ValueError, match="model_type must be one of llama, mistral, qwen2, "
+                                         "qwen3, gemma, gpt2;.* has 'falcon'"):
+        ln.convert.from_hf(directory)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    directory = editable_copy(tmp_path)
+    edit_tensors(directory, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing tensor\(s\) model.layers.1.mlp.up_proj.weight"):
+        ln.convert.from_hf(directory)
+
+
+def test_missing_untied_head_is_named(tmp_path):
+    directory = editable_copy(tmp_path)
+    edit_tensors(directory, lambda t: t.pop("lm_head.weight"))
+    with pytest.raises(ValueError, match=r"missing tensor\(s\) lm_head.weight"):
+        ln.convert.from_hf(directory)
+
+
+def test_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path):
+    directory = editable_copy(tmp_path)
+    edit_config(directory, intermediate_size=24)
+    with pytest.raises(ValueError, match=r"tensor '(model\.layers\.\d\.mlp\.[\w.]+)' in "
+                                         r"model.safetensors has shape \((32, 16|16, 32)\), "
+                                         r"but config.json makes '\1' \((24, 16|16, 24)\)"):
+        ln.convert.from_hf(directory)
+
+
+def test_gpt2_fused_qkv_of_the_wrong_width_is_a_shape_error(tmp_path):
+    directory = editable_copy(tmp_path, "gpt2")
+    name = "transformer.h.0.attn.c_attn.weight"
+    edit_tensors(directory, lambda t: t.update({name: t[name][:, :40]}))
+    with pytest.raises(ValueError, match=rf"'{name}'.*got shape \(16, 40\)"):
+        ln.convert.from_hf(directory)
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    directory = editable_copy(tmp_path)
+    edit_tensors(directory, lambda t: t.update({"model.layers.0.extra.weight": mx.zeros(3)}))
+    with pytest.raises(ValueError, match="tensor 'model.layers.0.extra.weight', which this "
+                                         "architecture does not have"):
+        ln.convert.from_hf(directory)
+
+
+def test_path_that_does_not_exist(tmp_path):
+    with pytest.raises(ValueError, match=f"path '{tmp_path / 'nothing'}' does not exist"):
+        ln.convert.from_hf(tmp_path / "nothing")
+
+
+def test_directory_without_weights(tmp_path):
+    directory = editable_copy(tmp_path)
+    (directory / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="has no weights: expected model.safetensors"):
+        ln.convert.from_hf(directory)
+
+
+def test_index_naming_a_missing_shard(tmp_path):
+    shard(FIXTURES / "gpt2", tmp_path / "gpt2")
+    (tmp_path / "gpt2" / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(ValueError, match="names shard\\(s\\) model-00002-of-00003.safetensors "
+                                         "that are not in"):
+        ln.convert.from_hf(tmp_path / "gpt2")
+
+
+def test_unsupported_rope_type_and_bad_dtype(tmp_path):
+    directory = editable_copy(tmp_path)
+    edit_config(directory, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4,
+                                            "factor": 2.0})
+    with pytest.raises(ValueError, match="rope_type must be one of .*got 'yarn'"):
+        ln.convert.from_hf(directory)
+    with pytest.raises(ValueError, match="dtype must be one of .*got 'float64'"):
+        ln.convert.from_hf(FIXTURES / "gpt2", dtype="float64")
+
+
+def test_conversion_writes_nothing(tmp_path):
+    directory = editable_copy(tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    ln.convert.from_hf(directory)
+    edit_tensors(directory, lambda t: t.pop("model.norm.weight"))
+    with pytest.raises(ValueError):
+        ln.convert.from_hf(directory)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+# ---- live transformers reference (optional: needs torch) ----------------------------------------
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                    reason="torch is not installed (optional: pip install torch==2.13.0)")
+@pytest.mark.parametrize("case", CASES)
+def test_logits_equal_transformers_live(case, tmp_path):
+    """A fresh random checkpoint (another seed than the fixture's), referenced live."""
+    spec = importlib.util.spec_from_file_location("make_fixtures", FIXTURES / "make_fixtures.py")
+    make_fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_fixtures)
+    make_fixtures.make_checkpoint(case, tmp_path, seed=7)
+    tokens = make_fixtures.tokens(seed=7)
+    np.testing.assert_allclose(converted_logits(tmp_path, tokens),
+                               make_fixtures.reference_logits(tmp_path, tokens),
+                               rtol=0, atol=LOGIT_ATOL)
