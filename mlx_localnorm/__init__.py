@@ -5,7 +5,7 @@ from . import _fast_blas
 
 _fast_blas.enable()
 
-from . import constraints, data, emulate, kernels, optim, rl  # noqa: E402
+from . import constraints, convert, data, emulate, kernels, optim, rl  # noqa: E402
 from ._version import __version__  # noqa: E402
 from .models import Model, ModelArgs, save_model, swap_norms  # noqa: E402
 from .norms import (  # noqa: E402
@@ -43,6 +43,7 @@ __all__ = [
     "SeeDNorm",
     "__version__",
     "constraints",
+    "convert",
     "data",
     "emulate",
     "kernels",
