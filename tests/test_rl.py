@@ -500,3 +500,117 @@ def test_load_prompts_names_file_and_line(tmp_path, text, error, pattern):
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(error, match=pattern):
         rl.load_prompts(path)
+
+
+# ---------------------------------------------------------------- batched rollouts
+
+PROMPTS = [[1, 2, 4], [5], [7, 8, 9, 10]]
+
+
+def np_log_softmax(logits):
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def sampled_rollout(model, seed=4, **kw):
+    mx.random.seed(seed)
+    return rl.rollout(model, PROMPTS, 3, max_tokens=5, stop_tokens=[3], **kw)
+
+
+def test_rollout_lays_out_groups_prompts_completions_and_masks():
+    out = sampled_rollout(tiny_model())
+    assert out.tokens.shape[0] == 9 and out.mask.shape == out.logprobs.shape
+    assert out.mask.shape == (9, out.tokens.shape[1] - 1)
+    assert set(out.finish_reasons) == {"stop", "length"}
+    tokens, mask = np.array(out.tokens), np.array(out.mask)
+    for row, (completion, reason) in enumerate(zip(out.completions, out.finish_reasons)):
+        prompt = PROMPTS[row // 3]
+        n, p = len(completion), len(prompt)
+        assert tokens[row, :p].tolist() == prompt and tokens[row, p:p + n].tolist() == completion
+        assert np.all(tokens[row, p + n:] == 0)
+        assert 3 not in completion[:-1] and 1 <= n <= 5
+        assert reason == ("stop" if completion[-1] == 3 else "length")
+        assert reason == "stop" or n == 5
+        assert np.flatnonzero(mask[row]).tolist() == list(range(p - 1, p - 1 + n))
+    assert any(len(set(map(tuple, out.completions[i:i + 3]))) > 1 for i in (0, 3, 6))
+
+
+def test_rollout_logprobs_match_a_forward_pass_of_each_sequence():
+    model = tiny_model()
+    out = sampled_rollout(model)
+    logprobs, mask = np.array(out.logprobs), np.array(out.mask)
+    for row, completion in enumerate(out.completions):
+        seq = PROMPTS[row // 3] + completion
+        logp = np_log_softmax(model(mx.array([seq[:-1]]))[0])
+        want = logp[np.arange(len(seq) - 1), seq[1:]][len(seq) - 1 - len(completion):]
+        np.testing.assert_allclose(logprobs[row][mask[row]], want, rtol=1e-4, atol=1e-4)
+        assert np.all(logprobs[row][~mask[row]] == 0.0)
+
+
+class CallRecorder:
+    """A model that records the shape of every input it is called with."""
+
+    def __init__(self, model):
+        self.model, self.shapes = model, []
+
+    def __call__(self, inputs, cache=None):
+        self.shapes.append(tuple(inputs.shape))
+        return self.model(inputs, cache=cache)
+
+    def make_cache(self):
+        return self.model.make_cache()
+
+
+def test_all_completions_of_all_prompts_decode_in_one_batch():
+    recorder = CallRecorder(tiny_model())
+    sampled_rollout(recorder)
+    assert max(batch for batch, length in recorder.shapes if length == 1) == 9
+
+
+def test_rollout_is_reproducible_from_the_seed():
+    model = tiny_model()
+    a, b = sampled_rollout(model), sampled_rollout(model)
+    assert a.completions == b.completions
+    assert sampled_rollout(model, seed=5).completions != a.completions
+
+
+def test_greedy_rollout_matches_a_step_by_step_greedy_decode():
+    from mlx_lm.sample_utils import make_sampler
+
+    model = tiny_model(seed=1)
+    out = rl.rollout(model, PROMPTS, 2, max_tokens=6, stop_tokens=[3],
+                     sampler=make_sampler(temp=0.0))
+    for i, prompt in enumerate(PROMPTS):
+        seq, want = list(prompt), []
+        while len(want) < 6 and 3 not in want:
+            logits = np.array(model(mx.array([seq]))[0, -1])
+            top2 = np.sort(logits)[-2:]
+            assert top2[1] - top2[0] > 1e-3  # no near-tie for BLAS rounding to flip
+            want.append(int(np.argmax(logits)))
+            seq.append(want[-1])
+        assert out.completions[2 * i] == want and out.completions[2 * i + 1] == want
+
+
+def test_rollout_logprobs_are_the_old_policy_of_policy_loss():
+    # Right after sampling, pi = pi_old: ratio 1 everywhere, nothing clipped.
+    model = tiny_model()
+    out = sampled_rollout(model)
+    _, metrics = rl.policy_loss(rl.token_logprobs(model, out.tokens), out.logprobs,
+                                mx.ones(9), out.mask, eps_low=1e-3)
+    assert abs(metrics["ratio_mean"].item() - 1) < 1e-4
+    assert metrics["clip_fraction"].item() == 0.0
+    assert metrics["tokens"].item() == sum(map(len, out.completions))
+
+
+@pytest.mark.parametrize("kwargs, error, pattern", [
+    (dict(group_size=1), ValueError, r"group_size.*>= 2.*got 1"),
+    (dict(prompts=[]), ValueError, r"prompts.*non-empty.*got \[\]"),
+    (dict(prompts=[[1], []]), ValueError, r"prompts\[1\].*non-empty.*got \[\]"),
+    (dict(prompts=[[1, 2.0]]), ValueError, r"prompts\[0\].*token ids.*got \[1, 2.0\]"),
+    (dict(max_tokens=0), ValueError, r"max_tokens.*positive int.*got 0"),
+])
+def test_rollout_bad_input(kwargs, error, pattern):
+    args = dict(prompts=PROMPTS, group_size=2, max_tokens=4) | kwargs
+    with pytest.raises(error, match=pattern):
+        rl.rollout(tiny_model(), args.pop("prompts"), args.pop("group_size"), **args)

@@ -3,6 +3,7 @@
 The pieces of an RL fine-tuning loop, usable on their own: :func:`group_advantages`
 (GRPO, Dr. GRPO, RLOO), :func:`drop_equal_groups` (DAPO's dynamic sampling),
 :func:`policy_loss` (token or GSPO sequence ratio, clip-higher, KL to a reference),
+:func:`rollout` (G completions per prompt in one batched generation),
 :func:`token_logprobs`, reward functions (:func:`score_completions`, :func:`combine_rewards`,
 :func:`load_reward`, :func:`load_prompts`) and the shipped verifiable tasks in
 :mod:`.tasks`. See docs/rl.md.
@@ -20,13 +21,14 @@ from .rewards import (
     reward_name,
     score_completions,
 )
-from .rollout import token_logprobs
+from .rollout import Rollout, rollout, token_logprobs
 
 __all__ = [
     "ADVANTAGE_MODES",
     "NORMALIZERS",
     "RATIO_LEVELS",
     "RewardError",
+    "Rollout",
     "call_reward",
     "combine_rewards",
     "drop_equal_groups",
@@ -35,6 +37,7 @@ __all__ = [
     "load_reward",
     "policy_loss",
     "reward_name",
+    "rollout",
     "score_completions",
     "tasks",
     "token_logprobs",

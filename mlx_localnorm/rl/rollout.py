@@ -1,9 +1,18 @@
-"""Rollouts: log-probabilities of sampled tokens under a model."""
+"""Rollouts: G sampled completions per prompt in one batched generation, and the
+log-probabilities of sampled tokens under a model."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import mlx.core as mx
 from mlx import nn
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import make_sampler
+
+from ..ops._checks import check_size
+from .advantages import _check_group_size
 
 
 def token_logprobs(model: nn.Module, tokens: mx.array) -> mx.array:
@@ -19,3 +28,91 @@ def token_logprobs(model: nn.Module, tokens: mx.array) -> mx.array:
     logits = model(tokens[:, :-1]).astype(mx.float32)
     picked = mx.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
     return picked - mx.logsumexp(logits, axis=-1)
+
+
+@dataclass
+class Rollout:
+    """Completions of one batched generation, laid out for :func:`policy_loss`.
+
+    Row ``i * group_size + j`` is completion ``j`` of prompt ``i``. ``tokens`` is
+    ``[B, L]``: prompt, completion (with its stop token, if it stopped), then padding.
+    ``mask`` and ``logprobs`` are ``[B, L-1]``, aligned with
+    ``token_logprobs(model, tokens)``: true / the sampling model's log-probability where the
+    next token is a completion token, false / 0 elsewhere.
+    """
+
+    tokens: mx.array
+    mask: mx.array
+    logprobs: mx.array
+    completions: list[list[int]]
+    finish_reasons: list[str]
+
+
+def _check_prompts(prompts, owner: str) -> list[list[int]]:
+    if not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError(f"{owner}: prompts must be a non-empty list of token-id lists, "
+                         f"got {prompts!r}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, Sequence) or not p or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in p):
+            raise ValueError(f"{owner}: prompts[{i}] must be a non-empty list of token ids, "
+                             f"got {p!r}")
+    return [list(p) for p in prompts]
+
+
+def _generate(model, prompts, max_tokens, sampler, stop_tokens):
+    """(completion tokens, their log-probabilities, finish reason) per prompt, in order."""
+    n = len(prompts)
+    gen = BatchGenerator(model, max_tokens=max_tokens, sampler=sampler,
+                         stop_tokens=[[t] for t in stop_tokens] or None,
+                         completion_batch_size=n, prefill_batch_size=n)
+    try:
+        uids = gen.insert(prompts)
+        tokens = {uid: [] for uid in uids}
+        logprobs = {uid: [] for uid in uids}
+        finish = {}
+        while responses := gen.next_generated():
+            # One read per step: holding every step's full-vocabulary vector would cost B*T*V.
+            picked = mx.stack([r.logprobs[r.token] for r in responses]).tolist()
+            for r, lp in zip(responses, picked):
+                tokens[r.uid].append(r.token)
+                logprobs[r.uid].append(lp)
+                if r.finish_reason is not None:
+                    finish[r.uid] = r.finish_reason
+    finally:
+        gen.close()
+    return [(tokens[u], logprobs[u], finish[u]) for u in uids]
+
+
+def rollout(model: nn.Module, prompts: Sequence[Sequence[int]], group_size: int, *,
+            max_tokens: int, sampler=None, stop_tokens: Sequence[int] = (),
+            pad_id: int = 0) -> Rollout:
+    """Sample ``group_size`` completions of each prompt in one batched generation.
+
+    Uses mlx-lm's ``BatchGenerator`` (batched KV caches, its samplers): ``sampler`` is an
+    mlx-lm sampler, default ``make_sampler(temp=1.0)``; a completion ends after
+    ``max_tokens`` tokens or at one of ``stop_tokens`` (kept in the completion, so the
+    policy learns to stop). The log-probabilities are of the model's distribution before the
+    sampler (no temperature), as :func:`token_logprobs` recomputes them.
+    """
+    owner = "rollout"
+    prompts = _check_prompts(prompts, owner)
+    _check_group_size(group_size, owner)
+    check_size(max_tokens, "max_tokens", owner)
+    sampler = sampler or make_sampler(temp=1.0)
+    repeated = [p for p in prompts for _ in range(group_size)]
+    results = _generate(model, repeated, max_tokens, sampler, list(stop_tokens))
+
+    width = max(len(p) + len(c) for p, (c, _, _) in zip(repeated, results))
+    tokens, mask, logprobs = [], [], []
+    for prompt, (completion, lps, _) in zip(repeated, results):
+        pad = width - len(prompt) - len(completion)
+        tokens.append(prompt + completion + [pad_id] * pad)
+        # Position t predicts token t + 1: the completion starts at len(prompt) - 1.
+        before = len(prompt) - 1
+        mask.append([False] * before + [True] * len(completion) + [False] * pad)
+        logprobs.append([0.0] * before + lps + [0.0] * pad)
+    return Rollout(tokens=mx.array(tokens), mask=mx.array(mask),
+                   logprobs=mx.array(logprobs, dtype=mx.float32),
+                   completions=[c for c, _, _ in results],
+                   finish_reasons=[f for _, _, f in results])
