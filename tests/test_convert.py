@@ -314,6 +314,13 @@ def test_unsupported_rope_type_and_bad_dtype(tmp_path):
         ln.convert.from_hf(FIXTURES / "gpt2", dtype="float64")
 
 
+def test_quantized_source_is_refused_by_name(tmp_path):
+    directory = editable_copy(tmp_path)
+    edit_config(directory, quantization={"group_size": 64, "bits": 4})
+    with pytest.raises(ValueError, match="is quantized; only float checkpoints"):
+        ln.convert.from_hf(directory)
+
+
 def test_conversion_writes_nothing(tmp_path):
     directory = editable_copy(tmp_path)
     before = sorted(p.name for p in tmp_path.rglob("*"))
