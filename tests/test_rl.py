@@ -7,6 +7,7 @@ import mlx.optimizers as mlx_optim
 import numpy as np
 import pytest
 from mlx import nn
+from mlx.utils import tree_flatten
 
 import mlx_localnorm as ln
 from mlx_localnorm import rl
@@ -614,3 +615,57 @@ def test_rollout_bad_input(kwargs, error, pattern):
     args = dict(prompts=PROMPTS, group_size=2, max_tokens=4) | kwargs
     with pytest.raises(error, match=pattern):
         rl.rollout(tiny_model(), args.pop("prompts"), args.pop("group_size"), **args)
+
+
+# ---------------------------------------------------------------- LoRA reference
+
+
+def lora_model(use_dora=False):
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model = tiny_model(seed=2, vocab_size=32)
+    base_logits = np.array(model(mx.array([[1, 2, 3, 4]])))
+    model.freeze()
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": 0.0}, use_dora=use_dora)
+    return model, base_logits
+
+
+def train_a_few_steps(model, steps=3):
+    tokens = mx.array([[1, 2, 3, 4, 5], [1, 2, 3, 6, 7]])
+    mask = mx.array([[False, False, True, True]] * 2)
+    opt = mlx_optim.Adam(learning_rate=0.05)
+    loss_and_grad = nn.value_and_grad(model, lambda m: rl.policy_loss(
+        rl.token_logprobs(m, tokens), None, mx.array([1.0, -1.0]), mask)[0])
+    for _ in range(steps):
+        _, grads = loss_and_grad(model)
+        opt.update(model, grads)
+        mx.eval(model.parameters())
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_the_reference_with_adapters_off_is_unchanged_by_training(use_dora):
+    model, base_logits = lora_model(use_dora)
+    inputs = mx.array([[1, 2, 3, 4]])
+    train_a_few_steps(model)
+    trained = np.array(model(inputs))
+    assert np.abs(trained - base_logits).max() > 1e-2
+    with rl.adapters_off(model):
+        np.testing.assert_array_equal(np.array(model(inputs)), base_logits)
+    np.testing.assert_array_equal(np.array(model(inputs)), trained)
+    assert len(dict(tree_flatten(model.trainable_parameters()))) > 0
+
+
+def test_adapters_come_back_after_an_error():
+    model, _ = lora_model()
+    train_a_few_steps(model, steps=1)
+    trained = np.array(model(mx.array([[1, 2, 3, 4]])))
+    with pytest.raises(KeyError):
+        with rl.adapters_off(model):
+            raise KeyError("inside")
+    np.testing.assert_array_equal(np.array(model(mx.array([[1, 2, 3, 4]]))), trained)
+
+
+def test_adapters_off_needs_adapters():
+    with pytest.raises(ValueError, match=r"adapters_off.*no LoRA/DoRA adapters.*frozen copy"):
+        with rl.adapters_off(tiny_model()):
+            pass

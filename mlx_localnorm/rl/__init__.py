@@ -3,6 +3,7 @@
 The pieces of an RL fine-tuning loop, usable on their own: :func:`group_advantages`
 (GRPO, Dr. GRPO, RLOO), :func:`drop_equal_groups` (DAPO's dynamic sampling),
 :func:`policy_loss` (token or GSPO sequence ratio, clip-higher, KL to a reference),
+:func:`adapters_off` (a LoRA model's reference policy),
 :func:`rollout` (G completions per prompt in one batched generation),
 :func:`token_logprobs`, reward functions (:func:`score_completions`, :func:`combine_rewards`,
 :func:`load_reward`, :func:`load_prompts`) and the shipped verifiable tasks in
@@ -12,6 +13,7 @@ The pieces of an RL fine-tuning loop, usable on their own: :func:`group_advantag
 from . import tasks
 from .advantages import ADVANTAGE_MODES, drop_equal_groups, group_advantages
 from .loss import NORMALIZERS, RATIO_LEVELS, policy_loss
+from .reference import adapters_off
 from .rewards import (
     RewardError,
     call_reward,
@@ -29,6 +31,7 @@ __all__ = [
     "RATIO_LEVELS",
     "RewardError",
     "Rollout",
+    "adapters_off",
     "call_reward",
     "combine_rewards",
     "drop_equal_groups",
