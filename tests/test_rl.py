@@ -154,7 +154,7 @@ def test_policy_loss_value_and_grad_match_reference(ratio, normalize, clip_kl):
     eps_low, eps_high, beta = clip_kl
     kw = dict(eps_low=eps_low, eps_high=eps_high, ratio=ratio, normalize=normalize)
     if normalize == "constant":
-        kw["max_len"] = 8
+        kw["max_len"] = 3  # a completion budget: may be below the width (prompt positions)
     ref_mx = mx.array(ref, mx.float32) if beta else None
 
     def loss(x):
@@ -250,7 +250,6 @@ def test_padding_values_do_not_leak_into_loss_or_gradient():
     (dict(beta=0.1), ValueError, r"beta=0.1 needs ref_logprobs.*got None"),
     (dict(beta=-1.0, ref_logprobs=np.zeros((4, 5))), ValueError, r"beta.*>= 0.*got -1.0"),
     (dict(max_len=0, normalize="constant"), ValueError, r"max_len.*positive.*got 0"),
-    (dict(max_len=3, normalize="constant"), ValueError, r"max_len.*>= 5.*got 3"),
     (dict(max_len=8), ValueError, r"max_len.*normalize='constant'.*got normalize='sequence'"),
     (dict(max_len=2.5, normalize="constant"), TypeError, r"max_len.*int.*got 2.5"),
 ])

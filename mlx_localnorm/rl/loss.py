@@ -24,11 +24,7 @@ def _check_max_len(max_len, normalize: str, width: int, owner: str) -> int:
     if normalize != "constant":
         raise ValueError(f"{owner}: max_len is used only with normalize='constant', "
                          f"got normalize={normalize!r}")
-    check_size(max_len, "max_len", owner)
-    if max_len < width:
-        raise ValueError(f"{owner}: max_len must be >= {width} (the completions' width), "
-                         f"got {max_len}")
-    return max_len
+    return check_size(max_len, "max_len", owner)
 
 
 def _masked_mean(x: mx.array, mask: mx.array) -> mx.array:
@@ -56,8 +52,8 @@ def policy_loss(logprobs: mx.array, old_logprobs: mx.array | None, advantages: m
     - The KL term is the k3 estimator of the GRPO paper, to a frozen reference policy.
     - ``normalize``: ``"sequence"`` averages each completion over its tokens, then over
       completions (GRPO); ``"token"`` averages over all tokens of the batch (DAPO);
-      ``"constant"`` sums and divides by ``B * max_len`` (Dr. GRPO, arXiv 2503.20783;
-      ``max_len`` defaults to the width ``T``).
+      ``"constant"`` sums and divides by ``B * max_len`` (Dr. GRPO, arXiv 2503.20783:
+      the generation budget, e.g. the rollout's ``max_tokens``; default the width ``T``).
 
     Args:
         logprobs: ``[B, T]`` log-probabilities of the sampled tokens under the policy
