@@ -27,6 +27,8 @@ BENCHES = {
 }
 # Commands whose own parser takes the rest of the command line: name -> (module, help).
 FORWARDED = {
+    "convert": ("mlx_localnorm.convert.command", "convert a Hugging Face checkpoint directory "
+                "to a LocalNorm model that mlx-lm loads (see --help)"),
     "demo": ("mlx_localnorm.demo", "pre-train a ~10M LocalNorm LM on Shakespeare in about 5 "
              "minutes on a CPU (what `make demo` runs)"),
     "pretrain": ("mlx_localnorm.train.command",

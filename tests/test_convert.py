@@ -346,3 +346,70 @@ def test_logits_equal_transformers_live(case, tmp_path):
     np.testing.assert_allclose(converted_logits(tmp_path, tokens),
                                make_fixtures.reference_logits(tmp_path, tokens),
                                rtol=0, atol=LOGIT_ATOL)
+
+
+# ---- mlx-localnorm convert ----------------------------------------------------------------------
+
+def convert_cli(*argv) -> int:
+    from mlx_localnorm.cli import main
+
+    return main(["convert", *map(str, argv)])
+
+
+@pytest.mark.parametrize("case, options", [("gpt2", []), ("gemma", ["--norm", "seednorm"])])
+def test_cli_output_loads_in_mlx_lm_with_the_same_logits(case, options, tmp_path, capsys):
+    import mlx_lm
+
+    assert convert_cli("--hf-path", FIXTURES / case, "--out", tmp_path / "out", *options) == 0
+    assert "mlx_lm.generate --model" in capsys.readouterr().out
+    model, tokenizer = mlx_lm.load(str(tmp_path / "out"), trust_remote_code=True)
+    reference = np.load(FIXTURES / case / "reference.npz")
+    np.testing.assert_allclose(f64(model(mx.array(reference["tokens"]))), reference["logits"],
+                               rtol=0, atol=LOGIT_ATOL)
+    assert tokenizer.encode("w3 w4") == [5, 6]
+    assert mlx_lm.generate(model, tokenizer, prompt="w3 w4", max_tokens=3)
+
+
+def test_cli_quantizes_the_layers_that_fit_the_group(tmp_path, capsys):
+    import mlx_lm
+
+    out = tmp_path / "out"
+    assert convert_cli("--hf-path", FIXTURES / "qwen3", "--out", out, "--quantize", "4",
+                       "--group-size", "32") == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 32
+    model, _ = mlx_lm.load(str(out), trust_remote_code=True)
+    mlp = model.layers[0].mlp
+    # down_proj's input width 32 fits a group of 32; the hidden width 16 does not.
+    assert type(mlp.down_proj).__name__ == "QuantizedLinear"
+    assert type(mlp.up_proj).__name__ == "Linear"
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--norm", "nope", "argument --norm: invalid choice: 'nope'"),
+    ("--quantize", "7", "argument --quantize: invalid choice: 7"),
+])
+def test_cli_bad_flags_exit_2_in_one_line(flag, value, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as raised:
+        convert_cli("--hf-path", FIXTURES / "gpt2", "--out", tmp_path / "out", flag, value)
+    err = capsys.readouterr().err
+    assert raised.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_bad_source_exits_1_in_one_line_and_writes_nothing(tmp_path, capsys):
+    directory = editable_copy(tmp_path)
+    edit_tensors(directory, lambda t: t.pop("model.norm.weight"))
+    assert convert_cli("--hf-path", directory, "--out", tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert "missing tensor(s) model.norm.weight" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [directory.name]
+
+
+def test_cli_refuses_a_foreign_output_directory(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert convert_cli("--hf-path", FIXTURES / "gpt2", "--out", tmp_path / "out") == 1
+    assert "is not empty and not a model saved by save_model" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.rglob("*")] == ["out", "notes.txt"]

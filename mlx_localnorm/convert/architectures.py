@@ -95,8 +95,8 @@ def _gpt2_args(config) -> dict:
     if config.scale_attn_by_inverse_layer_idx or not config.scale_attn_weights:
         raise ValueError("from_hf: GPT-2 attention must be scaled by 1/sqrt(head_dim) only "
                          "(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False), "
-                         f"got scale_attn_weights={config.scale_attn_weights}, "
-                         f"scale_attn_by_inverse_layer_idx={config.scale_attn_by_inverse_layer_idx}")
+                         f"got {config.scale_attn_weights} and "
+                         f"{config.scale_attn_by_inverse_layer_idx}")
     activation = config.activation_function
     if activation not in _ACTIVATIONS:
         raise ValueError(f"from_hf: config.json activation_function must be one of "
