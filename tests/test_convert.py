@@ -163,6 +163,32 @@ def test_logits_equal_transformers(case):
     np.testing.assert_allclose(got, reference["logits"], rtol=0, atol=LOGIT_ATOL)
 
 
+def test_transformers_4_config_keys_convert_the_same(tmp_path):
+    """Most published configs predate rope_parameters; Gemma's say hidden_act "gelu" (tanh)."""
+    llama, gemma = editable_copy(tmp_path, "llama_llama3"), editable_copy(tmp_path, "gemma")
+    rope = json.loads((llama / "config.json").read_text()).pop("rope_parameters")
+    config = json.loads((llama / "config.json").read_text())
+    del config["rope_parameters"]
+    (llama / "config.json").write_text(json.dumps(
+        {**config, "rope_theta": rope.pop("rope_theta"), "rope_scaling": rope}))
+    edit_config(gemma, hidden_act="gelu")
+    for directory in (llama, gemma):
+        reference = np.load(directory / "reference.npz")
+        np.testing.assert_allclose(converted_logits(directory, reference["tokens"]),
+                                   reference["logits"], rtol=0, atol=LOGIT_ATOL)
+
+
+def test_float_directory_written_by_mlx_lm_converts_the_same(tmp_path):
+    from mlx_lm.utils import load, save
+
+    source = FIXTURES / "llama_llama3"
+    model, tokenizer, config = load(str(source), return_config=True)
+    save(tmp_path / "mlx", str(source), model, tokenizer, config)
+    tokens = np.load(source / "reference.npz")["tokens"]
+    np.testing.assert_array_equal(converted_logits(tmp_path / "mlx", tokens),
+                                  converted_logits(source, tokens))
+
+
 def shard(source: Path, target: Path, parts: int = 3) -> None:
     """Copy checkpoint ``source`` to ``target`` with its tensors split over ``parts`` files."""
     shutil.copytree(source, target)

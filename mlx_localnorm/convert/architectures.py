@@ -24,8 +24,8 @@ TensorMap = Callable[[str, mx.array], dict[str, mx.array]]
 
 
 def _activation(config) -> str:
-    # Gemma 1 checkpoints name it hidden_activation; the rest hidden_act.
-    name = getattr(config, "hidden_activation", None) or config.hidden_act
+    # As transformers: hidden_act (its Gemma config turns a legacy "gelu" into the tanh GELU).
+    name = config.hidden_act
     if name not in _ACTIVATIONS:
         raise ValueError(f"from_hf: config.json hidden_act must be one of "
                          f"{sorted(_ACTIVATIONS)}, got {name!r}")
