@@ -211,9 +211,10 @@ def test_sharded_checkpoint_converts_identically(case, tmp_path):
                                   converted_logits(FIXTURES / case, tokens))
 
 
+@pytest.mark.parametrize("norm", [None, "seednorm"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_dtype_sets_every_weight(dtype):
-    model, _ = ln.convert.from_hf(FIXTURES / "qwen3", dtype=dtype)
+def test_dtype_sets_every_weight(dtype, norm):
+    model, _ = ln.convert.from_hf(FIXTURES / "qwen3", norm=norm, dtype=dtype)
     assert {v.dtype for _, v in tree_flatten(model.parameters())} == {getattr(mx, dtype)}
 
 
@@ -242,6 +243,13 @@ def test_placement_swap_keeps_every_other_weight():
     for key in ("model.embed_tokens.weight", "lm_head.weight",
                 "model.layers.1.self_attn.k_proj.weight", "model.layers.1.mlp.down_proj.weight"):
         np.testing.assert_array_equal(np.array(swapped[key]), np.array(source[key]))
+
+
+@pytest.mark.parametrize("placement", ["ngpt", "angpt"])
+def test_hypersphere_placements_are_refused(placement):
+    with pytest.raises(ValueError, match=f"placement '{placement}' changes attention, MLP and "
+                                         "weights"):
+        ln.convert.from_hf(FIXTURES / "qwen2", placement=placement)
 
 
 # ---- from_hf: bad input -------------------------------------------------------------------------
@@ -414,6 +422,7 @@ def test_cli_quantizes_the_layers_that_fit_the_group(tmp_path, capsys):
 @pytest.mark.parametrize("flag, value, message", [
     ("--norm", "nope", "argument --norm: invalid choice: 'nope'"),
     ("--quantize", "7", "argument --quantize: invalid choice: 7"),
+    ("--placement", "ngpt", "argument --placement: invalid choice: 'ngpt'"),
 ])
 def test_cli_bad_flags_exit_2_in_one_line(flag, value, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as raised:

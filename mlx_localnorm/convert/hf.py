@@ -48,6 +48,7 @@ def from_hf(path: str | Path, norm: str | None = None, placement: str | None = N
     tokenizer = _tokenizer(path, raw)
     if norm is not None or placement is not None:
         model = swap_model_norms(model, norm, placement)
+        model.set_dtype(DTYPES[dtype])  # the new norms' fresh parameters
     return model, tokenizer
 
 

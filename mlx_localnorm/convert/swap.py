@@ -9,6 +9,7 @@ from mlx.utils import tree_flatten
 
 from ..models import Model
 from ..norms import NORMS
+from ..placements import HYPERSPHERE_NORMS, PLACEMENTS
 
 # Placements whose norms sit where the source's Pre-LN norms sit, so their gains carry over.
 _SAME_POSITIONS = ("pre", "lnscaling")
@@ -21,6 +22,10 @@ def swap_model_norms(model: Model, norm: str | None, placement: str | None) -> M
     (and bias, if both have one) when it sits in the same place: q/k norms always, block
     and final norms for Pre-LN and LN-scaling. ``norm="seednorm"`` thus keeps the function.
     """
+    if placement in HYPERSPHERE_NORMS:
+        raise ValueError(f"from_hf: placement {placement!r} changes attention, MLP and weights, "
+                         "not just norms; choose one of "
+                         f"{', '.join(p for p in PLACEMENTS if p not in HYPERSPHERE_NORMS)}")
     args = model.args
     norm = norm or args.norm_type
     same_norm = norm == args.norm_type
