@@ -21,6 +21,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from ._private import is_private
+
 _SHIM_SOURCE = r"""
 typedef int blasint;
 void scipy_cblas_sgemm(int, int, int, blasint, blasint, blasint, float, const float *, blasint,
@@ -69,12 +71,15 @@ def _build_shim(lib_dir: Path) -> Path:
     """Compile the forwarding shim once per OpenBLAS location; atomic rename into the cache."""
     key = hashlib.sha256((_SHIM_SOURCE + str(lib_dir)).encode()).hexdigest()[:16]
     target = _cache_dir() / f"fastblas-{key}.so"
-    if target.exists():
+    if target.exists() and is_private(target.parent):
         return target
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler found (install gcc or set CC)")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not is_private(target.parent):
+        raise RuntimeError(f"the cache {target.parent} is writable by others or not ours, so "
+                           "a library there could be planted")
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src, out = Path(tmp) / "shim.c", Path(tmp) / "shim.so"
         src.write_text(_SHIM_SOURCE)

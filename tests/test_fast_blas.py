@@ -67,3 +67,26 @@ def test_float32_matmul_matches_float64(transpose_b):
     # float32 rounding of 300-term dot products: about sqrt(300) * 6e-8 * |a||b|.
     bound = 1e-5 * np.abs(a) @ np.abs(b)
     assert np.all(np.abs(got - a @ b) <= bound)
+
+
+PLANTED_SOURCE = '#include <stdio.h>\n__attribute__((constructor)) static void f(void) ' \
+                 '{ puts("PLANTED"); fflush(stdout); }\n'
+
+
+def test_never_loads_a_library_planted_in_a_cache_others_can_write(tmp_path):
+    """Another user who can write the cache directory must not get code run in our process."""
+    probe = "import mlx_localnorm._fast_blas as fb, mlx_localnorm; print(fb.status)"
+    first = _python(probe, MLX_LOCALNORM_FAST_BLAS="1", XDG_CACHE_HOME=str(tmp_path / "own"))
+    assert first.stdout.split() == ["loaded"], first.stderr[-2000:]
+    (built,) = (tmp_path / "own" / "mlx_localnorm").glob("fastblas-*.so")
+    shared = tmp_path / "shared" / "mlx_localnorm"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    (tmp_path / "planted.c").write_text(PLANTED_SOURCE)
+    subprocess.run(["cc", "-shared", "-fPIC", str(tmp_path / "planted.c"), "-o",
+                    str(shared / built.name)], check=True)
+    run = _python(probe, MLX_LOCALNORM_FAST_BLAS="1", XDG_CACHE_HOME=str(tmp_path / "shared"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "PLANTED" not in run.stdout
+    assert run.stdout.split() == ["unavailable"]
+    assert f"{shared} is writable by others" in run.stderr

@@ -9,12 +9,13 @@ import os
 import platform
 import shlex
 import shutil
-import stat
 import subprocess
 import tempfile
 import threading
 import warnings
 from pathlib import Path
+
+from .._private import is_private
 
 INCLUDE_DIR = Path(__file__).parent / "include"
 # Stack-clash protection probes every page of a big thread-local array, so an oversized one
@@ -73,13 +74,6 @@ def cache_dir() -> Path:
     return Path(base) / "mlx_localnorm" / "emulate"
 
 
-def _private(directory: Path) -> bool:
-    """Ours and writable by nobody else: only then may its libraries be loaded."""
-    info = directory.lstat()
-    return (stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
-            and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and os.access(directory, os.W_OK))
-
-
 def _usable(directory: Path, private_root: Path | None = None) -> bool:
     """Create `private_root` and `directory` (mode 0700) if needed; True if both are private."""
     checked = [directory] if private_root is None else [private_root, directory]
@@ -87,7 +81,7 @@ def _usable(directory: Path, private_root: Path | None = None) -> bool:
         if private_root is not None:
             private_root.mkdir(mode=0o700, exist_ok=True)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if all(_private(d) for d in checked):
+        if all(is_private(d) for d in checked):
             return True
     except OSError:
         return False
