@@ -258,11 +258,17 @@ def test_placement_swap_keeps_every_other_weight():
         np.testing.assert_array_equal(np.array(swapped[key]), np.array(source[key]))
 
 
-@pytest.mark.parametrize("placement", ["ngpt", "angpt"])
-def test_hypersphere_placements_are_refused(placement):
-    with pytest.raises(ValueError, match=f"placement '{placement}' changes attention, MLP and "
-                                         "weights"):
-        ln.convert.from_hf(FIXTURES / "qwen2", placement=placement)
+@pytest.mark.parametrize("options, message", [
+    (dict(placement="ngpt"), "placement must be None or one of post, pre, .*got 'ngpt'"),
+    (dict(placement="angpt"), "placement must be None or one of .*got 'angpt'"),
+    (dict(norm="nope"), "norm must be None or one of angpt, dyt, .*got 'nope'"),
+    (dict(norm="angpt"), "norm 'angpt' .* only works in placement 'angpt'"),
+])
+def test_bad_swap_is_refused_before_reading_weights(options, message, tmp_path):
+    directory = editable_copy(tmp_path)
+    (directory / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=message):
+        ln.convert.from_hf(directory, **options)
 
 
 # ---- from_hf: bad input -------------------------------------------------------------------------

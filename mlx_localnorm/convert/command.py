@@ -12,15 +12,13 @@ import sys
 from .._argparse import OneLineParser
 from ..models import save_model
 from ..norms import NORMS
-from ..placements import HYPERSPHERE_NORMS, PLACEMENTS
 from .hf import DTYPES, from_hf
+from .swap import SWAP_PLACEMENTS
 
 PROG = "mlx-localnorm convert"
 # mlx-lm's affine quantization: the bit widths and group sizes mx.quantize takes.
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
-# nGPT/anGPT change attention, MLP and weights, not just norms.
-PLACEMENT_CHOICES = [p for p in PLACEMENTS if p not in HYPERSPHERE_NORMS]
 
 
 def build_parser() -> OneLineParser:
@@ -31,7 +29,7 @@ def build_parser() -> OneLineParser:
                         help="config.json, *.safetensors and tokenizer files")
     parser.add_argument("--out", required=True, metavar="DIR", help="the model directory to write")
     parser.add_argument("--norm", choices=sorted(NORMS), help="swap every norm (default: keep)")
-    parser.add_argument("--placement", choices=PLACEMENT_CHOICES,
+    parser.add_argument("--placement", choices=SWAP_PLACEMENTS,
                         help="change the placement (default: keep Pre-LN)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="weight dtype (default: float32)")

@@ -18,7 +18,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from ..models import Model, ModelArgs
 from .architectures import ARCHITECTURES, SUPPORTED_MODEL_TYPES, TensorMap, is_buffer
-from .swap import swap_model_norms
+from .swap import check_swap, swap_model_norms
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 INDEX = "model.safetensors.index.json"
@@ -41,6 +41,7 @@ def from_hf(path: str | Path, norm: str | None = None, placement: str | None = N
     path = _check_directory(path)
     if dtype not in DTYPES:
         raise ValueError(f"from_hf: dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    check_swap(norm, placement)
     raw = _read_config(path)
     make_args, tensor_map = ARCHITECTURES[raw["model_type"]]
     model = Model(ModelArgs(**make_args(_transformers_config(path))))

@@ -9,10 +9,26 @@ from mlx.utils import tree_flatten
 
 from ..models import Model
 from ..norms import NORMS
-from ..placements import HYPERSPHERE_NORMS, PLACEMENTS
+from ..placements import HYPERSPHERE_NORMS, PLACEMENTS, check_placement
 
 # Placements whose norms sit where the source's Pre-LN norms sit, so their gains carry over.
 _SAME_POSITIONS = ("pre", "lnscaling")
+# nGPT/anGPT change attention, MLP and weights, not just norms.
+SWAP_PLACEMENTS = tuple(p for p in PLACEMENTS if p not in HYPERSPHERE_NORMS)
+
+
+def check_swap(norm: str | None, placement: str | None) -> None:
+    """Reject a norm or placement ``swap_model_norms`` cannot use, before any work."""
+    if norm is not None and (not isinstance(norm, str) or norm not in NORMS):
+        raise ValueError(f"from_hf: norm must be None or one of {', '.join(sorted(NORMS))}, "
+                         f"got {norm!r}")
+    if placement is not None and (not isinstance(placement, str)
+                                  or placement not in SWAP_PLACEMENTS):
+        raise ValueError(f"from_hf: placement must be None or one of "
+                         f"{', '.join(SWAP_PLACEMENTS)} (nGPT/anGPT change more than norms), "
+                         f"got {placement!r}")
+    if norm is not None:  # converted models are Pre-LN until swapped
+        check_placement(placement or "pre", norm)
 
 
 def swap_model_norms(model: Model, norm: str | None, placement: str | None) -> Model:
@@ -22,10 +38,6 @@ def swap_model_norms(model: Model, norm: str | None, placement: str | None) -> M
     (and bias, if both have one) when it sits in the same place: q/k norms always, block
     and final norms for Pre-LN and LN-scaling. ``norm="seednorm"`` thus keeps the function.
     """
-    if placement in HYPERSPHERE_NORMS:
-        raise ValueError(f"from_hf: placement {placement!r} changes attention, MLP and weights, "
-                         "not just norms; choose one of "
-                         f"{', '.join(p for p in PLACEMENTS if p not in HYPERSPHERE_NORMS)}")
     args = model.args
     norm = norm or args.norm_type
     same_norm = norm == args.norm_type
