@@ -668,3 +668,205 @@ def test_adapters_off_needs_adapters():
     with pytest.raises(ValueError, match=r"adapters_off.*no LoRA/DoRA adapters.*frozen copy"):
         with rl.adapters_off(tiny_model()):
             pass
+
+
+# ---------------------------------------------------------------- one GRPO step
+
+
+class CharTokenizer:
+    """Token i is CHARS[i]; token 0 (newline) ends a completion."""
+
+    chars = "\nabcdefgh"
+    eos_token_ids = [0]
+
+    def encode(self, text):
+        return [self.chars.index(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+
+CHAR_RECORDS = [{"prompt": p, "answer": "aaaa"} for p in ("bc", "de", "fg", "h")]
+
+
+def share_of_a(prompt, completion, **fields):
+    return completion.count("a") / 4
+
+
+def char_model(seed=0):
+    mx.random.seed(seed)
+    model = ln.Model(ln.ModelArgs(vocab_size=9, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64))
+    mx.eval(model.parameters())
+    return model
+
+
+def params_of(model):
+    return {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+
+
+def test_grpo_steps_raise_the_reward():
+    model, opt = char_model(), mlx_optim.Adam(learning_rate=1e-2)
+    options = rl.GRPOOptions(group_size=8, max_tokens=4)
+    rewards = [rl.grpo_step(model, opt, CharTokenizer(), CHAR_RECORDS, share_of_a, options)[
+        "reward_mean"] for _ in range(10)]
+    assert rewards[0] < 0.3 and min(rewards[-3:]) > 0.8, rewards
+
+
+def test_grpo_step_metrics():
+    model, opt = char_model(), mlx_optim.SGD(learning_rate=0.0)
+    mx.random.seed(1)
+    m = rl.grpo_step(model, opt, CharTokenizer(), CHAR_RECORDS, share_of_a,
+                     rl.GRPOOptions(group_size=4, max_tokens=4))
+    assert set(m) == {"reward_mean", "reward_std", "completion_length", "generated_tokens",
+                      "tokens_per_second", "groups_kept", "loss", "clip_fraction",
+                      "ratio_mean"}
+    assert m["groups_kept"] == 4 and 1 <= m["completion_length"] <= 4
+    assert m["generated_tokens"] == 16 * m["completion_length"] and m["tokens_per_second"] > 0
+    assert m["ratio_mean"] == 1.0 and m["clip_fraction"] == 0.0
+
+
+def test_grpo_step_scores_the_text_without_the_stop_token():
+    seen = []
+
+    def spy(prompt, completion, **fields):
+        seen.append(completion)
+        return 0.0
+
+    mx.random.seed(2)
+    rl.grpo_step(char_model(), mlx_optim.SGD(learning_rate=0.0), CharTokenizer(),
+                 CHAR_RECORDS, spy, rl.GRPOOptions(group_size=4, max_tokens=6))
+    assert len(seen) == 16 and all("\n" not in text and len(text) <= 6 for text in seen)
+    assert any(len(text) < 6 for text in seen)  # some completions stopped
+
+
+def test_dapo_step_skips_groups_with_equal_rewards():
+    model = char_model()
+    before = params_of(model)
+    options = rl.GRPOOptions.preset("dapo", group_size=4, max_tokens=3)
+    m = rl.grpo_step(model, mlx_optim.SGD(learning_rate=1.0), CharTokenizer(), CHAR_RECORDS,
+                     lambda p, c, **f: 1.0, options)
+    assert m["groups_kept"] == 0 and "loss" not in m
+    after = params_of(model)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_several_updates_keep_the_old_log_probs_of_the_rollout():
+    # A huge step moves the policy: the second update sees a ratio far from 1 and clips.
+    options = rl.GRPOOptions(group_size=4, max_tokens=4, eps_low=1e-3, updates=2)
+    mx.random.seed(3)
+    m = rl.grpo_step(char_model(), mlx_optim.SGD(learning_rate=50.0), CharTokenizer(),
+                     CHAR_RECORDS, share_of_a, options)
+    assert m["clip_fraction"] > 0.2 and m["ratio_mean"] != 1.0
+    mx.random.seed(3)
+    m = rl.grpo_step(char_model(), mlx_optim.SGD(learning_rate=50.0), CharTokenizer(),
+                     CHAR_RECORDS, share_of_a, rl.GRPOOptions(group_size=4, max_tokens=4,
+                                                              eps_low=1e-3))
+    assert m["clip_fraction"] == 0.0
+
+
+def test_kl_to_the_adapters_off_reference_starts_at_zero():
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model = char_model()
+    model.freeze()
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": 0.0})
+    opt = mlx_optim.Adam(learning_rate=1e-2)
+    options = rl.GRPOOptions(group_size=8, max_tokens=4, beta=0.04)
+    kls = [rl.grpo_step(model, opt, CharTokenizer(), CHAR_RECORDS, share_of_a, options)["kl"]
+           for _ in range(3)]
+    assert kls[0] == 0.0 and kls[-1] > 0.0
+
+
+def test_kl_needs_a_reference():
+    with pytest.raises(ValueError, match=r"adapters_off.*no LoRA/DoRA adapters"):
+        rl.grpo_step(char_model(), mlx_optim.SGD(learning_rate=0.1), CharTokenizer(),
+                     CHAR_RECORDS, share_of_a, rl.GRPOOptions(group_size=2, beta=0.1))
+
+
+def test_an_explicit_reference_model_gives_the_kl():
+    model, reference = char_model(seed=0), char_model(seed=1)
+    m = rl.grpo_step(model, mlx_optim.SGD(learning_rate=0.0), CharTokenizer(), CHAR_RECORDS,
+                     share_of_a, rl.GRPOOptions(group_size=2, max_tokens=3, beta=0.1),
+                     reference=reference)
+    assert m["kl"] > 0.0
+
+
+def test_presets_follow_the_papers():
+    assert rl.GRPOOptions.preset("grpo").beta == 0.04
+    dr = rl.GRPOOptions.preset("dr_grpo")
+    assert (dr.advantage, dr.normalize, dr.beta) == ("dr_grpo", "constant", 0.0)
+    dapo = rl.GRPOOptions.preset("dapo")
+    assert (dapo.eps_low, dapo.eps_high, dapo.normalize, dapo.drop_equal_groups) == (
+        0.2, 0.28, "token", True)
+    gspo = rl.GRPOOptions.preset("gspo", group_size=4)
+    assert (gspo.ratio, gspo.eps_low, gspo.eps_high, gspo.group_size) == (
+        "sequence", 3e-4, 4e-4, 4)
+
+
+@pytest.mark.parametrize("kwargs, error, pattern", [
+    (dict(group_size=1), ValueError, r"GRPOOptions: group_size.*>= 2.*got 1"),
+    (dict(max_tokens=0), ValueError, r"max_tokens.*positive int.*got 0"),
+    (dict(temperature=0.0), ValueError, r"temperature.*positive.*got 0.0"),
+    (dict(advantage="ppo"), ValueError, r"advantage.*'grpo', 'dr_grpo', 'rloo'.*'ppo'"),
+    (dict(ratio="seq"), ValueError, r"ratio.*'token', 'sequence'.*'seq'"),
+    (dict(normalize="mean"), ValueError, r"normalize.*'mean'"),
+    (dict(eps_high=-1.0), ValueError, r"eps_high.*>= 0.*got -1.0"),
+    (dict(beta=float("nan")), ValueError, r"beta.*>= 0.*got nan"),
+    (dict(updates=0), ValueError, r"updates.*positive int.*got 0"),
+    (dict(drop_equal_groups="yes"), TypeError, r"drop_equal_groups.*True or False.*'yes'"),
+])
+def test_grpo_options_bad_input(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        rl.GRPOOptions(**kwargs)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match=r"preset.*'grpo', 'dr_grpo', 'dapo', 'gspo'.*'ppo'"):
+        rl.GRPOOptions.preset("ppo")
+
+
+@pytest.fixture
+def loss_calls(monkeypatch):
+    """The arguments of every policy_loss call that grpo_step makes."""
+    from mlx_localnorm.rl import step
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return rl.policy_loss(*args, **kwargs)
+
+    monkeypatch.setattr(step, "policy_loss", spy)
+    return calls
+
+
+def test_dr_grpo_step_normalizes_by_the_generation_budget(loss_calls):
+    rl.grpo_step(char_model(), mlx_optim.SGD(learning_rate=0.0), CharTokenizer(), CHAR_RECORDS,
+                 share_of_a, rl.GRPOOptions.preset("dr_grpo", group_size=2, max_tokens=3))
+    assert loss_calls[0][1]["normalize"] == "constant" and loss_calls[0][1]["max_len"] == 3
+
+
+def test_dapo_step_trains_on_the_informative_groups_only(loss_calls):
+    def reward(prompt, completion, **fields):
+        # Four random completions almost never share their character sum.
+        return float(sum(map(ord, completion))) if prompt in ("bc", "de") else 0.5
+
+    mx.random.seed(4)
+    m = rl.grpo_step(char_model(), mlx_optim.SGD(learning_rate=0.0), CharTokenizer(),
+                     CHAR_RECORDS, reward, rl.GRPOOptions.preset("dapo", group_size=4,
+                                                                 max_tokens=4))
+    assert m["groups_kept"] == 2
+    (logprobs, _, advantages, mask), _ = loss_calls[0]
+    assert logprobs.shape[0] == mask.shape[0] == advantages.shape[0] == 4 * m["groups_kept"]
+    groups = np.array(advantages).reshape(-1, 4)
+    assert np.all(np.abs(groups).max(axis=1) > 0)
+
+
+def test_near_zero_temperature_samples_one_completion_per_prompt():
+    mx.random.seed(5)
+    m = rl.grpo_step(char_model(), mlx_optim.SGD(learning_rate=0.0), CharTokenizer(),
+                     CHAR_RECORDS, share_of_a,
+                     rl.GRPOOptions.preset("dapo", group_size=4, max_tokens=4,
+                                           temperature=1e-4))
+    assert m["groups_kept"] == 0

@@ -7,7 +7,8 @@ The pieces of an RL fine-tuning loop, usable on their own: :func:`group_advantag
 :func:`rollout` (G completions per prompt in one batched generation),
 :func:`token_logprobs`, reward functions (:func:`score_completions`, :func:`combine_rewards`,
 :func:`load_reward`, :func:`load_prompts`) and the shipped verifiable tasks in
-:mod:`.tasks`. See docs/rl.md.
+:mod:`.tasks`; :func:`grpo_step` puts them together (:class:`GRPOOptions`, with each
+paper's :data:`PRESETS`). See docs/rl.md.
 """
 
 from . import tasks
@@ -24,10 +25,13 @@ from .rewards import (
     score_completions,
 )
 from .rollout import Rollout, rollout, token_logprobs
+from .step import PRESETS, GRPOOptions, grpo_step
 
 __all__ = [
     "ADVANTAGE_MODES",
+    "GRPOOptions",
     "NORMALIZERS",
+    "PRESETS",
     "RATIO_LEVELS",
     "RewardError",
     "Rollout",
@@ -36,6 +40,7 @@ __all__ = [
     "combine_rewards",
     "drop_equal_groups",
     "group_advantages",
+    "grpo_step",
     "load_prompts",
     "load_reward",
     "policy_loss",
