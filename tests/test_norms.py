@@ -285,6 +285,24 @@ def test_patchnorm_2d_images(mode, size, dtype):
         del CASES["_2d"]
 
 
+@pytest.mark.parametrize("patch_ndim", [1, 2])
+def test_patchnorm_window_wider_than_the_input(patch_ndim):
+    """A patch of 10**6 positions covers the whole input: prefix sums (causal 1-D) or whole-axis
+    sums (centred 2-D), divided by the full count. Must not loop over a million offsets."""
+    k, d, eps = 10**6, 4, 1e-6
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 5, 3, d)) if patch_ndim == 2 else rng.normal(size=(2, 7, d))
+    ss = (x * x).sum(-1, keepdims=True)
+    if patch_ndim == 1:
+        ss = np.cumsum(ss, axis=-2)
+    else:
+        ss = np.broadcast_to(ss.sum(axis=(-3, -2), keepdims=True), ss.shape)
+    want = x / np.sqrt(ss / (d * k**patch_ndim) + eps)
+    norm = ln.PatchNorm(d, eps=eps, patch_size=k, patch_ndim=patch_ndim)
+    got = norm(mx.array(x.astype(np.float32)))
+    np.testing.assert_allclose(np.array(got), want, rtol=1e-5)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_compile_equals_eager(case):
     name, options, _, _ = CASES[case]

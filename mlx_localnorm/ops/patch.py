@@ -20,13 +20,15 @@ def window_sum(a: mx.array, size: int, axis: int, causal: bool) -> mx.array:
         return a
     left, right = (size - 1, 0) if causal else ((size - 1) // 2, size // 2)
     axis = axis % a.ndim
+    length = a.shape[axis]
+    # Offsets of length or more from a position only ever reach the zero padding.
+    left, right = min(left, max(length - 1, 0)), min(right, max(length - 1, 0))
     widths = [(0, 0)] * a.ndim
     widths[axis] = (left, right)
     padded = mx.pad(a, widths)
-    length = a.shape[axis]
     index = [slice(None)] * a.ndim
     total = None
-    for j in range(size):
+    for j in range(left + right + 1):
         index[axis] = slice(j, j + length)
         part = padded[tuple(index)]
         total = part if total is None else total + part
