@@ -870,3 +870,44 @@ def test_near_zero_temperature_samples_one_completion_per_prompt():
                      rl.GRPOOptions.preset("dapo", group_size=4, max_tokens=4,
                                            temperature=1e-4))
     assert m["groups_kept"] == 0
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def test_complete_is_one_greedy_completion_per_prompt():
+    model = char_model(seed=3)
+    texts = rl.complete(model, CharTokenizer(), ["bc", "h", "bc"], max_tokens=5)
+    assert texts[0] == texts[2]
+    for prompt, text in zip(["bc", "h"], texts):
+        seq, want = CharTokenizer().encode(prompt), ""
+        while len(want) < 5:
+            logits = np.array(model(mx.array([seq]))[0, -1])
+            top2 = np.sort(logits)[-2:]
+            assert top2[1] - top2[0] > 1e-3  # no near-tie for BLAS rounding to flip
+            token = int(np.argmax(logits))
+            if token == 0:
+                break
+            want += CharTokenizer.chars[token]
+            seq.append(token)
+        assert text == want
+
+
+def test_evaluate_scores_greedy_completions():
+    model = char_model(seed=3)
+    texts = rl.complete(model, CharTokenizer(), [r["prompt"] for r in CHAR_RECORDS],
+                        max_tokens=4)
+    got = rl.evaluate(model, CharTokenizer(), CHAR_RECORDS, share_of_a, max_tokens=4)
+    want = np.array([t.count("a") / 4 for t in texts])
+    assert got == {"reward_mean": want.mean(), "reward_std": want.std()}
+
+
+@pytest.mark.parametrize("kwargs, error, pattern", [
+    (dict(prompts=[]), ValueError, r"complete: prompts.*non-empty.*got \[\]"),
+    (dict(prompts=["bc", 3]), TypeError, r"complete: prompts\[1\].*string.*got 3"),
+    (dict(max_tokens=-1), ValueError, r"max_tokens.*positive int.*got -1"),
+])
+def test_complete_bad_input(kwargs, error, pattern):
+    args = dict(prompts=["bc"], max_tokens=3) | kwargs
+    with pytest.raises(error, match=pattern):
+        rl.complete(char_model(), CharTokenizer(), args.pop("prompts"), **args)

@@ -4,11 +4,11 @@ The pieces of an RL fine-tuning loop, usable on their own: :func:`group_advantag
 (GRPO, Dr. GRPO, RLOO), :func:`drop_equal_groups` (DAPO's dynamic sampling),
 :func:`policy_loss` (token or GSPO sequence ratio, clip-higher, KL to a reference),
 :func:`adapters_off` (a LoRA model's reference policy),
-:func:`rollout` (G completions per prompt in one batched generation),
+:func:`rollout` (G completions per prompt in one batched generation), :func:`complete`,
 :func:`token_logprobs`, reward functions (:func:`score_completions`, :func:`combine_rewards`,
 :func:`load_reward`, :func:`load_prompts`) and the shipped verifiable tasks in
 :mod:`.tasks`; :func:`grpo_step` puts them together (:class:`GRPOOptions`, with each
-paper's :data:`PRESETS`). See docs/rl.md.
+paper's :data:`PRESETS`) and :func:`evaluate` scores held-out prompts. See docs/rl.md.
 """
 
 from . import tasks
@@ -24,8 +24,8 @@ from .rewards import (
     reward_name,
     score_completions,
 )
-from .rollout import Rollout, rollout, token_logprobs
-from .step import PRESETS, GRPOOptions, grpo_step
+from .rollout import Rollout, complete, decode_completions, rollout, token_logprobs
+from .step import PRESETS, GRPOOptions, evaluate, grpo_step
 
 __all__ = [
     "ADVANTAGE_MODES",
@@ -38,7 +38,10 @@ __all__ = [
     "adapters_off",
     "call_reward",
     "combine_rewards",
+    "complete",
+    "decode_completions",
     "drop_equal_groups",
+    "evaluate",
     "group_advantages",
     "grpo_step",
     "load_prompts",

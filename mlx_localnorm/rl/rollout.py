@@ -1,5 +1,5 @@
-"""Rollouts: G sampled completions per prompt in one batched generation, and the
-log-probabilities of sampled tokens under a model."""
+"""Rollouts: G sampled completions per prompt in one batched generation, completions of
+text prompts, and the log-probabilities of sampled tokens under a model."""
 
 from __future__ import annotations
 
@@ -116,3 +116,30 @@ def rollout(model: nn.Module, prompts: Sequence[Sequence[int]], group_size: int,
                    logprobs=mx.array(logprobs, dtype=mx.float32),
                    completions=[c for c, _, _ in results],
                    finish_reasons=[f for _, _, f in results])
+
+
+def decode_completions(tokenizer, completions: Sequence[list[int]],
+                       finish_reasons: Sequence[str]) -> list[str]:
+    """The text of each completion; a stop token ends it but is not part of its text."""
+    return [tokenizer.decode(c[:-1] if reason == "stop" else c)
+            for c, reason in zip(completions, finish_reasons)]
+
+
+def complete(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_tokens: int,
+             sampler=None, stop_tokens: Sequence[int] | None = None) -> list[str]:
+    """One completion per text prompt, all in one batched generation (greedy by default).
+
+    ``tokenizer`` needs ``encode``, ``decode`` and, unless ``stop_tokens`` is given,
+    ``eos_token_ids`` (mlx-lm's ``TokenizerWrapper`` has them).
+    """
+    owner = "complete"
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError(f"{owner}: prompts must be a non-empty list of strings, got {prompts!r}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"{owner}: prompts[{i}] must be a string, got {p!r}")
+    check_size(max_tokens, "max_tokens", owner)
+    stop = tokenizer.eos_token_ids if stop_tokens is None else stop_tokens
+    results = _generate(model, [tokenizer.encode(p) for p in prompts], max_tokens,
+                        sampler or make_sampler(temp=0.0), list(stop))
+    return decode_completions(tokenizer, [c for c, _, _ in results], [f for _, _, f in results])

@@ -16,7 +16,7 @@ from .advantages import ADVANTAGE_MODES, _check_group_size, drop_equal_groups, g
 from .loss import NORMALIZERS, RATIO_LEVELS, policy_loss
 from .reference import adapters_off
 from .rewards import RewardFn, score_completions
-from .rollout import rollout, token_logprobs
+from .rollout import complete, decode_completions, rollout, token_logprobs
 
 
 def _help(text: str, **kw):
@@ -78,12 +78,6 @@ PRESETS = {
 }
 
 
-def _completion_texts(tokenizer, rollout_out) -> list[str]:
-    # The stop token ends the completion but is not part of its text.
-    return [tokenizer.decode(c[:-1] if reason == "stop" else c)
-            for c, reason in zip(rollout_out.completions, rollout_out.finish_reasons)]
-
-
 def _reference_logprobs(model, reference, tokens) -> mx.array:
     if reference is not None:
         return mx.stop_gradient(token_logprobs(reference, tokens))
@@ -117,7 +111,8 @@ def grpo_step(model: nn.Module, optimizer, tokenizer, records: Sequence[dict],
                   stop_tokens=tokenizer.eos_token_ids if stop_tokens is None else stop_tokens)
     seconds = time.perf_counter() - tic
     rewards = score_completions(reward, [r for r in records for _ in range(G)],
-                                _completion_texts(tokenizer, out))
+                                decode_completions(tokenizer, out.completions,
+                                                   out.finish_reasons))
     generated = sum(map(len, out.completions))
     metrics = {"reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
                "completion_length": generated / len(out.completions),
@@ -160,3 +155,14 @@ def grpo_step(model: nn.Module, optimizer, tokenizer, records: Sequence[dict],
         totals["loss"] = totals.get("loss", 0.0) + loss.item()
     metrics.update({k: v / options.updates for k, v in totals.items()})
     return metrics
+
+
+def evaluate(model: nn.Module, tokenizer, records: Sequence[dict], reward: RewardFn, *,
+             max_tokens: int, sampler=None,
+             stop_tokens: Sequence[int] | None = None) -> dict[str, float]:
+    """Mean and std of the reward of one completion per record (greedy by default), e.g. on
+    held-out prompts (``rl.tasks.make_prompts(..., split="test")``)."""
+    texts = complete(model, tokenizer, [r["prompt"] for r in records], max_tokens=max_tokens,
+                     sampler=sampler, stop_tokens=stop_tokens)
+    rewards = score_completions(reward, records, texts)
+    return {"reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards))}
