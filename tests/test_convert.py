@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-import mlx_localnorm as ln  # noqa: F401  (must load before mlx.core)
+import mlx_localnorm as ln
 from mlx_localnorm.models import Model, ModelArgs
 from mlx_localnorm.models.layers import MLP
 
