@@ -902,6 +902,12 @@ def test_evaluate_scores_greedy_completions():
     assert got == {"reward_mean": want.mean(), "reward_std": want.std()}
 
 
+def test_evaluate_bad_records():
+    with pytest.raises(ValueError, match=r"evaluate: records\[1\].*\"prompt\".*got 'bc'"):
+        rl.evaluate(char_model(), CharTokenizer(), [{"prompt": "h"}, "bc"], share_of_a,
+                    max_tokens=2)
+
+
 @pytest.mark.parametrize("kwargs, error, pattern", [
     (dict(prompts=[]), ValueError, r"complete: prompts.*non-empty.*got \[\]"),
     (dict(prompts=["bc", 3]), TypeError, r"complete: prompts\[1\].*string.*got 3"),
@@ -911,3 +917,16 @@ def test_complete_bad_input(kwargs, error, pattern):
     args = dict(prompts=["bc"], max_tokens=3) | kwargs
     with pytest.raises(error, match=pattern):
         rl.complete(char_model(), CharTokenizer(), args.pop("prompts"), **args)
+
+
+@pytest.mark.parametrize("records, options, error, pattern", [
+    ([], None, ValueError, r"grpo_step: records.*non-empty.*got \[\]"),
+    ([{"answer": "a"}], None, ValueError, r"grpo_step: records\[0\].*\"prompt\".*got"),
+    ([{"prompt": 3}], None, ValueError, r"grpo_step: records\[0\].*\"prompt\".*got"),
+    (CHAR_RECORDS, {"group_size": 2}, TypeError, r"grpo_step: options.*GRPOOptions.*dict"),
+])
+def test_grpo_step_bad_input(records, options, error, pattern):
+    options = options if options is not None else rl.GRPOOptions(group_size=2)
+    with pytest.raises(error, match=pattern):
+        rl.grpo_step(char_model(), mlx_optim.SGD(learning_rate=0.1), CharTokenizer(), records,
+                     share_of_a, options)

@@ -78,9 +78,21 @@ PRESETS = {
 }
 
 
+def _check_records(records, owner: str) -> None:
+    if isinstance(records, (str, dict)) or not isinstance(records, Sequence) or not records:
+        raise ValueError(f"{owner}: records must be a non-empty list of "
+                         f"{{\"prompt\": ...}} dicts, got {records!r}")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or not isinstance(r.get("prompt"), str):
+            raise ValueError(f'{owner}: records[{i}] must be a dict with a string "prompt", '
+                             f"got {r!r}")
+
+
 def _reference_logprobs(model, reference, tokens) -> mx.array:
     if reference is not None:
-        return mx.stop_gradient(token_logprobs(reference, tokens))
+        ref = token_logprobs(reference, tokens)
+        mx.eval(ref)
+        return mx.stop_gradient(ref)
     with adapters_off(model):
         ref = token_logprobs(model, tokens)
         mx.eval(ref)
@@ -90,12 +102,12 @@ def _reference_logprobs(model, reference, tokens) -> mx.array:
 def grpo_step(model: nn.Module, optimizer, tokenizer, records: Sequence[dict],
               reward: RewardFn, options: GRPOOptions, *, reference: nn.Module | None = None,
               stop_tokens: Sequence[int] | None = None) -> dict[str, float]:
-    """Sample ``options.group_size`` completions per record's prompt, score them, and take
+    r"""Sample ``options.group_size`` completions per record's prompt, score them, and take
     ``options.updates`` policy-gradient steps with :func:`policy_loss`.
 
     ``tokenizer`` needs ``encode``, ``decode`` and (unless ``stop_tokens`` is given)
     ``eos_token_ids``, as mlx-lm's ``TokenizerWrapper``. With one update the loss is
-    on-policy (ratio 1, gradient of :math:`\\rho A`); with several, the old log-probabilities
+    on-policy (ratio 1, gradient of :math:`\rho A`); with several, the old log-probabilities
     are recomputed once by a forward pass before the first. ``beta > 0`` needs a
     ``reference`` model, or a LoRA/DoRA ``model`` whose adapters are switched off for it.
 
@@ -104,6 +116,10 @@ def grpo_step(model: nn.Module, optimizer, tokenizer, records: Sequence[dict],
     ``tokens_per_second`` (of the rollout), and, when an update ran, the means over the
     updates of ``loss``, ``clip_fraction``, ``ratio_mean`` and ``kl`` (with ``beta > 0``).
     """
+    _check_records(records, "grpo_step")
+    if not isinstance(options, GRPOOptions):
+        raise TypeError(f"grpo_step: options must be a GRPOOptions, got "
+                        f"{type(options).__name__}")
     G = options.group_size
     tic = time.perf_counter()
     out = rollout(model, [tokenizer.encode(r["prompt"]) for r in records], G,
@@ -162,6 +178,7 @@ def evaluate(model: nn.Module, tokenizer, records: Sequence[dict], reward: Rewar
              stop_tokens: Sequence[int] | None = None) -> dict[str, float]:
     """Mean and std of the reward of one completion per record (greedy by default), e.g. on
     held-out prompts (``rl.tasks.make_prompts(..., split="test")``)."""
+    _check_records(records, "evaluate")
     texts = complete(model, tokenizer, [r["prompt"] for r in records], max_tokens=max_tokens,
                      sampler=sampler, stop_tokens=stop_tokens)
     rewards = score_completions(reward, records, texts)
