@@ -568,6 +568,13 @@ def test_all_completions_of_all_prompts_decode_in_one_batch():
     assert max(batch for batch, length in recorder.shapes if length == 1) == 9
 
 
+def test_each_prompt_is_prefilled_once_for_its_whole_group():
+    recorder = CallRecorder(tiny_model())
+    sampled_rollout(recorder)
+    # Prefixes [1, 2] and [7, 8, 9] (the last prompt token starts the decode; [5] has none).
+    assert sorted(shape for shape in recorder.shapes if shape[1] > 1) == [(1, 2), (1, 3)]
+
+
 def test_rollout_is_reproducible_from_the_seed():
     model = tiny_model()
     a, b = sampled_rollout(model), sampled_rollout(model)
@@ -706,11 +713,14 @@ def params_of(model):
 
 
 def test_grpo_steps_raise_the_reward():
-    model, opt = char_model(), mlx_optim.Adam(learning_rate=1e-2)
-    options = rl.GRPOOptions(group_size=8, max_tokens=4)
-    rewards = [rl.grpo_step(model, opt, CharTokenizer(), CHAR_RECORDS, share_of_a, options)[
-        "reward_mean"] for _ in range(10)]
-    assert rewards[0] < 0.3 and min(rewards[-3:]) > 0.8, rewards
+    def rewards(learning_rate):
+        model, opt = char_model(), mlx_optim.Adam(learning_rate=learning_rate)
+        options = rl.GRPOOptions(group_size=8, max_tokens=4)
+        return [rl.grpo_step(model, opt, CharTokenizer(), CHAR_RECORDS, share_of_a, options)[
+            "reward_mean"] for _ in range(10)]
+
+    trained, control = rewards(1e-2), rewards(0.0)
+    assert min(trained[-3:]) > 0.9 and max(control) < 0.5, (trained, control)
 
 
 def test_grpo_step_metrics():

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx import nn
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from ..ops._checks import check_size
@@ -60,14 +61,28 @@ def _check_prompts(prompts, owner: str) -> list[list[int]]:
     return [list(p) for p in prompts]
 
 
-def _generate(model, prompts, max_tokens, sampler, stop_tokens):
-    """(completion tokens, their log-probabilities, finish reason) per prompt, in order."""
-    n = len(prompts)
+def _prefill(model: nn.Module, prompt: list[int]) -> list:
+    """mlx-lm's KV cache of ``prompt[:-1]``: its last token starts the decode."""
+    cache = make_prompt_cache(model)
+    if len(prompt) > 1:
+        model(mx.array([prompt[:-1]]), cache=cache)
+        mx.eval([c.state for c in cache])
+    return cache
+
+
+def _generate(model, prompts, group_size, max_tokens, sampler, stop_tokens):
+    """(completion tokens, their log-probabilities, finish reason) for ``group_size``
+    completions of each prompt, in order, decoded in one batch."""
+    n = len(prompts) * group_size
+    # Each prompt is prefilled once; its group decodes from copies of that cache.
+    caches = [_prefill(model, p) for p in prompts]
     gen = BatchGenerator(model, max_tokens=max_tokens, sampler=sampler,
                          stop_tokens=[[t] for t in stop_tokens] or None,
                          completion_batch_size=n, prefill_batch_size=n)
     try:
-        uids = gen.insert(prompts)
+        uids = gen.insert([[p[-1]] for p in prompts for _ in range(group_size)],
+                          caches=[c for c in caches for _ in range(group_size)],
+                          all_tokens=[p[:-1] for p in prompts for _ in range(group_size)])
         tokens = {uid: [] for uid in uids}
         logprobs = {uid: [] for uid in uids}
         finish = {}
@@ -101,7 +116,7 @@ def rollout(model: nn.Module, prompts: Sequence[Sequence[int]], group_size: int,
     check_size(max_tokens, "max_tokens", owner)
     sampler = sampler or make_sampler(temp=1.0)
     repeated = [p for p in prompts for _ in range(group_size)]
-    results = _generate(model, repeated, max_tokens, sampler, list(stop_tokens))
+    results = _generate(model, prompts, group_size, max_tokens, sampler, list(stop_tokens))
 
     width = max(len(p) + len(c) for p, (c, _, _) in zip(repeated, results))
     tokens, mask, logprobs = [], [], []
@@ -140,6 +155,6 @@ def complete(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_tokens:
             raise TypeError(f"{owner}: prompts[{i}] must be a string, got {p!r}")
     check_size(max_tokens, "max_tokens", owner)
     stop = tokenizer.eos_token_ids if stop_tokens is None else stop_tokens
-    results = _generate(model, [tokenizer.encode(p) for p in prompts], max_tokens,
+    results = _generate(model, [tokenizer.encode(p) for p in prompts], 1, max_tokens,
                         sampler or make_sampler(temp=0.0), list(stop))
     return decode_completions(tokenizer, [c for c, _, _ in results], [f for _, _, f in results])
