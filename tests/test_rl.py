@@ -940,3 +940,14 @@ def test_grpo_step_bad_input(records, options, error, pattern):
     with pytest.raises(error, match=pattern):
         rl.grpo_step(char_model(), mlx_optim.SGD(learning_rate=0.1), CharTokenizer(), records,
                      share_of_a, options)
+
+
+@pytest.mark.parametrize("tokens, error, pattern", [
+    ([[1, 2, 3]], TypeError, r"token_logprobs: tokens must be an mx.array.*got list"),
+    (mx.array([1, 2, 3]), ValueError, r"tokens must be 2-D \[batch, length >= 2\].*\(3,\)"),
+    (mx.array([[1], [2]]), ValueError, r"tokens must be 2-D \[batch, length >= 2\].*\(2, 1\)"),
+    (mx.array([[1.0, 2.0]]), TypeError, r"tokens must hold integer token ids.*float32"),
+])
+def test_token_logprobs_bad_input(tokens, error, pattern):
+    with pytest.raises(error, match=pattern):
+        rl.token_logprobs(tiny_model(), tokens)

@@ -22,10 +22,14 @@ def token_logprobs(model: nn.Module, tokens: mx.array) -> mx.array:
     ``tokens`` is ``[B, L]`` (prompt then completion); ``model`` is any mlx-lm model
     (``model(inputs) -> logits``). Computed in float32 as ``logit - logsumexp(logits)``.
     """
-    if not isinstance(tokens, mx.array) or tokens.ndim != 2 or tokens.shape[1] < 2:
-        shape = tuple(tokens.shape) if isinstance(tokens, mx.array) else type(tokens).__name__
-        raise ValueError(f"token_logprobs: tokens must be a 2-D mx.array [batch, length >= 2], "
-                         f"got {shape}")
+    owner = "token_logprobs"
+    if not isinstance(tokens, mx.array):
+        raise TypeError(f"{owner}: tokens must be an mx.array, got {type(tokens).__name__}")
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"{owner}: tokens must be 2-D [batch, length >= 2], "
+                         f"got shape {tuple(tokens.shape)}")
+    if not mx.issubdtype(tokens.dtype, mx.integer):
+        raise TypeError(f"{owner}: tokens must hold integer token ids, got {tokens.dtype}")
     logits = model(tokens[:, :-1]).astype(mx.float32)
     picked = mx.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
     return picked - mx.logsumexp(logits, axis=-1)
