@@ -31,8 +31,9 @@ def reward_name(fn) -> str:
     return f"{getattr(fn, '__module__', '?')}:{qualname}" if qualname else repr(fn)
 
 
-def _short(text: str, limit: int = 120) -> str:
-    shown = repr(text)
+def _short(value: object, limit: int = 120) -> str:
+    """``repr(value)``, cut to ``limit`` characters: prompts can be long."""
+    shown = repr(value)
     return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
