@@ -43,7 +43,7 @@ class ModelArgs(BaseModelArgs):
     hidden_size: int = field(metadata={"help": "residual stream width D"})
     num_hidden_layers: int = field(metadata={"help": "number of blocks L"})
     num_attention_heads: int = field(metadata={"help": "query heads"})
-    intermediate_size: int = field(metadata={"help": "SwiGLU MLP width"})
+    intermediate_size: int = field(metadata={"help": "MLP hidden width"})
     model_type: str = field(default="localnorm", metadata={"help": "always 'localnorm'"})
     num_key_value_heads: int | None = field(
         default=None, metadata={"help": "key/value heads (GQA); None = num_attention_heads"})
