@@ -536,8 +536,19 @@ def test_rollout_lays_out_groups_prompts_completions_and_masks():
     assert any(len(set(map(tuple, out.completions[i:i + 3]))) > 1 for i in (0, 3, 6))
 
 
-def test_rollout_logprobs_match_a_forward_pass_of_each_sequence():
-    model = tiny_model()
+def sliding_model():
+    """Sliding-window attention (window 3) next to full attention: rotating KV caches."""
+    mx.random.seed(0)
+    model = ln.Model(ln.ModelArgs(vocab_size=16, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64, sliding_window=3,
+                                  layer_types=["sliding_attention", "full_attention"]))
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("make_model", [tiny_model, sliding_model])
+def test_rollout_logprobs_match_a_forward_pass_of_each_sequence(make_model):
+    model = make_model()
     out = sampled_rollout(model)
     logprobs, mask = np.array(out.logprobs), np.array(out.mask)
     for row, completion in enumerate(out.completions):
