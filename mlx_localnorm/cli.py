@@ -19,6 +19,7 @@ from . import __version__
 BENCHES = {
     "data": "mlx_localnorm.bench.data",
     "emulate": "mlx_localnorm.bench.emulate",
+    "grpo": "mlx_localnorm.bench.grpo",
     "kernels": "mlx_localnorm.bench.kernels",
     "model": "mlx_localnorm.bench.model",
     "norms": "mlx_localnorm.bench.norms",

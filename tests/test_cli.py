@@ -387,6 +387,11 @@ BENCHES = {
                 {"emulate.csv": ["machine", "kernel", "dtype", "rows", "dims", "threads",
                                  "threadgroups", "first_call_s", "seconds", "mthreads_per_s",
                                  "bytes_moved", "minimum_bytes", "traffic_ratio"]}),
+    "grpo": (["--hidden", 32, "--layers", 1, "--heads", 2, "--vocab", 300, "--group-sizes", "2,3",
+              "--max-tokens", 4, "--prompt-len", 5, "--repeat", 2],
+             {"grpo.csv": ["machine", "device", "mlx", "model", "prompt_tokens", "group_size",
+                           "max_tokens", "method", "tokens", "seconds", "tokens_per_s",
+                           "vs_sequential"]}),
     "kernels": (["--shapes", "4x64", "--traffic-shapes", "4x64", "--dtypes", "float32",
                  "--repeat", 1],
                 {"kernels_timing.csv": ["machine", "os", "device", "mlx", "dtype", "shape",
@@ -464,6 +469,21 @@ def test_bench_emulate(bench):
         assert int(r["bytes_moved"]) >= int(r["minimum_bytes"])
         assert float(r["traffic_ratio"]) == pytest.approx(
             int(r["bytes_moved"]) / int(r["minimum_bytes"]), abs=1e-3)
+
+
+def test_bench_grpo(bench):
+    rows = {(r["group_size"], r["method"]): r for r in bench("grpo")["grpo.csv"]}
+    assert set(rows) == {(g, m) for g in ("2", "3") for m in ("sequential", "batched")}
+    for (g, method), r in rows.items():
+        assert (r["model"], r["prompt_tokens"], r["max_tokens"]) == ("1x32, vocab 300", "5", "4")
+        # Nothing stops early: both methods generate G full completions of 4 tokens.
+        assert int(r["tokens"]) == int(g) * 4
+        assert float(r["tokens_per_s"]) == pytest.approx(
+            int(r["tokens"]) / float(r["seconds"]), rel=1e-3, abs=0.06)
+        sequential = float(rows[g, "sequential"]["tokens_per_s"])
+        assert float(r["vs_sequential"]) == pytest.approx(
+            float(r["tokens_per_s"]) / sequential, rel=2e-3, abs=1e-3)
+    assert all(float(rows[g, "sequential"]["vs_sequential"]) == 1.0 for g in ("2", "3"))
 
 
 def test_bench_kernels(bench):
