@@ -448,6 +448,30 @@ def test_metal_limits_are_enforced():
         run(big, [mx.ones((1,))], [(1,)], [mx.float32], (1, 1, 1), (1, 1, 1))
 
 
+@pytest.mark.parametrize("limit", [832, 512])
+def test_pipeline_thread_limit_from_the_environment(limit, monkeypatch):
+    """A pipeline's limit falls below 1024 as its registers rise; the emulator takes one from
+    MLX_LOCALNORM_EMULATE_MAX_THREADS and rejects larger threadgroups at launch, as MLX does."""
+    monkeypatch.setenv("MLX_LOCALNORM_EMULATE_MAX_THREADS", str(limit))
+    kernel = metal_kernel("emu_pipeline_limit", ["x"], ["out"],
+                          "uint i = thread_position_in_grid.x;\nout[i] = 2 * x[i];")
+    x = mx.arange(2048, dtype=mx.float32)
+    (out,) = run(kernel, [x], [(2048,)], [mx.float32], (2048, 1, 1), (limit, 1, 1))
+    np.testing.assert_array_equal(np.array(out), 2 * np.arange(2048))
+    for group in [(limit + 32, 1, 1), (limit // 2, 2, 2)]:
+        with pytest.raises(ValueError, match=rf"size \({limit + 32 if group[1] == 1 else 2 * limit}"
+                                             rf"\) is greater than .*threadgroup \({limit}\)"):
+            run(kernel, [x], [(2048,)], [mx.float32], (2048, 1, 1), group)
+
+
+@pytest.mark.parametrize("value", ["fast", "0", "16", "1056", "500"])
+def test_pipeline_thread_limit_setting_is_checked(value, monkeypatch):
+    monkeypatch.setenv("MLX_LOCALNORM_EMULATE_MAX_THREADS", value)
+    kernel = metal_kernel("emu_pipeline_limit_bad", ["x"], ["out"], "out[0] = x[0];")
+    with pytest.raises(ValueError, match=rf"MLX_LOCALNORM_EMULATE_MAX_THREADS must be .*{value}"):
+        run(kernel, [mx.ones((1,))], [(1,)], [mx.float32], (32, 1, 1), (32, 1, 1))
+
+
 def test_copy_kernel_bytes_are_counted_exactly():
     kernel = metal_kernel("emu_copy4", ["x"], ["out"], COPY_FLOAT4_SOURCE)
     x = mx.random.normal((1000, 12), key=mx.random.key(4))

@@ -7,7 +7,14 @@ kernel.last_stats.bytes_read, kernel.last_stats.bytes_written
 """
 
 from ._build import KernelCompileError
-from .kernel import BufferTraffic, EmulatedKernel, EmulatorError, LaunchStats, metal_kernel
+from .kernel import (
+    BufferTraffic,
+    EmulatedKernel,
+    EmulatorError,
+    LaunchStats,
+    metal_kernel,
+    pipeline_thread_limit,
+)
 
 __all__ = [
     "BufferTraffic",
@@ -16,4 +23,5 @@ __all__ = [
     "KernelCompileError",
     "LaunchStats",
     "metal_kernel",
+    "pipeline_thread_limit",
 ]

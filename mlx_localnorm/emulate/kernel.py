@@ -22,6 +22,7 @@ from ._translate import (
 )
 
 MAX_THREADS_PER_THREADGROUP = 1024
+MAX_THREADS_ENV = "MLX_LOCALNORM_EMULATE_MAX_THREADS"
 SEED_ENV = "MLX_LOCALNORM_EMULATE_SEED"
 SCHEDULES_ENV = "MLX_LOCALNORM_EMULATE_SCHEDULES"
 TIMEOUT_ENV = "MLX_LOCALNORM_EMULATE_TIMEOUT"
@@ -130,6 +131,17 @@ def _env_number(name: str, default: str, kind: type) -> int | float:
         raise ValueError(
             f"environment variable {name} must be a {kind.__name__}, got {text!r}"
         ) from None
+
+
+def pipeline_thread_limit() -> int:
+    """The emulated pipeline's `maxTotalThreadsPerThreadgroup`, read at every launch from
+    MLX_LOCALNORM_EMULATE_MAX_THREADS (default 1024): a multiple of the 32-lane simdgroup from
+    32 to 1024, as real pipelines report (896 on an M2 Ultra, 832 on an M1 Max)."""
+    limit = _env_number(MAX_THREADS_ENV, str(MAX_THREADS_PER_THREADGROUP), int)
+    if not 32 <= limit <= MAX_THREADS_PER_THREADGROUP or limit % 32:
+        raise ValueError(f"environment variable {MAX_THREADS_ENV} must be a multiple of 32 from "
+                         f"32 to {MAX_THREADS_PER_THREADGROUP}, got {limit}")
+    return limit
 
 
 def _check_triple(value: object, what: str, minimum: int) -> tuple[int, int, int]:
@@ -243,11 +255,12 @@ class EmulatedKernel:
         grid = _check_triple(grid, "grid", 0)
         threadgroup = _check_triple(threadgroup, "threadgroup", 1)
         threads = threadgroup[0] * threadgroup[1] * threadgroup[2]
-        if threads > MAX_THREADS_PER_THREADGROUP:
+        limit = pipeline_thread_limit()
+        # MLX compares the requested threadgroup (before clipping it to the grid) at launch.
+        if threads > limit:
             raise ValueError(
                 f"[metal_kernel] Thread group size ({threads}) is greater than the maximum "
-                f"allowed threads per threadgroup ({MAX_THREADS_PER_THREADGROUP}); got "
-                f"threadgroup={threadgroup}"
+                f"allowed threads per threadgroup ({limit}); got threadgroup={threadgroup}"
             )
         arrays = [a if isinstance(a, mx.array) else mx.array(a) for a in inputs]
         mx.eval(arrays)
