@@ -158,6 +158,7 @@ SEED_CASES = (
     [(3, d, t) for d in (1, 31, 32, 33, 1024, 4096, 4099, 8192) for t in DTYPES]
     + [(1, d, "float32") for d in (1, 33, 4099)]
     + [(1000, 33, "float16"), (1000, 1024, "bfloat16"), (1000, 4099, "float32")]
+    + [(2, 12288, "float32"), (2, 12291, "bfloat16")]  # register tiles of 12 and 13 iterations
 )
 
 
@@ -327,7 +328,7 @@ def test_seednorm_traffic_near_the_minimum(rows, dims, dtype, residual, heads, f
 
 @pytest.mark.parametrize("rows,dims,dtype", [
     (3, 1, "float32"), (3, 31, "bfloat16"), (3, 32, "float16"), (1, 1024, "float32"),
-    (3, 4099, "float16"), (3, 8192, "bfloat16"), (1000, 33, "float32"),
+    (3, 4099, "float16"), (3, 8192, "bfloat16"), (1000, 33, "float32"), (2, 12288, "float16"),
 ])
 def test_rms_norm_kernel(rows, dims, dtype):
     (x, w, _, _, g), (x64, w64, _, _, g64) = seed_inputs(rows, dims, dtype, seed=11)
@@ -446,6 +447,68 @@ def test_package_kernels_agree_under_several_thread_schedules(case, three_schedu
     for name, got, twin in zip(("y", "dx", "dweight", "dalpha", "dbeta"),
                                out_emu + grads_emu, out_ops + grads_ops):
         assert_close(got, f64(twin), "float32", f"{case}: {name} vs ops twin", factor=2)
+
+
+# ----------------------------------------------------------------- pipeline thread limits
+
+LIMITED = {
+    "seednorm": lambda x, w, a, b, be: kernels.seednorm(x, w, a, b, backend=be),
+    "seednorm 16 heads, head_rms": lambda x, w, a, b, be: kernels.seednorm(
+        x, w, a, b, num_heads=16, head_rms=True, dot_scale="rsqrt_d", backend=be),
+    "seednorm residual, frozen": lambda x, w, a, b, be: kernels.seednorm(
+        x, w, a, b, residual=x * a, frozen=True, backend=be)[1],
+    "rms_norm": lambda x, w, a, b, be: kernels.rms_norm(x, w, backend=be) * a,
+    "patchnorm 1-D k=2": lambda x, w, a, b, be: kernels.patchnorm(
+        x.reshape(1, -1, x.shape[-1]), w, b, patch_size=2, backend=be),
+}
+
+
+@pytest.mark.parametrize("limit", [832, 512])
+@pytest.mark.parametrize("case", list(LIMITED))
+def test_package_kernels_run_under_a_lower_pipeline_thread_limit(case, limit, monkeypatch):
+    """Register-heavy pipelines allow fewer than 1024 threads (832 on an M1 Max): every
+    forward and backward kernel must launch within that, at a width that once asked for 1024."""
+    from mlx_localnorm.emulate.kernel import MAX_THREADS_ENV
+
+    monkeypatch.setenv(MAX_THREADS_ENV, str(limit))
+    (x, w, a, b, _), _ = seed_inputs(3, 4096, "float32", seed=31)
+    results = {}
+    for name in ("emulate", "ops"):
+        fn = lambda *p, name=name: LIMITED[case](*p, name)
+        y = fn(x, w, a, b)
+        g = mx.random.normal(y.shape, key=mx.random.key(32))
+        with kernels.record_traffic() as launches:
+            results[name] = run_vjp(fn, [x, w, a, b], [g])
+        assert bool(launches) == (name == "emulate")
+    (out_emu, grads_emu), (out_ops, grads_ops) = results["emulate"], results["ops"]
+    for name, got, twin in zip(("y", "dx", "dweight", "dalpha", "dbeta"),
+                               out_emu + grads_emu, out_ops + grads_ops):
+        assert_close(got, f64(twin), "float32", f"{case}: {name} vs ops twin", factor=2)
+
+
+def test_geometry_follows_a_pipeline_limit_below_the_cap_or_falls_back(monkeypatch):
+    """Under a 64-thread limit the kernels launch 64-thread groups; a row too wide for 64
+    threads' register tiles runs the ops twin with a warning instead of failing at launch."""
+    from mlx_localnorm.emulate.kernel import MAX_THREADS_ENV
+
+    monkeypatch.setenv(MAX_THREADS_ENV, "64")
+    (x, w, a, b, g), (x64, w64, a64, b64, g64) = seed_inputs(3, 1000, "float32", seed=33)
+    y_ref, grads_ref = ref_seednorm(x64, w64, a64, b64, g=g64)
+    with kernels.record_traffic() as launches:
+        (y,), grads = run_vjp(lambda *p: kernels.seednorm(*p, backend="emulate"),
+                              [x, w, a, b], [g])
+    assert launches and all(s.threadgroup[0] <= 64 for s in launches)
+    assert_close(y, y_ref, "float32", "y")
+    for name, got, ref in zip(("dx", "dweight", "dalpha", "dbeta"), grads, grads_ref):
+        assert_close(got, ref, "float32", name)
+
+    (x, w, a, b, _), (x64, w64, a64, b64, _) = seed_inputs(2, 64 * 4 * 32 + 4, "float32")
+    with pytest.warns(UserWarning, match="wider than 8192; using the MLX ops twin"):
+        with kernels.record_traffic() as launches:
+            y = kernels.rms_norm(x, w, backend="emulate")
+    assert not launches
+    zero = np.zeros(x.shape[-1])
+    assert_close(y, ref_seednorm(x64, w64, zero, zero), "float32", "fallback y")
 
 
 # ----------------------------------------------------------------- the references themselves

@@ -26,9 +26,11 @@ METAL_DIR = _CHECKOUT_METAL if _CHECKOUT_METAL.is_dir() else Path(__file__).pare
 KERNEL_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 N_READS = 4  # elements per thread per iteration of the register tile (MLX's RMS_N_READS)
-MAX_THREADS = 1024  # Metal's threadgroup limit
-MAX_ITERS = 8  # register tile of at most 8 x 4 values per thread: rows up to 32768 wide
-MAX_DIMS = MAX_THREADS * N_READS * MAX_ITERS
+# A pipeline's own thread limit falls below Metal's 1024 as its registers rise (832 on an M1
+# Max, 896 on an M2 Ultra), and MLX only finds out at mx.eval. 256 threads fit every pipeline
+# on every Apple GPU, so the register-tiled kernels never ask for more and loop over the row.
+TILE_THREADS = 256
+MAX_ITERS = 32  # register tile of at most 32 x 4 values per thread: rows up to 32768 wide
 
 
 def resolve_backend(backend: str) -> str:
@@ -126,13 +128,30 @@ class Launch(NamedTuple):
     groups: int
 
 
-def row_launch(rows: int, dims: int, rows_per_group: int = 1) -> Launch:
+def thread_limit(backend: str) -> int:
+    """Most threads per threadgroup a row kernel asks for: ``TILE_THREADS``, or the emulated
+    pipeline's lower limit (``MLX_LOCALNORM_EMULATE_MAX_THREADS``) under ``"emulate"``."""
+    if backend != "emulate":
+        return TILE_THREADS
+    from ..emulate import pipeline_thread_limit
+
+    return min(TILE_THREADS, pipeline_thread_limit())
+
+
+def max_dims(backend: str) -> int:
+    """The widest row the register tiles cover within ``thread_limit(backend)`` threads."""
+    return thread_limit(backend) * N_READS * MAX_ITERS
+
+
+def row_launch(rows: int, dims: int, backend: str, rows_per_group: int = 1) -> Launch:
     """One threadgroup per ``rows_per_group`` rows, its register tile covering a row once.
 
-    ``ceil(D / 4096)`` iterations of ``N_READS`` elements per thread, and the fewest threads (a
-    multiple of the 32-lane simdgroup) that cover the row with them.
+    ``ceil(D / (4 t))`` iterations of ``N_READS`` elements per thread, ``t`` the thread limit,
+    and the fewest threads (a multiple of the 32-lane simdgroup) that cover the row with them.
     """
-    iters = math.ceil(dims / (MAX_THREADS * N_READS))
+    iters = math.ceil(dims / (thread_limit(backend) * N_READS))
+    if iters > MAX_ITERS:
+        raise ValueError(f"row_launch: dims={dims} is wider than max_dims={max_dims(backend)}")
     threads = 32 * math.ceil(math.ceil(dims / (N_READS * iters)) / 32)
     groups = math.ceil(rows / rows_per_group)
     return Launch(iters, (groups * threads, 1, 1), (threads, 1, 1), groups)

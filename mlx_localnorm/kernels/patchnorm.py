@@ -17,10 +17,10 @@ from ..ops.patch import check_patchnorm_args, patch_divisor, patch_sum_squares
 from ..ops.patch import patchnorm as ops_patchnorm
 from ._launch import (
     KERNEL_DTYPES,
-    MAX_DIMS,
     N_READS,
     consts,
     kernel,
+    max_dims,
     resolve_backend,
     row_launch,
     warn_fallback,
@@ -49,11 +49,11 @@ def _fused(eps: float, patch_size: int, patch_ndim: int, affine: bool, count: in
     def fused(x, u):
         grid_shape = x.shape[:-1] or (1,)
         rows = math.prod(grid_shape)
-        geo = row_launch(rows, x.shape[-1])
+        geo = row_launch(rows, x.shape[-1], backend)
         (ss,) = sumsq(inputs=[x.reshape(rows, -1)], template=template(x, geo.iters),
                       grid=geo.grid, threadgroup=geo.threadgroup,
                       output_shapes=[(rows,)], output_dtypes=[mx.float32])
-        geo = row_launch(rows, u.shape[-1])
+        geo = row_launch(rows, u.shape[-1], backend)
         y, inv_d = divide(inputs=[u.reshape(rows, -1), ss.reshape(grid_shape), scalars],
                           template=template(u, geo.iters), grid=geo.grid,
                           threadgroup=geo.threadgroup,
@@ -71,12 +71,12 @@ def _fused(eps: float, patch_size: int, patch_ndim: int, affine: bool, count: in
         """``(dx, du)`` of ``u / d(x)`` from the saved ``1/d``."""
         grid_shape = x.shape[:-1] or (1,)
         rows = math.prod(grid_shape)
-        geo = row_launch(rows, u.shape[-1])
+        geo = row_launch(rows, u.shape[-1], backend)
         grad_u, grad_ss = divide_bwd(
             inputs=[u.reshape(rows, -1), grad_y.reshape(rows, -1), inv_d, scalars],
             template=template(u, geo.iters), grid=geo.grid, threadgroup=geo.threadgroup,
             output_shapes=[(rows, u.shape[-1]), (rows,)], output_dtypes=[u.dtype, mx.float32])
-        geo = row_launch(rows, x.shape[-1])
+        geo = row_launch(rows, x.shape[-1], backend)
         (grad_x,) = window_bwd(
             inputs=[x.reshape(rows, -1), grad_ss.reshape(grid_shape), scalars],
             template=template(x, geo.iters), grid=geo.grid, threadgroup=geo.threadgroup,
@@ -126,8 +126,8 @@ def patchnorm(
             reason = f"input dtype {x.dtype} is not float32/float16/bfloat16"
         elif x.size == 0:
             reason = "the input is empty"
-        elif max(dims, weight.shape[0]) > MAX_DIMS:
-            reason = f"a feature axis is wider than {MAX_DIMS}"
+        elif max(dims, weight.shape[0]) > max_dims(chosen):
+            reason = f"a feature axis is wider than {max_dims(chosen)}"
         if reason:
             warn_fallback(owner, reason)
     if chosen == "ops" or reason:

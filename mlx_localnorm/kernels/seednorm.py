@@ -17,13 +17,14 @@ from ..ops._checks import check_choice, check_eps, check_heads, check_input, che
 from ..ops.seed import DOT_SCALES
 from ._launch import (
     KERNEL_DTYPES,
-    MAX_DIMS,
     N_READS,
     Launch,
     consts,
     kernel,
+    max_dims,
     resolve_backend,
     row_launch,
+    thread_limit,
     warn_fallback,
 )
 
@@ -35,14 +36,15 @@ MIN_GROUPS = 128  # but keeps enough threadgroups for every core of the largest 
 MIN_BACKWARD_ROWS_PER_GROUP = 16
 
 
-def _launch(rows: int, dims: int, min_rows_per_group: int = 1) -> Launch:
+def _launch(rows: int, dims: int, backend: str, min_rows_per_group: int = 1) -> Launch:
     """Blocks of up to 64 rows, smaller (down to ``min_rows_per_group``) when that would leave
     fewer than 128 threadgroups."""
     per_group = min(MAX_ROWS_PER_GROUP, max(min_rows_per_group, rows // MIN_GROUPS))
-    return row_launch(rows, dims, max(1, per_group))
+    return row_launch(rows, dims, backend, max(1, per_group))
 
 
-def _unsupported(x: mx.array, params: list[mx.array], num_heads: int) -> str | None:
+def _unsupported(x: mx.array, params: list[mx.array], num_heads: int,
+                 backend: str) -> str | None:
     """Why the kernel cannot take this call, or None."""
     if x.dtype not in KERNEL_DTYPES:
         return f"input dtype {x.dtype} is not float32/float16/bfloat16"
@@ -50,8 +52,8 @@ def _unsupported(x: mx.array, params: list[mx.array], num_heads: int) -> str | N
         return f"parameter dtypes {[p.dtype for p in params]} differ or are not floating"
     if x.size == 0:
         return "the input is empty"
-    if x.shape[-1] > MAX_DIMS:
-        return f"last axis {x.shape[-1]} is wider than {MAX_DIMS}"
+    if x.shape[-1] > max_dims(backend):
+        return f"last axis {x.shape[-1]} is wider than {max_dims(backend)}"
     if num_heads > MAX_HEADS:
         return f"num_heads={num_heads} is more than {MAX_HEADS}"
     return None
@@ -98,7 +100,7 @@ def _fused(eps: float, num_heads: int, dot_scale: str, head_rms: bool, residual:
         x, rest = primals[0], list(primals[1:])
         r = rest.pop(0) if residual else None
         rows, dims = math.prod(x.shape[:-1]), x.shape[-1]
-        geo = _launch(rows, dims)
+        geo = _launch(rows, dims, backend)
         x2 = x.reshape(rows, dims)
         inputs = [x2] + ([r.reshape(rows, dims)] if residual else []) + rest + [constants(dims)]
         shapes = ([(rows, dims)] if residual else []) + [(rows, dims), (rows, nstat)]
@@ -115,7 +117,7 @@ def _fused(eps: float, num_heads: int, dot_scale: str, head_rms: bool, residual:
         p, grad_y = rest[:len(params)], rest[len(params)]
         extra, stats = rest[len(params) + 1:-1], rest[-1]
         rows, dims = math.prod(source.shape[:-1]), source.shape[-1]
-        geo = _launch(rows, dims, MIN_BACKWARD_ROWS_PER_GROUP)
+        geo = _launch(rows, dims, backend, MIN_BACKWARD_ROWS_PER_GROUP)
         flat = [a.reshape(rows, dims) for a in (source, grad_y, *extra)]
         inputs = [flat[0], *p, *flat[1:], stats, constants(dims)]
         shapes = [(rows, dims)] + ([] if frozen else [(geo.groups, len(params) * dims)])
@@ -126,8 +128,9 @@ def _fused(eps: float, num_heads: int, dot_scale: str, head_rms: bool, residual:
         grads = [outs[0].reshape(source.shape)]
         if not frozen:
             width = len(params) * dims
+            group = min(thread_limit(backend), width)
             (total,) = colsum(inputs=[outs[1]], template=[("TW", p[0].dtype)],
-                              grid=(width, 1, 1), threadgroup=(min(256, width), 1, 1),
+                              grid=(width, 1, 1), threadgroup=(group, 1, 1),
                               output_shapes=[(width,)], output_dtypes=[p[0].dtype])
             grads += [total[i * dims:(i + 1) * dims] for i in range(len(params))]
         return tuple(grads)
@@ -202,7 +205,7 @@ def seednorm(
                          f"got {residual.shape}, {residual.dtype}")
 
     chosen = resolve_backend(backend)
-    reason = None if chosen == "ops" else _unsupported(x, [weight, alpha, beta], num_heads)
+    reason = None if chosen == "ops" else _unsupported(x, [weight, alpha, beta], num_heads, chosen)
     if reason:
         warn_fallback(owner, reason)
     if chosen == "ops" or reason:
@@ -233,7 +236,7 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float = 1e-6, backend: str = "a
     check_input(weight, x.shape[-1], f"{owner} (weight)")
     check_eps(eps, owner)
     chosen = resolve_backend(backend)
-    reason = None if chosen == "ops" else _unsupported(x, [weight], 1)
+    reason = None if chosen == "ops" else _unsupported(x, [weight], 1, chosen)
     if reason:
         warn_fallback(owner, reason)
     if chosen == "ops" or reason:
