@@ -158,7 +158,8 @@ SEED_CASES = (
     [(3, d, t) for d in (1, 31, 32, 33, 1024, 4096, 4099, 8192) for t in DTYPES]
     + [(1, d, "float32") for d in (1, 33, 4099)]
     + [(1000, 33, "float16"), (1000, 1024, "bfloat16"), (1000, 4099, "float32")]
-    + [(2, 12288, "float32"), (2, 12291, "bfloat16")]  # register tiles of 12 and 13 iterations
+    # register tiles of 12, 13 and 32 iterations (the widest row the kernels take)
+    + [(2, 12288, "float32"), (2, 12291, "bfloat16"), (1, 32768, "float32")]
 )
 
 
