@@ -474,7 +474,7 @@ def test_bench_emulate(bench):
 def test_bench_grpo(bench):
     rows = {(r["group_size"], r["method"]): r for r in bench("grpo")["grpo.csv"]}
     assert set(rows) == {(g, m) for g in ("2", "3") for m in ("sequential", "batched")}
-    for (g, method), r in rows.items():
+    for (g, _), r in rows.items():
         assert (r["model"], r["prompt_tokens"], r["max_tokens"]) == ("1x32, vocab 300", "5", "4")
         # Nothing stops early: both methods generate G full completions of 4 tokens.
         assert int(r["tokens"]) == int(g) * 4
