@@ -864,7 +864,7 @@ def test_unknown_optimizer_and_hparam_raise_with_valid_lists():
     ("muon", "adamw_betas", 0.9, ValueError, r"adamw_betas must be a pair \(b1, b2\), got 0\.9"),
     ("muon", "adamw_eps", 0.0, ValueError, r"adamw_eps must be a positive number, got 0\.0"),
     ("muon", "adamw_bias_correction", "no", TypeError,
-     r"adamw_bias_correction must be a bool, got 'no'"),
+     r"adamw_bias_correction must be True or False, got 'no'"),
     ("adamw", "learning_rate", float("nan"), ValueError,
      r"learning_rate must be a non-negative number or a schedule, got nan"),
     ("adamw", "learning_rate", -1e-3, ValueError,

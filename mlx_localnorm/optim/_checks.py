@@ -7,7 +7,7 @@ import math
 
 import mlx.core as mx
 
-from ..ops._checks import check_choice  # noqa: F401  (re-exported for the optimizers)
+from ..ops._checks import check_choice, check_flag  # noqa: F401  (re-exported for the optimizers)
 
 
 def _is_number(value) -> bool:
@@ -37,12 +37,6 @@ def check_betas(value, name: str, owner: str) -> tuple[float, float]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise ValueError(f"{owner}: {name} must be a pair (b1, b2), got {value!r}")
     return tuple(check_unit_interval(b, name, owner) for b in value)
-
-
-def check_bool(value, name: str, owner: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{owner}: {name} must be a bool, got {value!r}")
-    return value
 
 
 def check_non_negative(value, name: str, owner: str) -> float:

@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ..norms import NORMS, SeeDNorm
 from ._checks import (
     check_betas,
-    check_bool,
+    check_flag,
     check_learning_rate,
     check_non_negative,
     check_positive,
@@ -169,7 +169,7 @@ def _check_adamw(hparams: dict, owner: str, prefix: str) -> None:
         elif key == "weight_decay":
             check_non_negative(value, name, owner)
         else:
-            check_bool(value, name, owner)  # bias_correction, the only other AdamW argument
+            check_flag(value, name, owner)  # bias_correction, the only other AdamW argument
 
 
 def _group_filter(groups: dict[str, str], wanted: tuple):
