@@ -28,6 +28,7 @@ from .. import rl
 from .._argparse import OneLineParser
 from ..models import Model
 from ..train import PretrainConfig
+from ._sizes import add_model_size_flags, parse_bench_args
 from .common import device, machine, markdown_table, write_csv
 
 METHODS = ("sequential", "batched")
@@ -108,29 +109,17 @@ def group_sizes(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    demo = PretrainConfig()
     parser = OneLineParser(prog="mlx-localnorm bench grpo", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results", help="output directory")
-    parser.add_argument("--hidden", type=int, default=demo.hidden_size, help="hidden size")
-    parser.add_argument("--layers", type=int, default=demo.num_layers, help="number of blocks")
-    parser.add_argument("--heads", type=int, default=demo.num_heads, help="attention heads")
-    parser.add_argument("--vocab", type=int, default=demo.vocab_size, help="vocabulary size")
+    add_model_size_flags(parser)
     parser.add_argument("--group-sizes", type=group_sizes, default=[4, 8, 16],
                         help="comma separated completions per prompt (G)")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per completion")
     parser.add_argument("--prompt-len", type=int, default=16, help="prompt tokens")
     parser.add_argument("--repeat", type=int, default=5,
                         help="timed pairs per G (each method keeps its median)")
-    args = parser.parse_args(argv)
-    for name in ("max_tokens", "prompt_len", "repeat"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    try:
-        config = PretrainConfig(hidden_size=args.hidden, num_layers=args.layers,
-                                num_heads=args.heads, vocab_size=args.vocab)
-    except ValueError as err:
-        parser.error(str(err))
+    args, config = parse_bench_args(parser, argv, ("max_tokens", "prompt_len", "repeat"))
 
     rows = run(config, args.group_sizes, args.max_tokens, args.prompt_len, args.repeat)
     path = write_csv(rows, Path(args.out) / "grpo.csv")

@@ -200,7 +200,7 @@ def _shapes(text: str) -> list[tuple[int, int]]:
 def main(argv: list[str] | None = None) -> int:
     on_mac = mx.metal.is_available()
     parser = OneLineParser(prog="mlx-localnorm bench kernels", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results", help="output directory")
     parser.add_argument("--shapes", type=_shapes,
                         default="8192x1024,8192x4096" if on_mac else "1024x1024,256x4096",

@@ -144,7 +144,7 @@ def run(size: dict, batch: int, seq_len: int, dtype_name: str, norms: list[str],
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="mlx-localnorm bench model", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results", help="output directory")
     parser.add_argument("--hidden", type=int, default=128, help="hidden size")
     parser.add_argument("--layers", type=int, default=4, help="number of blocks")

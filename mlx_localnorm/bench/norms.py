@@ -130,7 +130,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="mlx-localnorm bench norms", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results", help="output directory")
     parser.add_argument("--shape", default="4096,1024", help="input shape, comma separated")
     parser.add_argument("--dtypes", default="float32,bfloat16",

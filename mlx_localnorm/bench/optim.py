@@ -221,7 +221,7 @@ def _choices(value: str, valid, flag: str, parser: argparse.ArgumentParser) -> l
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="mlx-localnorm bench optim", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results", help="output directory")
     parser.add_argument("--shapes", default=SHAPES,
                         help="gradient shapes ROWSxCOLS or NxROWSxCOLS, comma separated")

@@ -27,6 +27,7 @@ from .._argparse import OneLineParser
 from ..models import Model, ModelArgs
 from ..optim import make_optimizer
 from ..train.config import PretrainConfig
+from ._sizes import add_model_size_flags, parse_bench_args
 from .common import device, machine, markdown_table, write_csv
 from .model import llama_model
 
@@ -41,9 +42,9 @@ CONFIGURATIONS = [
 ]
 
 
-def model_size(**config_fields) -> dict:
-    """The size of a ``PretrainConfig``'s model (the demo's by default) as ModelArgs fields."""
-    args = PretrainConfig(**config_fields).model_args()
+def model_size(config: PretrainConfig) -> dict:
+    """The size of a ``PretrainConfig``'s model as ModelArgs fields."""
+    args = config.model_args()
     return {name: getattr(args, name) for name in (
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "intermediate_size")}
@@ -119,26 +120,15 @@ def run(size: dict, batch: int, seq_len: int, rounds: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="mlx-localnorm bench train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo = PretrainConfig()
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results", help="output directory")
-    parser.add_argument("--vocab", type=int, default=demo.vocab_size, help="vocabulary size")
-    parser.add_argument("--hidden", type=int, default=demo.hidden_size, help="hidden size")
-    parser.add_argument("--layers", type=int, default=demo.num_layers, help="number of blocks")
-    parser.add_argument("--heads", type=int, default=demo.num_heads, help="attention heads")
+    add_model_size_flags(parser)
     parser.add_argument("--batch", type=int, default=16, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--rounds", type=int, default=6,
                         help="timing rounds (each configuration keeps its fastest)")
-    args = parser.parse_args(argv)
-    for name in ("batch", "seq_len", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    try:
-        size = model_size(vocab_size=args.vocab, hidden_size=args.hidden,
-                          num_layers=args.layers, num_heads=args.heads)
-    except (ValueError, TypeError) as err:
-        parser.error(str(err))
+    args, config = parse_bench_args(parser, argv, ("batch", "seq_len", "rounds"))
+    size = model_size(config)
     rows = run(size, args.batch, args.seq_len, args.rounds)
     path = write_csv(rows, Path(args.out) / "train.csv")
     print(markdown_table(rows, ["configuration", "ms_per_step", "tokens_per_s", "vs_llama",
