@@ -19,6 +19,7 @@ import mlx.core as mx
 import pytest
 from mlx_localnorm import cli
 from mlx_localnorm.train import PretrainConfig, Pretrainer, list_checkpoints, read_metrics
+from test_train import _flags as flags
 
 # A model and run small enough for a few seconds per command.
 TINY = dict(vocab_size=400, hidden_size=32, num_layers=1, num_heads=2, seq_len=16,
@@ -28,15 +29,6 @@ TINY = dict(vocab_size=400, hidden_size=32, num_layers=1, num_heads=2, seq_len=1
 NORM_NAMES = {"rmsnorm", "layernorm", "seednorm", "patchnorm", "dyt", "l2norm", "angpt"}
 PLACEMENT_NAMES = {"post", "pre", "mix", "peri", "sandwich", "lnscaling", "ngpt", "angpt"}
 OPTIMIZER_NAMES = {"adamw", "muon", "normuon", "scion", "lamb", "lars"}
-
-
-def flags(**fields) -> list[str]:
-    out = []
-    for key, value in fields.items():
-        flag = "--" + key.replace("_", "-")
-        out += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [
-            flag, str(value)]
-    return out
 
 
 def mlx_localnorm(*args, cwd=None, timeout=180) -> subprocess.CompletedProcess:
@@ -184,7 +176,7 @@ def test_bad_corpus_is_one_line(kind, tmp_path, capsys):
     if kind in text:
         path.write_text(text[kind])
     proc = run_in_process(capsys, "pretrain", "--out-dir", tmp_path / "run", "--corpus", path,
-                          *flags(**TINY))
+                          *flags(TINY))
     assert_one_line_error(proc, {"missing": "missing.txt", "empty": "empty.txt",
                                  "bad jsonl": "bad.jsonl:2", "too small a text": "vocab"}[kind])
 
@@ -192,13 +184,13 @@ def test_bad_corpus_is_one_line(kind, tmp_path, capsys):
 def test_real_command_reports_an_empty_corpus_in_one_line(tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     proc = mlx_localnorm("pretrain", "--out-dir", tmp_path / "run", "--corpus",
-                         tmp_path / "empty.txt", *flags(**TINY))
+                         tmp_path / "empty.txt", *flags(TINY))
     assert_one_line_error(proc, "empty.txt", "empty")
 
 
 def test_existing_run_is_one_line(interrupted_run, tmp_path):
     out = copy_run(interrupted_run, tmp_path)
-    proc = mlx_localnorm("pretrain", "--out-dir", out, *flags(**TINY))
+    proc = mlx_localnorm("pretrain", "--out-dir", out, *flags(TINY))
     assert_one_line_error(proc, str(out), "already holds a run", "--resume")
 
 
@@ -257,7 +249,7 @@ def test_full_disk_is_one_line_and_leaves_nothing_half_written(corpus, tmp_path,
     proc = subprocess.run(
         ["unshare", "--map-root-user", "--mount", "sh", "-c", script, "sh", f"{free_kb}k",
          str(disk), sys.executable, "-m", "mlx_localnorm", "pretrain", "--out-dir",
-         str(disk / "run"), "--corpus", str(corpus), *flags(**TINY)],
+         str(disk / "run"), "--corpus", str(corpus), *flags(TINY)],
         capture_output=True, text=True, timeout=180,
         env={**os.environ, "DISK": str(disk), "LISTING": str(listing)})
     assert proc.returncode not in (0, 99), proc.stderr
@@ -282,7 +274,7 @@ def test_ctrl_c_outside_training_is_one_line(monkeypatch, capsys):
 
 def test_diverged_loss_is_one_line(corpus, tmp_path, capsys):
     proc = run_in_process(capsys, "pretrain", "--out-dir", tmp_path / "run", "--corpus", corpus,
-                          *flags(**TINY), "--optimizer", "adamw", "--learning-rate", "1e30")
+                          *flags(TINY), "--optimizer", "adamw", "--learning-rate", "1e30")
     assert_one_line_error(proc, "training loss is", "lower the learning_rate")
 
 
@@ -352,7 +344,7 @@ def test_showcase_table():
 
 def test_demo_starts_fresh_in_a_new_directory(corpus, tmp_path):
     out = tmp_path / "demo"
-    proc = mlx_localnorm("demo", "--out-dir", out, "--corpus", corpus, *flags(**TINY))
+    proc = mlx_localnorm("demo", "--out-dir", out, "--corpus", corpus, *flags(TINY))
     assert proc.returncode == 0, proc.stderr
     assert "continuing" not in proc.stdout
     assert steps_logged(out) == [1, 2, 3, 4]
