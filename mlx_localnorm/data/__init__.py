@@ -1,4 +1,5 @@
-"""Data for pre-training: corpora, a sentencepiece tokenizer, token files, packed batches.
+"""Data for pre-training (corpora, a sentencepiece tokenizer, token files, packed batches)
+and fine-tuning (mlx-lm JSONL formats, loss masks, length-bucketed batches).
 
 Example::
 
@@ -11,6 +12,7 @@ Example::
 from .batches import Batches
 from .corpus import SHAKESPEARE_VALID_WORKS, Corpus, load_corpus
 from .pipeline import PreparedData, prepare_data
+from .sft import Example, SFTBatches, SFTData, load_sft, masked_cross_entropy
 from .tokenizer import load_tokenizer, train_tokenizer
 from .tokens import TokenFile, write_tokens
 
@@ -18,10 +20,15 @@ __all__ = [
     "SHAKESPEARE_VALID_WORKS",
     "Batches",
     "Corpus",
+    "Example",
     "PreparedData",
+    "SFTBatches",
+    "SFTData",
     "TokenFile",
     "load_corpus",
+    "load_sft",
     "load_tokenizer",
+    "masked_cross_entropy",
     "prepare_data",
     "train_tokenizer",
     "write_tokens",
