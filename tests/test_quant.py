@@ -1,0 +1,209 @@
+"""ln.quant: fake quantization on MLX's grid, straight-through and LSQ gradients, QAT layers,
+export to real quantized layers and mlx-lm's loader.
+
+The grid references are MLX's own ``mx.dequantize(*mx.quantize(...))`` (the thing QAT must
+reproduce); gradients and saturation are hand-built in float64 NumPy.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_localnorm as ln  # noqa: F401  (must load before mlx.core is used)
+from mlx_localnorm.quant import fake_quantize, fake_quantize_learned, pack_affine
+
+# Every format mx.quantize documents: (mode, group_size, bits).
+AFFINE = [("affine", g, b) for g in (32, 64, 128) for b in (1, 2, 3, 4, 5, 6, 8)]
+FLOATS = [("mxfp4", 32, 4), ("nvfp4", 16, 4), ("mxfp8", 32, 8)]
+DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+
+
+def bits_of(a: mx.array) -> np.ndarray:
+    """The float32 bit patterns (every dtype here widens to float32 exactly)."""
+    return np.array(a.astype(mx.float32)).view(np.uint32)
+
+
+def mlx_grid(w, group_size, bits, mode):
+    out = mx.dequantize(*mx.quantize(w, group_size, bits, mode=mode), group_size=group_size,
+                        bits=bits, mode=mode)
+    return out.astype(w.dtype)
+
+
+# ---- the grid, bit for bit -----------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode,group_size,bits", AFFINE + FLOATS)
+def test_fake_quantize_is_mlx_grid_bit_for_bit(mode, group_size, bits, dtype):
+    mx.random.seed(group_size + bits)
+    # wide range of magnitudes per row so the float modes use several shared exponents
+    w = (mx.random.normal((6, 4 * group_size)) * mx.exp(mx.random.normal((6, 1)) * 2))
+    w = w.astype(dtype)
+    got = fake_quantize(w, group_size, bits, mode)
+    assert got.dtype == dtype and got.shape == w.shape
+    np.testing.assert_array_equal(bits_of(got), bits_of(mlx_grid(w, group_size, bits, mode)))
+
+
+def test_fake_quantize_defaults_are_affine_64_4_and_the_mode_defaults():
+    w = mx.random.normal((2, 128))
+    np.testing.assert_array_equal(bits_of(fake_quantize(w)), bits_of(mlx_grid(w, 64, 4, "affine")))
+    np.testing.assert_array_equal(bits_of(fake_quantize(w, mode="nvfp4")),
+                                  bits_of(mlx_grid(w, 16, 4, "nvfp4")))
+
+
+def test_fake_quantize_any_leading_shape_and_one_axis():
+    w = mx.random.normal((2, 3, 128))
+    np.testing.assert_array_equal(bits_of(fake_quantize(w, 32, 3)),
+                                  bits_of(mlx_grid(w.reshape(6, 128), 32, 3, "affine")).reshape(
+                                      2, 3, 128))
+    v = mx.random.normal((256,))
+    np.testing.assert_array_equal(bits_of(fake_quantize(v, 128, 2)),
+                                  bits_of(mlx_grid(v.reshape(1, 256), 128, 2, "affine"))[0])
+
+
+def accepted_by_mlx(group_size, bits, mode) -> bool:
+    try:
+        mx.eval(mx.quantize(mx.zeros((1, 256)), group_size, bits, mode=mode))
+        return True
+    except (ValueError, RuntimeError):
+        return False
+
+
+@pytest.mark.parametrize("mode", ["affine", "mxfp4", "nvfp4", "mxfp8"])
+def test_accepts_exactly_the_formats_mlx_accepts(mode):
+    for group_size in (8, 16, 32, 64, 128, 256):
+        for bits in range(1, 10):
+            if accepted_by_mlx(group_size, bits, mode):
+                fake_quantize(mx.zeros((1, 256)), group_size, bits, mode)
+            else:
+                with pytest.raises(ValueError):
+                    fake_quantize(mx.zeros((1, 256)), group_size, bits, mode)
+
+
+@pytest.mark.parametrize("kwargs,named,allowed", [
+    (dict(bits=7), "bits", "[1, 2, 3, 4, 5, 6, 8]"),
+    (dict(bits=0), "bits", "[1, 2, 3, 4, 5, 6, 8]"),
+    (dict(group_size=48), "group_size", "[32, 64, 128]"),
+    (dict(group_size=64, mode="mxfp4"), "group_size", "[32]"),
+    (dict(group_size=16, bits=8, mode="nvfp4"), "bits", "[4]"),
+    (dict(mode="int4"), "mode", "['affine', 'mxfp4', 'mxfp8', 'nvfp4']"),
+])
+def test_bad_format_is_a_value_error_naming_argument_and_allowed_values(kwargs, named, allowed):
+    with pytest.raises(ValueError, match=rf"{named} must be one of") as err:
+        fake_quantize(mx.zeros((2, 128)), **kwargs)
+    message = str(err.value)
+    assert allowed in message and "\n" not in message
+    given = kwargs.get(named)
+    assert repr(given) in message or str(given) in message
+
+
+def test_bad_types_and_shapes():
+    with pytest.raises(TypeError, match="bits must be an int, got float"):
+        fake_quantize(mx.zeros((2, 128)), bits=4.0)
+    with pytest.raises(TypeError, match="w must be float32, float16 or bfloat16, got .*int32"):
+        fake_quantize(mx.zeros((2, 128), dtype=mx.int32))
+    with pytest.raises(TypeError, match="w must be an mx.array, got ndarray"):
+        fake_quantize(np.zeros((2, 128), np.float32))
+    with pytest.raises(ValueError, match=r"multiple of group_size=64, got shape \(4, 100\)"):
+        fake_quantize(mx.zeros((4, 100)))
+    with pytest.raises(ValueError, match=r"multiple of group_size=32, got shape \(48,\)"):
+        fake_quantize(mx.zeros((48,)), 32)
+
+
+# ---- straight-through gradient ------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,group_size,bits", [("affine", 64, 2), ("affine", 32, 8),
+                                                  ("mxfp4", 32, 4), ("nvfp4", 16, 4)])
+def test_straight_through_gradient_is_the_identity(mode, group_size, bits):
+    w = mx.random.normal((3, 128)) * 3
+    c = mx.random.normal((3, 128))
+    grad = mx.grad(lambda w: (c * fake_quantize(w, group_size, bits, mode)).sum())(w)
+    np.testing.assert_array_equal(np.array(grad), np.array(c))
+
+
+def test_clipped_straight_through_affine_saturating_group_by_hand():
+    # 2 bits, min -1, max 0.7: MLX pins the larger end (-1) and keeps zero on the grid, so
+    # the step is 0.5 and the grid {-1, -0.5, 0, 0.5}: 0.7 saturates at 0.5.
+    row = np.full(32, 0.2, np.float32)
+    row[:4] = [-1.0, 0.7, 0.3, -0.45]
+    w = mx.array(row[None])
+    want = np.full(32, 0.0, np.float32)
+    want[:4] = [-1.0, 0.5, 0.5, -0.5]
+    np.testing.assert_array_equal(np.array(fake_quantize(w, 32, 2))[0], want)
+    c = mx.arange(1, 33, dtype=mx.float32)[None]
+    grad = mx.grad(lambda w: (c * fake_quantize(w, 32, 2, clip=True)).sum())(w)
+    mask = np.ones(32, np.float32)
+    mask[1] = 0.0
+    np.testing.assert_array_equal(np.array(grad)[0], np.arange(1, 33) * mask)
+
+
+def test_clipped_straight_through_nvfp4_by_hand():
+    # nvfp4 scale: e4m3 nearest to amax / 6 = 6.2 / 6 -> 1.0 (e4m3 steps 0.125 there), so the
+    # e2m1 grid tops out at 6.0 and +-6.2 saturate. One group of 16: an odd group count.
+    row = np.linspace(-3.0, 3.0, 16).astype(np.float32)
+    row[3], row[7] = 6.2, -6.2
+    w = mx.array(row[None])
+    got = np.array(fake_quantize(w, mode="nvfp4"))[0]
+    assert got[3] == 6.0 and got[7] == -6.0
+    grad = mx.grad(lambda w: fake_quantize(w, mode="nvfp4", clip=True).sum())(w)
+    want = np.ones(16, np.float32)
+    want[[3, 7]] = 0.0
+    np.testing.assert_array_equal(np.array(grad)[0], want)
+
+
+def test_odd_number_of_nvfp4_groups():
+    w = mx.random.normal((3, 16))  # MLX's own nvfp4 needs an even count of groups
+    ref = mlx_grid(mx.concatenate([w, mx.zeros((1, 16))]), 16, 4, "nvfp4")[:3]
+    np.testing.assert_array_equal(bits_of(fake_quantize(w, mode="nvfp4")), bits_of(ref))
+
+
+# ---- learned scales (LSQ / LSQ+) -----------------------------------------------------------
+
+@pytest.mark.parametrize("group_size,bits", [(g, b) for g in (32, 64, 128)
+                                             for b in (1, 2, 3, 4, 5, 6, 8)])
+def test_learned_grid_starts_on_mlx_grid(group_size, bits):
+    mx.random.seed(bits)
+    w = mx.random.normal((4, 256)) * mx.exp(mx.random.normal((4, 1)))
+    _, scales, biases = mx.quantize(w, group_size, bits)
+    got = fake_quantize_learned(w, scales, biases, group_size, bits)
+    np.testing.assert_array_equal(bits_of(got), bits_of(mlx_grid(w, group_size, bits, "affine")))
+
+
+def test_learned_scale_gradients_are_lsq_by_hand():
+    bits, qmax = 2, 3
+    rng = np.random.default_rng(0)
+    w = rng.uniform(-2.0, 2.5, (2, 32)).astype(np.float32)
+    s = np.array([[0.5], [-0.75]], np.float32)   # MLX stores negative scales too
+    b = np.array([[-1.0], [1.5]], np.float32)
+    c = rng.normal(size=(2, 32)).astype(np.float32)
+
+    def loss(w, s, b):
+        return (mx.array(c) * fake_quantize_learned(w, s, b, 32, bits)).sum()
+
+    gw, gs, gb = mx.grad(loss, argnums=(0, 1, 2))(mx.array(w), mx.array(s), mx.array(b))
+    v = (w.astype(np.float64) - b) / s
+    inside = (v >= 0) & (v <= qmax)
+    q = np.round(np.clip(v, 0, qmax))
+    want_w = np.where(inside, c, 0.0)
+    want_s = (c * np.where(inside, q - v, q)).sum(-1, keepdims=True)
+    want_b = (c * np.where(inside, 0.0, 1.0)).sum(-1, keepdims=True)
+    assert 0 < inside.mean() < 1  # both cases are exercised
+    np.testing.assert_allclose(np.array(gw), want_w, rtol=1e-6, atol=0)  # c * s / s
+    np.testing.assert_allclose(np.array(gs), want_s, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(gb), want_b, rtol=1e-5, atol=1e-5)
+
+
+def test_learned_rejects_scales_of_the_wrong_shape():
+    w = mx.zeros((4, 128))
+    with pytest.raises(ValueError, match=r"scales must have shape \(4, 2\).*got \(4, 4\)"):
+        fake_quantize_learned(w, mx.ones((4, 4)), mx.zeros((4, 2)), 64, 4)
+    with pytest.raises(ValueError, match="mode='affine'"):
+        fake_quantize_learned(w, mx.ones((4, 2)), mx.zeros((4, 2)), 64, 7)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 8])
+def test_pack_affine_is_what_mx_dequantize_reads(bits):
+    codes = np.random.default_rng(bits).integers(0, 2**bits, (3, 128))
+    packed = mx.array(pack_affine(codes, bits))
+    ones, zeros = mx.ones((3, 4)), mx.zeros((3, 4))
+    got = mx.dequantize(packed, ones, zeros, group_size=32, bits=bits)
+    np.testing.assert_array_equal(np.array(got), codes.astype(np.float32))
