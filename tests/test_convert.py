@@ -191,15 +191,127 @@ def test_transformers_4_config_keys_convert_the_same(tmp_path):
                                    reference["logits"], rtol=0, atol=LOGIT_ATOL)
 
 
-def test_float_directory_written_by_mlx_lm_converts_the_same(tmp_path):
+# ---- directories written by mlx-lm ---------------------------------------------------------
+
+def mlx_lm_copy(source: Path, target: Path, **config_changes) -> Path:
+    """What `mlx_lm.convert` (float) writes: mlx-lm's model loaded and saved by mlx-lm."""
     from mlx_lm.utils import load, save
 
-    source = FIXTURES / "llama_llama3"
-    model, tokenizer, config = load(str(source), return_config=True)
-    save(tmp_path / "mlx", str(source), model, tokenizer, config)
-    tokens = np.load(source / "reference.npz")["tokens"]
-    np.testing.assert_array_equal(converted_logits(tmp_path / "mlx", tokens),
-                                  converted_logits(source, tokens))
+    shutil.copytree(source, target / "hf")
+    edit_config(target / "hf", **config_changes)
+    # mlx-lm reads GPT-2 as the original checkpoints name it (h.0..., no transformer.).
+    edit_tensors(target / "hf", lambda t: t.update(
+        {k.removeprefix("transformer."): t.pop(k) for k in list(t)}))
+    model, tokenizer, config = load(str(target / "hf"), return_config=True)
+    save(target / "mlx", str(target / "hf"), model, tokenizer, config)
+    return target / "mlx"
+
+
+@pytest.mark.parametrize("case, changes", [("llama_llama3", {}), ("gpt2", {"n_ctx": 16})])
+def test_float_directory_written_by_mlx_lm_converts_the_same(case, changes, tmp_path):
+    """GPT-2 in mlx-lm's naming: ``model.h.*``, weights already (out, in) (mlx-lm needs n_ctx)."""
+    directory = mlx_lm_copy(FIXTURES / case, tmp_path, **changes)
+    if case == "gpt2":
+        assert "model.h.0.attn.c_attn.weight" in mx.load(str(directory / "model.safetensors"))
+    reference = np.load(FIXTURES / case / "reference.npz")
+    np.testing.assert_allclose(converted_logits(directory, reference["tokens"]),
+                               reference["logits"], rtol=0, atol=LOGIT_ATOL)
+
+
+WIDE = {  # wide enough for mlx-lm to quantize every layer in groups of 32
+    "llama": dict(model_type="llama", vocab_size=48, hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, eos_token_id=1),
+    "gpt2": dict(model_type="gpt2", vocab_size=48, n_embd=32, n_layer=2, n_head=4, n_ctx=16,
+                 n_positions=16, layer_norm_epsilon=1e-5, eos_token_id=1),
+}
+
+
+def mlx_lm_quantized(model_type: str, bits: int | None, directory: Path):
+    """A random mlx-lm model written as `mlx_lm.convert -q` does; returns mlx-lm's model."""
+    import importlib
+
+    from mlx.utils import tree_map_with_path
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    config = dict(WIDE[model_type])
+    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    mx.random.seed(3)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    # Norm gains and biases away from 1 and 0, so one that is lost shows in the logits.
+    model.update(tree_map_with_path(
+        lambda path, p: p + 0.3 * mx.random.normal(p.shape) if p.ndim == 1 else p,
+        model.parameters()))
+    if bits is not None:
+        model, config = quantize_model(model, config, group_size=32, bits=bits)
+    directory.mkdir()
+    save_model(directory, model)
+    save_config(config, directory / "config.json")
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(FIXTURES / "gpt2" / file, directory / file)
+    return model
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_quantized_mlx_lm_directory_stays_quantized(model_type, bits, tmp_path):
+    mlx_model = mlx_lm_quantized(model_type, bits, tmp_path / "q")
+    model, _ = ln.convert.from_hf(tmp_path / "q")
+    kinds = {path: type(m).__name__ for path, m in model.named_modules()}
+    assert kinds["model.embed_tokens"] == "QuantizedEmbedding"
+    for name in ("self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj",
+                 "mlp.down_proj"):
+        assert kinds[f"model.layers.1.{name}"] == "QuantizedLinear", name
+    assert kinds["model.layers.0.input_layernorm"] in ("RMSNorm", "LayerNorm")
+    assert {m.bits for m in model.modules() if hasattr(m, "bits")} == {bits}
+    # Packed weights, scales and biases exactly as saved (GPT-2's fused c_attn split in 3).
+    saved = mx.load(str(tmp_path / "q" / "model.safetensors"))
+    ours = dict(tree_flatten(model.parameters()))
+    for kind in ("weight", "scales", "biases"):
+        if model_type == "gpt2":
+            fused = np.concatenate([np.array(ours[f"model.layers.0.self_attn.{p}_proj.{kind}"])
+                                    for p in "qkv"])
+            np.testing.assert_array_equal(fused, np.array(saved[f"model.h.0.attn.c_attn.{kind}"]))
+        else:
+            name = f"model.layers.0.self_attn.k_proj.{kind}"
+            np.testing.assert_array_equal(np.array(ours[name]), np.array(saved[name]))
+    np.testing.assert_allclose(f64(model(TOKENS)), f64(mlx_model(TOKENS)), rtol=0,
+                               atol=LOGIT_ATOL)
+
+
+def test_float_mlx_lm_model_converts_to_its_logits(tmp_path):
+    mlx_model = mlx_lm_quantized("llama", None, tmp_path / "f")
+    model, _ = ln.convert.from_hf(tmp_path / "f")
+    np.testing.assert_allclose(f64(model(TOKENS)), f64(mlx_model(TOKENS)), rtol=0,
+                               atol=LOGIT_ATOL)
+
+
+def test_mlx_lm_convert_q_output_converts(tmp_path):
+    """`mlx_lm.convert -q` on a fixture: only down_proj's width (32) fits a group of 32."""
+    from mlx_lm import convert, load
+
+    convert(str(FIXTURES / "qwen3"), str(tmp_path / "q"), quantize=True, q_group_size=32,
+            q_bits=4)
+    model, _ = ln.convert.from_hf(tmp_path / "q")
+    assert type(model.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"
+    mlx_model, _ = load(str(tmp_path / "q"))
+    np.testing.assert_allclose(f64(model(TOKENS)), f64(mlx_model(TOKENS)), rtol=0,
+                               atol=LOGIT_ATOL)
+
+
+@pytest.mark.parametrize("norm", ["seednorm", "dyt"])
+def test_norm_swap_on_a_4_bit_model_keeps_it_quantized(norm, tmp_path):
+    mlx_model = mlx_lm_quantized("llama", 4, tmp_path / "q")
+    quantized, _ = ln.convert.from_hf(tmp_path / "q")
+    swapped, _ = ln.convert.from_hf(tmp_path / "q", norm=norm)
+    assert type(swapped.layers[1].mlp.gate_proj).__name__ == "QuantizedLinear"
+    assert type(swapped.layers[1].input_layernorm).__name__ == {"seednorm": "SeeDNorm",
+                                                                "dyt": "DyT"}[norm]
+    np.testing.assert_array_equal(np.array(swapped.layers[1].mlp.gate_proj.scales),
+                                  np.array(quantized.layers[1].mlp.gate_proj.scales))
+    if norm == "seednorm":
+        np.testing.assert_allclose(f64(swapped(TOKENS)), f64(mlx_model(TOKENS)), rtol=0,
+                                   atol=LOGIT_ATOL)
 
 
 def shard(source: Path, target: Path, parts: int = 3) -> None:
@@ -367,10 +479,11 @@ def test_unsupported_rope_type_and_bad_dtype(tmp_path):
         ln.convert.from_hf(FIXTURES / "gpt2", dtype="float64")
 
 
-def test_quantized_source_is_refused_by_name(tmp_path):
+def test_quantized_source_in_another_format_is_refused_by_name(tmp_path):
     directory = editable_copy(tmp_path)
-    edit_config(directory, quantization={"group_size": 64, "bits": 4})
-    with pytest.raises(ValueError, match="is quantized; only float checkpoints"):
+    edit_config(directory, quantization_config={"quant_method": "gptq", "bits": 4})
+    with pytest.raises(ValueError, match="is quantized by 'gptq'; only float checkpoints and "
+                                         "mlx-lm quantized ones"):
         ln.convert.from_hf(directory)
 
 

@@ -125,26 +125,31 @@ _GPT2_NAMES = {"wte": "model.embed_tokens", "wpe": "model.embed_positions", "ln_
 
 
 def _gpt2_names(name: str, value: mx.array) -> dict[str, mx.array]:
-    """GPT-2's ``Conv1D`` stores ``x @ W`` weights, (in, out): transpose to ``nn.Linear``'s."""
-    short = name.removeprefix("transformer.")
-    layer = re.match(r"h\.(\d+)\.(.+)\.(weight|bias)$", short)
+    """GPT-2 names -> ours. Hugging Face's ``Conv1D`` stores ``x @ W`` weights, (in, out):
+    transposed to ``nn.Linear``'s (out, in). mlx-lm's names start with ``model.`` and its
+    weights (packed when quantized, with ``scales`` and ``biases``) are (out, in) already."""
+    mlx_layout = name.startswith("model.")
+    short = name.removeprefix("transformer.").removeprefix("model.")
+    layer = re.match(r"h\.(\d+)\.(.+)\.(weight|bias|scales|biases)$", short)
     if layer is None:
         module, _, kind = short.rpartition(".")
         return {f"{_GPT2_NAMES.get(module, module)}.{kind}": value}
     index, module, kind = layer.groups()
     prefix = f"model.layers.{index}"
-    linear = kind == "weight" and module.startswith(("attn.", "mlp."))
-    if module == "attn.c_attn":  # fused q, k, v along the output (last) axis
-        return {f"{prefix}.self_attn.{p}.{kind}": part.T if linear else part
-                for p, part in zip(("q_proj", "k_proj", "v_proj"), _split3(name, value))}
-    return {f"{prefix}.{_GPT2_NAMES.get(module, module)}.{kind}": value.T if linear else value}
+    transpose = not mlx_layout and kind == "weight" and module.startswith(("attn.", "mlp."))
+    if module == "attn.c_attn":  # fused q, k, v along the output axis
+        parts = _split3(name, value, axis=-1 if transpose or value.ndim == 1 else 0)
+        return {f"{prefix}.self_attn.{p}.{kind}": part.T if transpose else part
+                for p, part in zip(("q_proj", "k_proj", "v_proj"), parts)}
+    target = f"{prefix}.{_GPT2_NAMES.get(module, module)}.{kind}"
+    return {target: value.T if transpose else value}
 
 
-def _split3(name: str, value: mx.array) -> list[mx.array]:
-    if value.ndim == 0 or value.shape[-1] % 3:
-        raise ValueError(f"from_hf: tensor {name!r} must hold q, k and v (a last axis that is "
-                         f"a multiple of 3), got shape {tuple(value.shape)}")
-    return mx.split(value, 3, axis=-1)
+def _split3(name: str, value: mx.array, axis: int) -> list[mx.array]:
+    if value.ndim == 0 or value.shape[axis] % 3:
+        raise ValueError(f"from_hf: tensor {name!r} must hold q, k and v (an output axis that "
+                         f"is a multiple of 3), got shape {tuple(value.shape)}")
+    return mx.split(value, 3, axis=axis)
 
 
 # model_type -> (ModelArgs fields from the transformers config, tensor name map)

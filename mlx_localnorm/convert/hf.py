@@ -12,7 +12,9 @@ import warnings
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.utils import infer_quant_config
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
@@ -33,10 +35,14 @@ def from_hf(path: str | Path, norm: str | None = None, placement: str | None = N
 
     ``path`` holds config.json (``model_type`` one of ``SUPPORTED_MODEL_TYPES``), the weights
     (model.safetensors, or shards listed by model.safetensors.index.json) and the tokenizer
-    files. With ``norm=None, placement=None`` the model computes the source's function
-    (float32 logits equal ``transformers``' within 1e-4). ``norm``/``placement`` swap the
-    norms afterwards as :func:`~mlx_localnorm.swap_norms` does: gains carry over where the
-    new norms sit where the old ones did (not yet calibrated). ``dtype``: the weights' dtype.
+    files. A directory written by mlx-lm (``mlx_lm.convert``, quantized or not) reads the
+    same way; a quantized one stays quantized (the same packed weights, scales and biases;
+    norms are never quantized). With ``norm=None, placement=None`` the model computes the
+    source's function (float32 logits equal ``transformers``' within 1e-4).
+    ``norm``/``placement`` swap the norms afterwards as :func:`~mlx_localnorm.swap_norms`
+    does: gains carry over where the new norms sit where the old ones did (not calibrated:
+    see :func:`calibrate`). ``dtype``: the dtype of the float weights (and of quantization
+    scales and biases).
     """
     path = _check_directory(path)
     if dtype not in DTYPES:
@@ -45,7 +51,11 @@ def from_hf(path: str | Path, norm: str | None = None, placement: str | None = N
     raw = _read_config(path)
     make_args, tensor_map = ARCHITECTURES[raw["model_type"]]
     model = Model(ModelArgs(**make_args(_transformers_config(path))))
-    _load_weights(model, _shards(path), tensor_map, DTYPES[dtype])
+    shards = _shards(path)
+    quantization = _quantization(raw, path)
+    if quantization is not None:
+        _quantize_as_saved(model, shards, tensor_map, quantization)
+    _load_weights(model, shards, tensor_map, DTYPES[dtype])
     tokenizer = _tokenizer(path, raw)
     if norm is not None or placement is not None:
         model = swap_model_norms(model, norm, placement)
@@ -76,10 +86,42 @@ def _read_config(path: Path) -> dict:
     if model_type not in ARCHITECTURES:
         raise ValueError(f"from_hf: model_type must be one of {', '.join(SUPPORTED_MODEL_TYPES)};"
                          f" {str(file)!r} has {model_type!r}")
-    if "quantization" in raw or "quantization_config" in raw:
-        raise ValueError(f"from_hf: {str(path)!r} is quantized; only float checkpoints "
-                         "convert so far")
     return raw
+
+
+def _quantization(raw: dict, path: Path) -> dict | None:
+    """mlx-lm's quantization entry (None: a float checkpoint); other formats are refused."""
+    entry = raw.get("quantization", raw.get("quantization_config"))
+    if entry is None or (isinstance(entry, dict) and "group_size" in entry and "bits" in entry):
+        return entry
+    method = entry.get("quant_method") if isinstance(entry, dict) else None
+    raise ValueError(f"from_hf: {str(path)!r} is quantized by {method!r}; only float "
+                     "checkpoints and mlx-lm quantized ones (config.json 'quantization' "
+                     "with 'group_size' and 'bits') convert")
+
+
+def _quantize_as_saved(model: Model, shards: list[Path], tensor_map: TensorMap,
+                       quantization: dict) -> None:
+    """Quantize the layers the checkpoint stores quantized, as ``mlx_lm.utils.load_model`` does.
+
+    Each layer with ``scales`` takes its config.json entry, else the group size, bits and
+    mode its packed shapes imply. Tensors are mapped lazily: nothing is read here.
+    """
+    tensors = {}
+    for shard in shards:
+        for name, value in mx.load(str(shard)).items():
+            if not is_buffer(name):
+                tensors.update(tensor_map(name, value))
+
+    def predicate(path: str, module: nn.Module):
+        if path in quantization:
+            return quantization[path]
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in tensors:
+            return False
+        return infer_quant_config(path, module, tensors)
+
+    nn.quantize(model, quantization["group_size"], quantization["bits"],
+                mode=quantization.get("mode", "affine"), class_predicate=predicate)
 
 
 def _transformers_config(path: Path):
@@ -126,7 +168,9 @@ def _load_weights(model: Model, shards: list[Path], tensor_map: TensorMap,
                 continue
             for target, tensor in tensor_map(name, value).items():
                 _check_tensor(shard, name, target, tuple(tensor.shape), expected)
-                weights[target] = tensor.astype(dtype)
+                # Packed quantized weights are integers: only floats take the dtype.
+                floating = mx.issubdtype(tensor.dtype, mx.floating)
+                weights[target] = tensor.astype(dtype) if floating else tensor
         model.load_weights(list(weights.items()), strict=False)
         mx.eval(list(weights.values()))
         found |= weights.keys()

@@ -8,6 +8,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..models import Model
+from ..models.quantized import quantized_layers
 from ..norms import NORMS
 from ..placements import HYPERSPHERE_NORMS, PLACEMENTS, check_placement
 
@@ -34,7 +35,8 @@ def check_swap(norm: str | None, placement: str | None) -> None:
 def swap_model_norms(model: Model, norm: str | None, placement: str | None) -> Model:
     """A new :class:`Model` with ``norm`` (None: the same) and ``placement`` (None: the same).
 
-    Attention, MLP and embedding weights are copied. A new norm takes the old norm's gain
+    Attention, MLP and embedding weights are copied (quantized layers stay quantized as they
+    were). A new norm takes the old norm's gain
     (and bias, if both have one) when it sits in the same place: q/k norms always, block
     and final norms for Pre-LN and LN-scaling. ``norm="seednorm"`` thus keeps the function.
     """
@@ -46,6 +48,8 @@ def swap_model_norms(model: Model, norm: str | None, placement: str | None) -> M
         norm_options=args.norm_options if same_norm else {},
         qk_norm=args.qk_norm if same_norm or args.qk_norm is None else norm,
         qk_norm_options=args.qk_norm_options if same_norm else {}))
+    quantized = quantized_layers(model)
+    nn.quantize(new, class_predicate=lambda path, _: quantized.get(path, False))
     norm_kinds = tuple(NORMS.values())
     new_norms = {p: m for p, m in new.named_modules() if isinstance(m, norm_kinds)}
     old_modules = dict(model.named_modules())
