@@ -12,7 +12,10 @@ from mlx_lm.models.base import BaseModelArgs
 from ..norms import make_norm
 from ..placements import HYPERSPHERE_NORMS, NGPT_ALPHA_INIT, check_placement
 
-LAYER_TYPES = ("full_attention", "sliding_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
+# Placements a linear-attention block works in: nGPT/anGPT's weight projections and norm
+# constants assume softmax attention.
+LINEAR_PLACEMENTS = ("post", "pre", "mix", "peri", "sandwich", "lnscaling")
 # silu: Llama/Qwen SwiGLU; gelu_tanh: GPT-2 and Gemma's GeGLU (tanh approximation); gelu: erf.
 MLP_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 # rope: rotary q/k; learned: absolute positions added to the embeddings (GPT-2).
@@ -86,9 +89,24 @@ class ModelArgs(BaseModelArgs):
     attention_gate: bool = field(
         default=False, metadata={"help": "sigmoid output gate per head (Qwen3-Next)"})
     layer_types: list[str] | None = field(
-        default=None, metadata={"help": "per block: full_attention | sliding_attention"})
+        default=None,
+        metadata={"help": "per block: full_attention | sliding_attention | linear_attention"})
     sliding_window: int | None = field(
         default=None, metadata={"help": "window of the sliding_attention blocks"})
+    linear_num_key_heads: int | None = field(
+        default=None, metadata={"help": "linear_attention q/k heads; None = num_attention_heads"})
+    linear_num_value_heads: int | None = field(
+        default=None, metadata={"help": "linear_attention v heads (a multiple of the key "
+                                        "heads); None = num_attention_heads"})
+    linear_key_head_dim: int | None = field(
+        default=None, metadata={"help": "linear_attention q/k head width; None = head_dim"})
+    linear_value_head_dim: int | None = field(
+        default=None, metadata={"help": "linear_attention v head width; None = head_dim"})
+    linear_conv_kernel_dim: int = field(
+        default=4, metadata={"help": "causal conv width on q/k/v of linear_attention"})
+    linear_chunk_size: int = field(
+        default=64, metadata={"help": "tokens per chunk of the chunked gated delta rule "
+                                      "(a power of two)"})
     num_experts: int = field(default=0, metadata={"help": "MoE experts; 0 = dense MLP"})
     num_experts_per_tok: int = field(default=2, metadata={"help": "MoE top-k"})
     moe_intermediate_size: int | None = field(
@@ -150,6 +168,8 @@ class ModelArgs(BaseModelArgs):
                              f"of {LAYER_TYPES}, got {self.layer_types!r}")
         if "sliding_attention" in self.layer_types:
             _positive_int(self.sliding_window, "sliding_window (needed by sliding_attention)")
+        if "linear_attention" in self.layer_types:
+            self._check_linear_attention()
 
         if self.num_experts:
             _positive_int(self.num_experts, "num_experts")
@@ -195,6 +215,29 @@ class ModelArgs(BaseModelArgs):
                 or not 0 < self.embed_scale < math.inf:
             raise ValueError(f"ModelArgs: embed_scale must be a positive number, got "
                              f"{self.embed_scale!r}")
+
+    def _check_linear_attention(self) -> None:
+        """Sizes and compatible settings of the Gated DeltaNet blocks."""
+        if self.placement not in LINEAR_PLACEMENTS or self.position_embedding != "rope":
+            raise ValueError(f"ModelArgs: linear_attention works with placements "
+                             f"{LINEAR_PLACEMENTS} and position_embedding='rope', got "
+                             f"{self.placement!r} and {self.position_embedding!r}")
+        for name, default in (("linear_num_key_heads", self.num_attention_heads),
+                              ("linear_num_value_heads", self.num_attention_heads),
+                              ("linear_key_head_dim", self.head_dim),
+                              ("linear_value_head_dim", self.head_dim)):
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+            _positive_int(getattr(self, name), name)
+        _positive_int(self.linear_conv_kernel_dim, "linear_conv_kernel_dim")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ValueError(
+                f"ModelArgs: linear_num_key_heads={self.linear_num_key_heads} must divide "
+                f"linear_num_value_heads={self.linear_num_value_heads}")
+        chunk = _positive_int(self.linear_chunk_size, "linear_chunk_size")
+        if chunk & (chunk - 1):
+            raise ValueError(f"ModelArgs: linear_chunk_size must be a power of two, got {chunk}")
+        self.new_norm(self.linear_value_head_dim)  # the gated output norm, per value head
 
     @property
     def hypersphere(self) -> bool:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.base import create_attention_mask, create_ssm_mask
+from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
 
 from ..constraints import project_weights
 from ..placements import has_final_norm, make_block, scaled_vector
 from .args import ModelArgs
 from .layers import MLP, Attention, MoE
+from .linear_attention import GatedDeltaNet
 
 
 def _check_tokens(inputs, vocab_size: int, cache) -> None:
@@ -59,19 +60,20 @@ class LocalNormModel(nn.Module):
         dims, layers = args.hidden_size, args.num_hidden_layers
         self.layers = [
             make_block(
-                args.placement, i, layers, Attention(args),
+                args.placement, i, layers,
+                GatedDeltaNet(args) if kind == "linear_attention" else Attention(args),
                 MoE(args) if args.num_experts else MLP(
                     dims, args.intermediate_size, args.mlp_bias, scaled=args.hypersphere,
                     activation=args.mlp_activation, gated=args.mlp_gated),
                 args.new_norm, mix_ratio=args.mix_ratio, dims=dims,
                 attn_dims=args.num_attention_heads * args.head_dim,
                 mlp_dims=args.intermediate_size, alpha_init=args.ngpt_alpha_init)
-            for i in range(layers)
+            for i, kind in enumerate(args.layer_types)
         ]
         if has_final_norm(args.placement):
             self.norm = args.new_norm()
         # A tuple, not a list: MLX would walk a list attribute as part of the module tree.
-        self.sliding = tuple(t == "sliding_attention" for t in args.layer_types)
+        self.layer_types = tuple(args.layer_types)
 
     def __call__(self, inputs: mx.array, cache=None,
                  input_embeddings: mx.array | None = None) -> mx.array:
@@ -81,15 +83,17 @@ class LocalNormModel(nn.Module):
         cache = cache or [None] * len(self.layers)
         if "embed_positions" in self:
             h = h + self.embed_positions(self._positions(h.shape[1], cache[0]))
-        # One mask per attention kind, made from the first cache of that kind (as mlx-lm).
+        # One mask per layer type, made from the first cache of that type (as mlx-lm).
         masks = {}
-        for sliding in (False, True):
-            if sliding in self.sliding:
-                window = self.args.sliding_window if sliding else None
-                masks[sliding] = create_attention_mask(
-                    h, cache[self.sliding.index(sliding)], window_size=window)
-        for layer, sliding, layer_cache in zip(self.layers, self.sliding, cache):
-            h = layer(h, masks[sliding], layer_cache)
+        for kind in set(self.layer_types):
+            first = cache[self.layer_types.index(kind)]
+            if kind == "linear_attention":
+                masks[kind] = create_ssm_mask(h, first)
+            else:
+                window = self.args.sliding_window if kind == "sliding_attention" else None
+                masks[kind] = create_attention_mask(h, first, window_size=window)
+        for layer, kind, layer_cache in zip(self.layers, self.layer_types, cache):
+            h = layer(h, masks[kind], layer_cache)
         return self.norm(h) if "norm" in self else h
 
     def _positions(self, length: int, cache) -> mx.array:
@@ -143,9 +147,11 @@ class Model(nn.Module):
         return self.model.layers
 
     def make_cache(self) -> list:
-        """mlx-lm caches: ``RotatingKVCache`` for sliding-window blocks, ``KVCache`` otherwise."""
-        return [RotatingKVCache(max_size=self.args.sliding_window) if sliding else KVCache()
-                for sliding in self.model.sliding]
+        """mlx-lm caches: ``RotatingKVCache`` for sliding-window blocks, ``ArraysCache(2)``
+        (conv inputs, recurrent state) for linear-attention blocks, ``KVCache`` otherwise."""
+        caches = {"sliding_attention": lambda: RotatingKVCache(max_size=self.args.sliding_window),
+                  "linear_attention": lambda: ArraysCache(size=2), "full_attention": KVCache}
+        return [caches[kind]() for kind in self.model.layer_types]
 
     def sanitize(self, weights: dict) -> dict:
         """Drop what mlx-lm checkpoints may carry but this model does not use."""
@@ -162,6 +168,9 @@ class Model(nn.Module):
         Norms, embeddings and the head are replicated. For inference: nGPT/anGPT's
         ``project_weights`` does not know the split.
         """
+        if "linear_attention" in self.args.layer_types:
+            raise ValueError("Model.shard: linear_attention blocks cannot be sharded yet; got "
+                             f"layer_types {self.args.layer_types}")
         group = group or mx.distributed.init()
         width = "moe_intermediate_size" if self.args.num_experts else "intermediate_size"
         for name in ("num_key_value_heads", width):
