@@ -799,6 +799,70 @@ def test_kl_to_the_adapters_off_reference_starts_at_zero():
     assert kls[0] == 0.0 and kls[-1] > 0.0
 
 
+@pytest.fixture
+def modes(monkeypatch):
+    """(pass, model.training) for every rollout and log-prob pass of grpo_step/evaluate."""
+    from mlx_localnorm.rl import step
+
+    seen = []
+
+    def spy(name):
+        original = getattr(step, name)
+
+        def recorded(model, *args, **kwargs):
+            seen.append((name, model.training))
+            return original(model, *args, **kwargs)
+
+        monkeypatch.setattr(step, name, recorded)
+
+    for name in ("rollout", "token_logprobs", "complete"):
+        spy(name)
+    return seen
+
+
+def dropout_lora_model():
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model = char_model()
+    model.freeze()
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": 0.5})
+    return model
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_grpo_step_samples_in_eval_mode_and_updates_in_train_mode(modes, training):
+    # mlx_lm.load returns a model in eval mode: LoRA dropout must still act in the updates,
+    # and never in the rollout or the reference/old log-probs.
+    model = dropout_lora_model()
+    model.train(training)
+    rl.grpo_step(model, mlx_optim.Adam(learning_rate=1e-2), CharTokenizer(), CHAR_RECORDS,
+                 share_of_a, rl.GRPOOptions(group_size=2, max_tokens=3, beta=0.1, updates=2))
+    assert modes == [("rollout", False), ("token_logprobs", False), ("token_logprobs", False),
+                     ("token_logprobs", True), ("token_logprobs", True)]
+    assert all(m.training == training for _, m in model.named_modules())
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_evaluate_runs_in_eval_mode(modes, training):
+    model = dropout_lora_model()
+    model.train(training)
+    rl.evaluate(model, CharTokenizer(), CHAR_RECORDS, share_of_a, max_tokens=3)
+    assert modes == [("complete", False)]
+    assert all(m.training == training for _, m in model.named_modules())
+
+
+def test_grpo_step_restores_the_mode_after_an_error():
+    model = dropout_lora_model()
+
+    def broken(prompt, completion, **fields):
+        raise KeyError("broken")
+
+    with pytest.raises(rl.RewardError):
+        rl.grpo_step(model, mlx_optim.SGD(learning_rate=0.1), CharTokenizer(), CHAR_RECORDS,
+                     broken, rl.GRPOOptions(group_size=2, max_tokens=2))
+    assert model.training
+
+
 def test_kl_needs_a_reference():
     with pytest.raises(ValueError, match=r"adapters_off.*no LoRA/DoRA adapters"):
         rl.grpo_step(char_model(), mlx_optim.SGD(learning_rate=0.1), CharTokenizer(),

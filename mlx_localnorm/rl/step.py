@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -110,6 +111,8 @@ def grpo_step(model: nn.Module, optimizer, tokenizer, records: Sequence[dict],
     on-policy (ratio 1, gradient of :math:`\rho A`); with several, the old log-probabilities
     are recomputed once by a forward pass before the first. ``beta > 0`` needs a
     ``reference`` model, or a LoRA/DoRA ``model`` whose adapters are switched off for it.
+    The rollout and the old/reference log-probabilities run in eval mode (no dropout), the
+    updates in train mode; the model's own mode is restored at the end.
 
     Returns floats: ``reward_mean``, ``reward_std``, ``completion_length``,
     ``groups_kept`` (all unless DAPO drops some), ``generated_tokens``,
@@ -120,6 +123,25 @@ def grpo_step(model: nn.Module, optimizer, tokenizer, records: Sequence[dict],
     if not isinstance(options, GRPOOptions):
         raise TypeError(f"grpo_step: options must be a GRPOOptions, got "
                         f"{type(options).__name__}")
+    with _mode(model, training=False):
+        return _step(model, optimizer, tokenizer, records, reward, options, reference,
+                     stop_tokens)
+
+
+@contextmanager
+def _mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """``model.train(training)`` inside the block, its previous mode restored after."""
+    previous = model.training
+    model.train(training)
+    try:
+        yield
+    finally:
+        model.train(previous)
+
+
+def _step(model, optimizer, tokenizer, records, reward, options, reference, stop_tokens):
+    """grpo_step's work, the model in eval mode: sampling and old/reference log-probs see no
+    dropout; the updates switch to train mode."""
     G = options.group_size
     tic = time.perf_counter()
     out = rollout(model, [tokenizer.encode(r["prompt"]) for r in records], G,
@@ -161,14 +183,15 @@ def grpo_step(model: nn.Module, optimizer, tokenizer, records: Sequence[dict],
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     totals: dict[str, float] = {}
-    for _ in range(options.updates):
-        (loss, step_metrics), grads = loss_and_grad(model)
-        optimizer.update(model, grads)
-        mx.eval(model.parameters(), optimizer.state, loss, step_metrics)
-        for name in ("clip_fraction", "ratio_mean", "kl"):
-            if name in step_metrics:
-                totals[name] = totals.get(name, 0.0) + step_metrics[name].item()
-        totals["loss"] = totals.get("loss", 0.0) + loss.item()
+    with _mode(model, training=True):
+        for _ in range(options.updates):
+            (loss, step_metrics), grads = loss_and_grad(model)
+            optimizer.update(model, grads)
+            mx.eval(model.parameters(), optimizer.state, loss, step_metrics)
+            for name in ("clip_fraction", "ratio_mean", "kl"):
+                if name in step_metrics:
+                    totals[name] = totals.get(name, 0.0) + step_metrics[name].item()
+            totals["loss"] = totals.get("loss", 0.0) + loss.item()
     metrics.update({k: v / options.updates for k, v in totals.items()})
     return metrics
 
@@ -179,7 +202,8 @@ def evaluate(model: nn.Module, tokenizer, records: Sequence[dict], reward: Rewar
     """Mean and std of the reward of one completion per record (greedy by default), e.g. on
     held-out prompts (``rl.tasks.make_prompts(..., split="test")``)."""
     _check_records(records, "evaluate")
-    texts = complete(model, tokenizer, [r["prompt"] for r in records], max_tokens=max_tokens,
-                     sampler=sampler, stop_tokens=stop_tokens)
+    with _mode(model, training=False):
+        texts = complete(model, tokenizer, [r["prompt"] for r in records],
+                         max_tokens=max_tokens, sampler=sampler, stop_tokens=stop_tokens)
     rewards = score_completions(reward, records, texts)
     return {"reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards))}
