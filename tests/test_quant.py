@@ -5,12 +5,24 @@ The grid references are MLX's own ``mx.dequantize(*mx.quantize(...))`` (the thin
 reproduce); gradients and saturation are hand-built in float64 NumPy.
 """
 
+import json
+
 import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import mlx_lm
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models import llama
+from mlx_lm.utils import quantize_model
 
 import mlx_localnorm as ln  # noqa: F401  (must load before mlx.core is used)
-from mlx_localnorm.quant import fake_quantize, fake_quantize_learned, pack_affine
+from mlx_localnorm.models.quantized import quantized_layers
+from mlx_localnorm.quant import (QATEmbedding, QATLinear, export, fake_quantize,
+                                 fake_quantize_learned, pack_affine, prepare_qat, qat_layers,
+                                 save)
+from test_models import tiny_tokenizer
 
 # Every format mx.quantize documents: (mode, group_size, bits).
 AFFINE = [("affine", g, b) for g in (32, 64, 128) for b in (1, 2, 3, 4, 5, 6, 8)]
@@ -207,3 +219,181 @@ def test_pack_affine_is_what_mx_dequantize_reads(bits):
     ones, zeros = mx.ones((3, 4)), mx.zeros((3, 4))
     got = mx.dequantize(packed, ones, zeros, group_size=32, bits=bits)
     np.testing.assert_array_equal(np.array(got), codes.astype(np.float32))
+
+
+# ---- QAT layers, export, save --------------------------------------------------------------
+
+TOKENS = mx.array([[3, 9, 4, 17, 2, 30, 5, 11], [7, 7, 1, 22, 8, 13, 2, 6]])
+
+
+def tiny(seed=0, **overrides) -> ln.Model:
+    mx.random.seed(seed)
+    args = dict(vocab_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=128, norm_type="seednorm",
+                placement="peri")
+    return ln.Model(ln.ModelArgs(**{**args, **overrides}))
+
+
+def tiny_llama(seed=0):
+    mx.random.seed(seed)
+    config = dict(model_type="llama", hidden_size=64, num_hidden_layers=2,
+                  intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  rms_norm_eps=1e-5, vocab_size=32, tie_word_embeddings=False)
+    return llama.Model(llama.ModelArgs(**config)), config
+
+
+def dequantized(layer) -> mx.array:
+    return mx.dequantize(layer.weight, layer.scales, layer.get("biases"),
+                         group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
+                         dtype=mx.float32)
+
+
+def assert_logits_close(got, want):
+    scale = float(mx.abs(want).max())
+    assert float(mx.abs(got - want).max()) <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("make", [tiny, lambda: tiny_llama()[0]], ids=["ln", "mlx_lm_llama"])
+@pytest.mark.parametrize("bits,group_size,mode,learn", [
+    (4, 64, "affine", False), (2, 32, "affine", False), (3, 128, "affine", False),
+    (4, 32, "mxfp4", False), (4, 16, "nvfp4", False), (8, 32, "mxfp8", False),
+    (3, 64, "affine", True)])
+def test_export_is_the_fake_quantized_model(make, bits, group_size, mode, learn):
+    model = make()
+    # float-mode embeddings put the model in bfloat16 (see the next test): compare in float32
+    embeddings = mode == "affine"
+    prepare_qat(model, bits, group_size, mode, embeddings=embeddings, learn_scales=learn)
+    if learn:  # move the learned scales and weights off their initial values
+        opt = optim.Adam(learning_rate=1e-2)
+        loss = nn.value_and_grad(model, lambda m: m(TOKENS).square().mean())
+        for _ in range(3):
+            opt.update(model, loss(model)[1])
+    layers = qat_layers(model)
+    assert set(layers) == {path for path, m in make().named_modules()
+                           if type(m) in (nn.Linear, nn.Embedding)[:1 + embeddings]
+                           and m.weight.shape[-1] % group_size == 0}
+    weights = {path: layer.quantized_weight() for path, layer in layers.items()}
+    fake_logits = model(TOKENS)
+    export(model)
+    modules = dict(model.named_modules())
+    for path, w in weights.items():
+        kind = nn.QuantizedEmbedding if path.endswith("embed_tokens") else nn.QuantizedLinear
+        assert type(modules[path]) is kind, path
+        assert (modules[path].bits, modules[path].group_size, modules[path].mode) == (
+            bits, group_size, mode)
+        np.testing.assert_array_equal(bits_of(dequantized(modules[path])), bits_of(w))
+    assert_logits_close(model(TOKENS), fake_logits)
+
+
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4", "mxfp8"])
+def test_float_mode_embedding_returns_what_the_exported_one_returns(mode):
+    table = nn.Embedding(32, 64)
+    qat = QATEmbedding.from_embedding(table, None if mode != "nvfp4" else 16,
+                                      8 if mode == "mxfp8" else 4, mode)
+    real = nn.QuantizedEmbedding.from_embedding(table, qat.group_size, qat.bits, mode)
+    got, want = qat(TOKENS), real(TOKENS)
+    assert got.dtype == want.dtype == mx.bfloat16
+    np.testing.assert_array_equal(bits_of(got), bits_of(want))
+    x = mx.random.normal((3, 64))
+    assert_logits_close(qat.as_linear(x), real.as_linear(x))
+
+
+def test_before_training_qat_is_mlx_lm_post_training_quantization():
+    model = prepare_qat(tiny(), 3, 64, embeddings=True)
+    reference, _ = quantize_model(tiny(), {}, 64, 3)
+    assert_logits_close(model(TOKENS), reference(TOKENS))
+    export(model)
+    assert quantized_layers(model) == quantized_layers(reference)
+
+
+def test_honours_the_models_quant_predicate_and_skips_what_mlx_lm_skips():
+    # MoE routers go to 8 bits (ln.Model.quant_predicate); a 96-wide down_proj does not
+    # divide into groups of 64 and stays float, as in mlx_lm's quantize_model.
+    make = lambda: tiny(num_experts=4, num_experts_per_tok=2, intermediate_size=96,  # noqa
+                        num_hidden_layers=1, placement="pre", norm_type="rmsnorm")
+    model = prepare_qat(make(), 2, 64, embeddings=True)
+    reference, _ = quantize_model(make(), {}, 64, 2)
+    assert_logits_close(model(TOKENS), reference(TOKENS))
+    export(model)
+    assert quantized_layers(model) == quantized_layers(reference)
+    assert quantized_layers(model)["model.layers.0.mlp.gate"]["bits"] == 8
+    never = prepare_qat(tiny(), 4, 64, predicate=lambda path, m: "q_proj" not in path)
+    assert type(never.layers[0].self_attn.q_proj) is nn.Linear
+    assert type(never.layers[0].self_attn.k_proj) is QATLinear
+    assert type(never.model.embed_tokens) is nn.Embedding  # embeddings=False by default
+
+
+def test_straight_through_gradient_is_the_float_gradient_at_the_quantized_weights():
+    qat = prepare_qat(tiny(), 2, 32, embeddings=True)
+    at_grid = tiny()
+    at_grid.update(tree_unflatten_weights(qat))
+    loss = lambda m: nn.losses.cross_entropy(m(TOKENS[:, :-1]), TOKENS[:, 1:]).mean()  # noqa
+    _, g_qat = nn.value_and_grad(qat, loss)(qat)
+    _, g_ref = nn.value_and_grad(at_grid, loss)(at_grid)
+    g_ref = dict(tree_flatten(g_ref))
+    for path, grad in tree_flatten(g_qat):
+        np.testing.assert_allclose(np.array(grad), np.array(g_ref[path]), rtol=1e-4,
+                                   atol=1e-6, err_msg=path)
+
+
+def tree_unflatten_weights(qat):
+    """The QAT model's parameters with every fake-quantized weight replaced by its grid."""
+    from mlx.utils import tree_unflatten
+
+    params = dict(tree_flatten(qat.parameters()))
+    for path, layer in qat_layers(qat).items():
+        params[f"{path}.weight"] = layer.quantized_weight()
+    return tree_unflatten(list(params.items()))
+
+
+def test_frozen_others_train_only_the_quantized_weights_and_scales():
+    model = prepare_qat(tiny(), 4, 64, embeddings=True, learn_scales=True, train_others=False)
+    trainable = {path for path, _ in tree_flatten(model.trainable_parameters())}
+    layers = qat_layers(model)
+    want = {f"{p}.{k}" for p in layers for k in ("weight", "scales", "biases")}
+    assert trainable == want
+    everything = {path for path, _ in tree_flatten(model.parameters())}
+    assert any("alpha" in p for p in everything - trainable)  # SeeDNorm's vectors kept
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match=r"prepare_qat: bits must be one of .* got 7"):
+        prepare_qat(tiny(), 7, 64)
+    with pytest.raises(ValueError, match="learn_scales needs mode='affine', got 'mxfp4'"):
+        prepare_qat(tiny(), 4, 32, "mxfp4", learn_scales=True)
+    with pytest.raises(TypeError, match="embeddings must be True or False"):
+        prepare_qat(tiny(), 4, 64, embeddings="yes")
+    with pytest.raises(ValueError, match="export: model has no fake-quantized layers"):
+        export(tiny())
+    with pytest.raises(ValueError, match="predicate must return a bool or a dict"):
+        prepare_qat(tiny(), 4, 64, predicate=lambda path, m: {"bits": 4, "scale": 2})
+
+
+def test_saved_ln_model_loads_and_generates_in_mlx_lm(tmp_path):
+    model = prepare_qat(tiny(), 4, 64, embeddings=True)
+    path = save(model, tiny_tokenizer(), tmp_path / "q4")
+    config = json.loads((path / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine"}
+    loaded, tokenizer = mlx_lm.load(str(path), trust_remote_code=True)
+    assert quantized_layers(loaded) == quantized_layers(model)
+    np.testing.assert_array_equal(np.array(loaded(TOKENS)), np.array(model(TOKENS)))
+    text = mlx_lm.generate(loaded, tokenizer, prompt="w1 w2", max_tokens=5)
+    assert len(text.split()) == 5
+
+
+def test_saved_mlx_lm_model_loads_and_generates(tmp_path):
+    model, config = tiny_llama()
+    prepare_qat(model, 2, 32, embeddings=True)
+    fake_logits = model(TOKENS)
+    path = save(model, tiny_tokenizer(), tmp_path / "llama-q2", config)
+    assert not isinstance(model.model.embed_tokens, QATEmbedding)  # exported in place
+    saved = json.loads((path / "config.json").read_text())
+    assert saved["quantization"] == {"group_size": 32, "bits": 2, "mode": "affine"}
+    assert saved["quantization_config"] == saved["quantization"]
+    loaded, tokenizer = mlx_lm.load(str(path))
+    assert_logits_close(loaded(TOKENS), fake_logits)
+    text = mlx_lm.generate(loaded, tokenizer, prompt="w3", max_tokens=4)
+    assert len(text.split()) == 4
+    with pytest.raises(ValueError, match="exists and is not an empty directory"):
+        save(model, tiny_tokenizer(), path, config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-q2"]
