@@ -1,0 +1,291 @@
+"""Fine-tuning: modes (which parameters train), adapters mlx-lm loads, fuse, the finetune run.
+
+Expected trainable sets and counts are built here from the model's shapes (LoRA: r * (in + out)
+per Linear, DoRA: + out; norms: every 1-D parameter of these bias-free tiny models), never
+read back from the package.
+"""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import mlx_lm
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.models import llama
+from mlx_lm.utils import save_config
+from mlx_lm.utils import save_model as mlx_lm_save_weights
+from test_models import TOKENS, VOCAB, tiny_model, tiny_tokenizer
+
+from mlx_localnorm.models import save_model
+from mlx_localnorm.train.adapters import (MODES, apply_mode, fuse_adapters, load_adapter,
+                                          norm_parameter_names, parameter_counts, save_adapter)
+from mlx_localnorm.train.fuse import fuse
+
+LORA = {"rank": 3, "scale": 4.0, "dropout": 0.0}
+# Tiny models whose norms differ in what they hold: SeeDNorm (weight, alpha, beta) in Peri-LN,
+# DyT (scalar alpha), LayerNorm + QK-norm, and nGPT (no norm layers, only scale vectors).
+NORM_MODELS = {
+    "seednorm-peri": dict(norm_type="seednorm", placement="peri"),
+    "dyt-pre": dict(norm_type="dyt", placement="pre"),
+    "layernorm-qk": dict(norm_type="layernorm", placement="sandwich", qk_norm="rmsnorm"),
+    "ngpt": dict(norm_type=None, placement="ngpt"),
+}
+LLAMA = dict(model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=VOCAB,
+             tie_word_embeddings=True)
+
+
+def flat(tree) -> dict:
+    return dict(tree_flatten(tree))
+
+
+def numpy_params(model) -> dict:
+    return {k: np.array(v) for k, v in flat(model.parameters()).items()}
+
+
+def train_steps(model, steps=3, lr=1e-2):
+    """A few AdamW steps (with weight decay) on next-token loss over TOKENS."""
+    opt = optim.AdamW(learning_rate=lr, weight_decay=0.1)
+
+    def loss_fn(model):
+        logits = model(TOKENS[:, :-1])
+        return nn.losses.cross_entropy(logits, TOKENS[:, 1:], reduction="mean")
+
+    model.train()
+    for _ in range(steps):
+        _, grads = nn.value_and_grad(model, loss_fn)(model)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+    model.eval()
+
+
+def perturb_trainable(model, seed=1):
+    """Move every trainable parameter (LoRA's B starts at 0, which would hide a lost update)."""
+    mx.random.seed(seed)
+    model.update(tree_map(lambda p: p + 0.1 * mx.random.normal(p.shape),
+                          model.trainable_parameters()))
+
+
+def saved_localnorm(tmp_path, name="base", **overrides) -> Path:
+    path = tmp_path / name
+    save_model(tiny_model(**overrides), tiny_tokenizer(), path)
+    return path
+
+
+def saved_llama(tmp_path, name="llama", **overrides) -> Path:
+    path = tmp_path / name
+    args = {**LLAMA, **overrides}
+    mx.random.seed(0)
+    mlx_lm_save_weights(path, llama.Model(llama.ModelArgs(**args)))
+    save_config(args, path / "config.json")
+    tiny_tokenizer().save_pretrained(str(path))
+    return path
+
+
+def load(path, adapter_path=None):
+    model, _ = mlx_lm.load(str(path), adapter_path=None if adapter_path is None
+                           else str(adapter_path), trust_remote_code=True)
+    return model
+
+
+# ---- which parameters train ----------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["lora", "dora"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_lora_trains_only_adapter_parameters_counted_from_shapes(mode, num_layers):
+    model = tiny_model()
+    base = numpy_params(model)
+    blocks = range(2 - num_layers, 2)
+    linears = {k[:-len(".weight")]: v.shape for k, v in base.items() for i in blocks
+               if k.startswith(f"model.layers.{i}.") and v.ndim == 2}
+    assert len(linears) == 7 * num_layers  # q, k, v, o, gate, up, down per block
+    leaves = ("lora_a", "lora_b") + (("m",) if mode == "dora" else ())
+    expected = {f"{name}.{leaf}" for name in linears for leaf in leaves}
+    count = sum(3 * (i + o) + (o if mode == "dora" else 0) for o, i in linears.values())
+
+    apply_mode(model, mode, num_layers=num_layers, lora_parameters=LORA)
+    assert set(flat(model.trainable_parameters())) == expected
+    trainable, total = parameter_counts(model)
+    assert (trainable, total) == (count, sum(v.size for v in base.values()))
+
+    perturb_trainable(model)
+    adapters = numpy_params(model)
+    train_steps(model)
+    after = numpy_params(model)
+    for name, value in base.items():  # the base weights sit under .linear in a LoRA layer
+        layer = name.rsplit(".", 1)[0]
+        kept = f"{layer}.linear.weight" if layer in linears else name
+        assert np.array_equal(after[kept], value), name
+    assert all(not np.array_equal(after[k], adapters[k]) for k in expected)
+
+
+@pytest.mark.parametrize("case", list(NORM_MODELS))
+def test_norms_mode_moves_norm_parameters_and_nothing_else(case):
+    model = tiny_model(**NORM_MODELS[case])
+    before = numpy_params(model)
+    # These tiny models have no biases: their 1-D parameters are exactly the norm parameters.
+    norms = {k for k, v in before.items() if v.ndim == 1}
+    assert norms and set(norm_parameter_names(model)) == norms
+
+    apply_mode(model, "norms")
+    assert set(flat(model.trainable_parameters())) == norms
+    trainable, total = parameter_counts(model)
+    assert trainable == sum(before[k].size for k in norms)
+    assert total == sum(v.size for v in before.values())
+
+    train_steps(model)
+    after = numpy_params(model)
+    for name in before.keys() - norms:
+        assert np.array_equal(after[name], before[name]), name
+    assert all(not np.array_equal(after[k], before[k]) for k in norms)
+
+
+def test_norms_mode_gains_only():
+    model = tiny_model(norm_type="seednorm", placement="peri")
+    apply_mode(model, "norms", norm_params="gains")
+    names = set(flat(model.trainable_parameters()))
+    assert names and {n.rsplit(".", 1)[1] for n in names} == {"weight"}
+    assert all(v.ndim == 1 for k, v in flat(model.parameters()).items() if k in names)
+
+
+def test_full_mode_trains_everything():
+    model = tiny_model()
+    apply_mode(model, "full")
+    assert flat(model.trainable_parameters()).keys() == flat(model.parameters()).keys()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mode="qlora"), "mode must be one of"),
+    (dict(mode="lora", num_layers=0), r"num_layers must be an int in \[1, 2\]"),
+    (dict(mode="lora", num_layers=3), "got 3"),
+    (dict(mode="lora", num_layers=True), "got True"),
+    (dict(mode="lora", lora_parameters={"rank": 0}), "rank must be a positive int, got 0"),
+    (dict(mode="dora", lora_parameters={"dropout": 1.0}), r"dropout must be a number in \[0"),
+    (dict(mode="lora", lora_parameters={"scale": float("nan")}), "scale must be a finite"),
+    (dict(mode="norms", num_layers=1), "apply to lora and dora only"),
+    (dict(mode="full", lora_parameters={"rank": 4}), "apply to lora and dora only"),
+    (dict(mode="norms", norm_params="alpha"), "norm_params must be one of"),
+])
+def test_bad_mode_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        apply_mode(tiny_model(), **kwargs)
+
+
+def test_norms_mode_refuses_a_model_without_norms():
+    class NoNorms(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = [nn.Linear(4, 4)]
+
+    with pytest.raises(ValueError, match="NoNorms has no norm layer of a known type"):
+        apply_mode(NoNorms(), "norms")
+
+
+# ---- adapters through mlx-lm, and fuse -----------------------------------------------------
+
+def adapter_options(mode):
+    return {"num_layers": 1, "lora_parameters": LORA} if mode in ("lora", "dora") else {}
+
+
+@pytest.mark.parametrize("kind", ["localnorm", "llama"])
+@pytest.mark.parametrize("mode", MODES)
+def test_adapter_round_trips_through_mlx_lm_load_and_fuses(tmp_path, kind, mode):
+    if kind == "localnorm":
+        base = saved_localnorm(tmp_path, norm_type="seednorm", placement="peri")
+    else:
+        base = saved_llama(tmp_path)
+    model = load(base)
+    config = apply_mode(model, mode, **adapter_options(mode))
+    perturb_trainable(model)
+    model.eval()
+    want = model(TOKENS)
+    save_adapter(model, config, tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "adapter_config.json", "adapters.safetensors"]
+    saved = mx.load(str(tmp_path / "adapter" / "adapters.safetensors"))
+    assert saved.keys() == flat(model.trainable_parameters()).keys()
+
+    adapted = load(base, tmp_path / "adapter")
+    assert np.array_equal(np.array(adapted(TOKENS)), np.array(want))
+
+    fuse(base, tmp_path / "adapter", tmp_path / "fused")
+    fused = load(tmp_path / "fused")
+    names = set(flat(fused.parameters()))
+    assert names == set(flat(load(base).parameters()))  # no LoRA layer left
+    got, want = np.array(fused(TOKENS), np.float64), np.array(want, np.float64)
+    if mode in ("lora", "dora"):  # W + s B^T A^T in one matrix: float32 rounding only
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    else:
+        assert np.array_equal(got, want)
+
+
+def test_fused_lora_weights_are_w_plus_scaled_product(tmp_path):
+    """The fused matrix, in float64 from the saved adapter: W + scale * B^T A^T."""
+    base = saved_localnorm(tmp_path)
+    model = load(base)
+    config = apply_mode(model, "lora", **adapter_options("lora"))
+    perturb_trainable(model)
+    save_adapter(model, config, tmp_path / "adapter")
+    fuse(base, tmp_path / "adapter", tmp_path / "fused")
+    name = "model.layers.1.mlp.down_proj"
+    w = np.array(mx.load(str(base / "model.safetensors"))[f"{name}.weight"], np.float64)
+    lora = mx.load(str(tmp_path / "adapter" / "adapters.safetensors"))
+    a, b = (np.array(lora[f"{name}.lora_{x}"], np.float64) for x in "ab")
+    fused = np.array(mx.load(str(tmp_path / "fused" / "model.safetensors"))[f"{name}.weight"])
+    np.testing.assert_allclose(fused, w + LORA["scale"] * b.T @ a.T, rtol=0, atol=1e-6)
+
+
+def test_fuse_writes_nothing_when_the_adapter_does_not_fit(tmp_path):
+    base = saved_localnorm(tmp_path, norm_type="seednorm", placement="peri")
+    model = load(base)
+    save_adapter(model, apply_mode(model, "norms"), tmp_path / "adapter")
+    other = saved_localnorm(tmp_path, "rms", norm_type="rmsnorm", placement="peri")
+    with pytest.raises(ValueError, match="does not fit this Model: .*alpha"):
+        fuse(other, tmp_path / "adapter", tmp_path / "fused")
+    assert not (tmp_path / "fused").exists()
+
+
+@pytest.mark.parametrize("mode", ["lora", "norms"])
+def test_an_adapter_of_another_width_is_a_clear_error(tmp_path, mode):
+    model = tiny_model()
+    save_adapter(model, apply_mode(model, mode, **adapter_options(mode)), tmp_path / "a")
+    wider = tiny_model(hidden_size=48)
+    with pytest.raises(ValueError, match=r"adapter .* does not fit this Model: .*shape"):
+        load_adapter(wider, tmp_path / "a")
+
+
+def test_a_lora_adapter_missing_tensors_is_an_error(tmp_path):
+    model = tiny_model()
+    save_adapter(model, apply_mode(model, "lora", **adapter_options("lora")), tmp_path / "a")
+    weights = mx.load(str(tmp_path / "a" / "adapters.safetensors"))
+    dropped = sorted(weights)[0]
+    del weights[dropped]
+    mx.save_safetensors(str(tmp_path / "a" / "adapters.safetensors"), weights)
+    with pytest.raises(ValueError, match=f"lacks 1 adapter tensors, e.g. {dropped}"):
+        load_adapter(tiny_model(), tmp_path / "a")
+
+
+def test_an_adapter_directory_without_its_files_is_an_error(tmp_path):
+    (tmp_path / "a").mkdir()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json does not exist"):
+        load_adapter(tiny_model(), tmp_path / "a")
+
+
+def test_norms_adapter_is_small_and_marked(tmp_path):
+    model = tiny_model(norm_type="seednorm", placement="peri")
+    save_adapter(model, apply_mode(model, "norms"), tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "full" and config["localnorm_mode"] == "norms"
+    assert set(mx.load(str(tmp_path / "a" / "adapters.safetensors"))) == set(
+        k for k, v in flat(model.parameters()).items() if v.ndim == 1)
+
+
+def test_fuse_adapters_without_lora_layers_changes_nothing():
+    model = tiny_model()
+    before = numpy_params(model)
+    fuse_adapters(model)
+    assert all(np.array_equal(v, before[k]) for k, v in numpy_params(model).items())
