@@ -51,3 +51,26 @@ inline void threadgroup_sums(
     values[j] = total[j];
   }
 }
+
+// acc[k] += a and, with two statistics per head (NSTAT = 2 HEADS), acc[HEADS + k] += b, for a head
+// k known only at run time, without indexing acc at run time (which would move the per-thread
+// array out of registers into slow thread memory): one predicated add per head, unrolled.
+template <int HEADS, int NSTAT>
+inline void add_to_head(thread float* acc, uint k, float a, float b) {
+  for (int h = 0; h < HEADS; h++) {
+    if (uint(h) == k) {
+      acc[h] += a;
+      if (NSTAT > HEADS) {
+        acc[HEADS + h] += b;
+      }
+    }
+  }
+}
+
+// Head of register-tile element (it, i): it depends on the column only, so the kernels compute it
+// once, before their row loop. Columns past the row end get the last head (they are masked).
+template <int HEADS>
+inline ushort tile_head(uint it, uint i, uint lid, uint nthreads, uint n_reads, uint dims) {
+  uint col = min(tile_col(it, i, lid, nthreads, n_reads), dims - 1);
+  return HEADS == 1 ? 0 : ushort(col / (dims / HEADS));
+}

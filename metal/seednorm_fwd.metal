@@ -3,10 +3,13 @@
 // Each threadgroup normalizes a block of rows with the parameters held in registers, so the
 // parameters are read once per block and x once per row. With RESIDUAL the input is h = x + r,
 // written out as well. stats[row] gets the float32 inverse RMS of each head, then (DYNAMIC) each
-// s_k, for the backward pass.
+// s_k, for the backward pass. With several heads, the per-head values a tile element needs are
+// looked up in threadgroup memory (head_stats): a per-thread array indexed at run time would
+// live in slow thread memory.
 constexpr int NSTAT = DYNAMIC ? 2 * HEADS : HEADS;
 threadgroup float partial[NSTAT * LN_SIMD_SIZE];
 threadgroup float total[NSTAT];
+threadgroup float head_stats[NSTAT];
 
 uint lid = thread_position_in_threadgroup.x;
 uint nthreads = threads_per_threadgroup.x;
@@ -24,6 +27,7 @@ float wv[ITERS][N_READS];
 float av[ITERS][N_READS];
 float bv[ITERS][N_READS];
 #endif
+ushort hk[ITERS][N_READS];
 for (uint it = 0; it < ITERS; it++) {
   for (uint i = 0; i < N_READS; i++) {
     uint col = tile_col(it, i, lid, nthreads, N_READS);
@@ -33,6 +37,7 @@ for (uint it = 0; it < ITERS; it++) {
     av[it][i] = in_row ? float(alpha[col]) : 0.0f;
     bv[it][i] = in_row ? float(beta[col]) : 0.0f;
 #endif
+    hk[it][i] = tile_head<HEADS>(it, i, lid, nthreads, N_READS, dims);
   }
 }
 
@@ -43,6 +48,10 @@ for (uint row = row_begin; row < row_end; row++) {
   for (int j = 0; j < NSTAT; j++) {
     acc[j] = 0.0f;
   }
+  // Running sums of the current head, added to acc when the head changes along the tile.
+  float run_sq = 0.0f;
+  float run_dot = 0.0f;
+  uint run_head = hk[0][0];
   for (uint it = 0; it < ITERS; it++) {
     for (uint i = 0; i < N_READS; i++) {
       uint col = tile_col(it, i, lid, nthreads, N_READS);
@@ -56,54 +65,68 @@ for (uint row = row_begin; row < row_end; row++) {
 #else
         v = float(x[base + col]);
 #endif
-        uint k = HEADS == 1 ? 0 : col / head_dim;
-        acc[k] += v * v;
+        if (HEADS > 1 && hk[it][i] != run_head) {
+          add_to_head<HEADS, NSTAT>(acc, run_head, run_sq, run_dot);
+          run_sq = 0.0f;
+          run_dot = 0.0f;
+          run_head = hk[it][i];
+        }
+        run_sq += v * v;
 #if DYNAMIC
-        acc[HEADS + k] += v * bv[it][i];
+        run_dot += v * bv[it][i];
 #endif
       }
       xv[it][i] = v;
     }
   }
+  add_to_head<HEADS, NSTAT>(acc, run_head, run_sq, run_dot);
   threadgroup_sums<NSTAT>(acc, partial, total, thread_index_in_simdgroup,
                           simdgroup_index_in_threadgroup);
 
+  // Head k's statistics, by thread k (a single head: by every thread, kept in registers).
   float row_mean_sq = 0.0f;
   for (int k = 0; k < HEADS; k++) {
     row_mean_sq += acc[k];
   }
   row_mean_sq /= float(dims);
-  float inv_rms[HEADS];
-  float s[HEADS];
-  for (int k = 0; k < HEADS; k++) {
-    float mean_sq = HEAD_RMS ? acc[k] / float(head_dim) : row_mean_sq;
-    inv_rms[k] = metal::precise::rsqrt(mean_sq + eps);
+  uint k = HEADS == 1 ? 0 : lid;
+  float inv_rms = 0.0f;
+  float s = 0.0f;
+  if (k < HEADS) {
+    float mean_sq = HEAD_RMS ? total[k] / float(head_dim) : row_mean_sq;
+    inv_rms = metal::precise::rsqrt(mean_sq + eps);
 #if DYNAMIC
-    s[k] = metal::precise::tanh(acc[HEADS + k] * dot_scale);
-#else
-    s[k] = 0.0f;
+    s = metal::precise::tanh(total[HEADS + k] * dot_scale);
 #endif
-  }
-  if (lid == 0) {
-    for (int k = 0; k < HEADS; k++) {
-      stats[size_t(row) * NSTAT + k] = inv_rms[k];
+    if (HEADS > 1) {
+      head_stats[k] = inv_rms;
 #if DYNAMIC
-      stats[size_t(row) * NSTAT + HEADS + k] = s[k];
+      head_stats[HEADS + k] = s;
 #endif
     }
+    if (lid == k) {
+      stats[size_t(row) * NSTAT + k] = inv_rms;
+#if DYNAMIC
+      stats[size_t(row) * NSTAT + HEADS + k] = s;
+#endif
+    }
+  }
+  if (HEADS > 1) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
   }
 
   for (uint it = 0; it < ITERS; it++) {
     for (uint i = 0; i < N_READS; i++) {
       uint col = tile_col(it, i, lid, nthreads, N_READS);
       if (col < dims) {
-        uint k = HEADS == 1 ? 0 : col / head_dim;
+        float inv = HEADS == 1 ? inv_rms : head_stats[hk[it][i]];
 #if DYNAMIC
-        float gain = wv[it][i] + av[it][i] * s[k];
+        float sk = HEADS == 1 ? s : head_stats[HEADS + hk[it][i]];
+        float gain = wv[it][i] + av[it][i] * sk;
 #else
         float gain = wv[it][i];
 #endif
-        y[base + col] = static_cast<T>(gain * (xv[it][i] * inv_rms[k]));
+        y[base + col] = static_cast<T>(gain * (xv[it][i] * inv));
       }
     }
   }
