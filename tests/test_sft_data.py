@@ -7,6 +7,7 @@ template, so every expected sequence and mask is written out by hand.
 from __future__ import annotations  # noqa: I001  (mlx_localnorm must load before mlx.core)
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from mlx_localnorm.data import Example, SFTBatches, load_sft, masked_cross_entropy
-from mlx_localnorm.data.sft import Keys, read_jsonl, tokenize_records
+from mlx_localnorm.data.sft import INSTRUCT_DIR, Keys, read_jsonl, tokenize_records
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 WORDS = "a b c d e f g h".split()
@@ -317,6 +318,7 @@ def test_resume_continues_exactly_across_an_epoch_boundary():
     state = json.loads(json.dumps(first.state_dict()))
     assert (state["epoch"], state["step"]) == (0, 3)
     resumed = SFTBatches(examples, batch_size=4, seed=0, window=2)
+    next(resumed)  # a used iterator (seed 0's order cached) resumes as well
     resumed.load_state_dict(state)
     for want in expected[3:]:
         got = next(resumed)
@@ -408,3 +410,82 @@ def test_masked_cross_entropy_bool_mask_empty_mask_and_shapes():
     assert float(masked_cross_entropy(logits, targets, mx.zeros((1, 3)))) == 0.0
     with pytest.raises(ValueError, match=r"expected logits \(B, T, V\).*mask \(1, 2\)"):
         masked_cross_entropy(logits, targets, mx.zeros((1, 2)))
+
+
+# ---------------------------------------------------------------- the shipped instruction set
+
+
+def _shipped() -> list[dict]:
+    return [json.loads(line) for split in ("train", "valid")
+            for line in (INSTRUCT_DIR / f"{split}.jsonl").read_text().splitlines()]
+
+
+def test_shipped_files_are_what_the_script_builds(tmp_path):
+    from mlx_localnorm.data.build_instruct import write
+
+    counts = write(tmp_path)
+    for split in ("train", "valid"):
+        assert (tmp_path / f"{split}.jsonl").read_bytes() == (
+            INSTRUCT_DIR / f"{split}.jsonl").read_bytes(), f"rerun build_instruct ({split})"
+    assert counts["train"] + counts["valid"] >= 300 and counts["valid"] >= 30
+    train, valid = (read_jsonl(INSTRUCT_DIR / f"{s}.jsonl")[1] for s in ("train", "valid"))
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in valid}
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(v) for v in re.findall(r"-?\d+(?:\.\d+)?", text)]
+
+
+def test_shipped_numeric_answers_are_right():
+    """Recomputed here in float64 from the formulas (SPEC), parsed back from the text."""
+    checked = 0
+    for record in _shipped():
+        q, a = record["prompt"], record["completion"]
+        vec = re.search(r"\[([-\d., ]+)\]", q)
+        x = np.array(_numbers(vec.group(1))) if vec else None
+        if q.startswith("Q: What is RMSNorm("):
+            want = x / np.sqrt((x**2).mean())
+        elif q.startswith("Q: What is LayerNorm("):
+            want = (x - x.mean()) / x.std()
+        elif q.startswith("Q: What is DyT("):
+            want = np.tanh(_numbers(q.split("alpha = ")[1])[0] * x)
+        elif q.startswith("Q: What is L2Norm("):
+            want = x / np.linalg.norm(x)
+        elif "spectral scale" in q:
+            m, n = _numbers(q)
+            want = np.array([np.sqrt(max(1.0, m / n))])
+        elif "Dr. GRPO advantages" in q:
+            want = x - x.mean()
+        else:
+            continue
+        got = np.array(_numbers(a.split(":")[-1] if ":" in a else a.split("=")[-1]))
+        np.testing.assert_allclose(got, want, atol=6e-5, err_msg=q)
+        checked += 1
+    assert checked >= 100
+
+
+def test_shipped_api_answers_run():
+    for record in _shipped():
+        call = re.search(r"ln\.make_norm\('(\w+)', (\d+)\), or ln\.(\w+)\(", record["completion"])
+        if call:
+            assert type(ln.make_norm(call.group(1), int(call.group(2)))).__name__ == call.group(3)
+        placement = re.search(r"placement='(\w+)'", record["completion"])
+        if placement:
+            assert placement.group(1) in ln.PLACEMENTS
+
+
+def test_shipped_set_loads_with_and_without_a_chat_template(chat_tok, tmp_path):
+    from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
+
+    records = _shipped()
+    sp = ln.data.train_tokenizer([r["prompt"] + r["completion"] for r in records], tmp_path,
+                                 vocab_size=400)
+    data = load_sft(INSTRUCT_DIR, mlx_lm_load_tokenizer(tmp_path))
+    assert data.format == "completions" and len(data.train) + len(data.valid) == len(records)
+    for example, record in zip(data.valid, read_jsonl(INSTRUCT_DIR / "valid.jsonl")[1]):
+        answer = example.tokens[example.mask]
+        assert answer[-1] == sp.eos_id()
+        assert sp.decode(answer[:-1].tolist()) == record["completion"]
+    templated = load_sft(INSTRUCT_DIR, chat_tok)
+    first = templated.train[0].tokens.tolist()
+    assert first[0] == USER and ASSISTANT in first and first[-1] == END

@@ -22,7 +22,9 @@ Contract (the fine-tuning trainer relies on these names and meanings)::
 - Rendering is mlx-lm's own (``mlx_lm.tuner.datasets``): ``chat`` and ``completions`` through
   the chat template (no EOS added: the template ends the turn), ``text`` as
   ``encode(text)`` + EOS. ``completions`` with a tokenizer without a chat template (ours)
-  is ``encode(prompt) + encode(completion, no BOS) + [EOS]``; ``chat`` without one is an error.
+  is ``encode(prompt) + encode(completion, no BOS) + [EOS]`` (encoded on its own, a
+  sentencepiece completion starts with a space); ``chat`` without one is an error.
+- ``INSTRUCT_DIR``: the shipped instruction set (370 ``completions`` about this package).
 - Batches: length bucketing, not packing (one example per row: no attention across
   examples, positions start at 0, any mlx-lm model works without a segment mask).
   Targets are ``tokens[1:]``, inputs ``tokens[:-1]``, ``mask`` is ``Example.mask[1:]`` as
@@ -49,6 +51,9 @@ from .batches import Batches
 
 FORMATS = ("text", "completions", "chat")
 SPLITS = ("train", "valid", "test")
+# The shipped instruction set (``completions``; rebuilt by ``python -m
+# mlx_localnorm.data.build_instruct``): ``load_sft(INSTRUCT_DIR, tokenizer)``.
+INSTRUCT_DIR = Path(__file__).resolve().parent / "localnorm_instruct"
 
 
 class Example(NamedTuple):
