@@ -413,8 +413,10 @@ def test_a_reward_must_return_a_finite_number(value, error, pattern):
     def bad(prompt, completion, **fields):
         return value
 
-    with pytest.raises(error, match=r"reward .*bad " + pattern + r".*prompt 'reverse abcd ='"):
+    with pytest.raises(error, match=r"reward .*bad " + pattern + r".*prompt 'reverse abcd ='"
+                       ) as info:
         rl.score_completions(bad, RECORDS, ["x", "y"])
+    assert isinstance(info.value, rl.RewardError)  # what a trainer reports as a user error
 
 
 def test_numpy_and_int_rewards_are_accepted():

@@ -17,6 +17,7 @@ from .loss import NORMALIZERS, RATIO_LEVELS, policy_loss
 from .reference import adapters_off
 from .rewards import (
     RewardError,
+    RewardTypeError,
     call_reward,
     combine_rewards,
     load_prompts,
@@ -34,6 +35,7 @@ __all__ = [
     "PRESETS",
     "RATIO_LEVELS",
     "RewardError",
+    "RewardTypeError",
     "Rollout",
     "adapters_off",
     "call_reward",

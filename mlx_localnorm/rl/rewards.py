@@ -22,7 +22,12 @@ RewardFn = Callable[..., float]
 
 
 class RewardError(ValueError):
-    """A reward function raised; the message names the function and the prompt."""
+    """A reward function raised or returned a non-finite value; the message names the
+    function and the prompt."""
+
+
+class RewardTypeError(RewardError, TypeError):
+    """A reward function returned something that is not a number."""
 
 
 def reward_name(fn) -> str:
@@ -47,11 +52,11 @@ def call_reward(fn: RewardFn, prompt: str, completion: str, fields: dict) -> flo
         raise RewardError(f"reward {reward_name(fn)} raised {type(e).__name__}: {e} "
                           f"on prompt {_short(prompt)}") from e
     if not isinstance(value, numbers.Real):
-        raise TypeError(f"reward {reward_name(fn)} returned {_short(value)}, expected a number "
-                        f"(int or float), on prompt {_short(prompt)}")
+        raise RewardTypeError(f"reward {reward_name(fn)} returned {_short(value)}, expected a "
+                              f"number (int or float), on prompt {_short(prompt)}")
     if not math.isfinite(value):
-        raise ValueError(f"reward {reward_name(fn)} returned {value}, expected a finite number, "
-                         f"on prompt {_short(prompt)}")
+        raise RewardError(f"reward {reward_name(fn)} returned {value}, expected a finite "
+                          f"number, on prompt {_short(prompt)}")
     return float(value)
 
 
