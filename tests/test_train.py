@@ -28,7 +28,7 @@ from mlx_localnorm.train import (
     save_checkpoint,
 )
 from mlx_localnorm import _fast_blas as fast_blas
-from mlx_localnorm.train import pretrain as pretrain_module
+from mlx_localnorm.train import loop as loop_module
 from mlx_localnorm.train.command import build_parser, parse_config
 
 GOLDEN = Path(__file__).parent / "fixtures" / "losses" / "pretrain_tiny.txt"
@@ -421,7 +421,7 @@ def test_ctrl_c_right_after_a_save_keeps_that_checkpoint(prepared, tmp_path, ful
     reference, _ = full_run
     out = run_dir(prepared, tmp_path)
     saved_steps = []
-    real_save, real_rmtree = pretrain_module.save_checkpoint, shutil.rmtree
+    real_save, real_rmtree = loop_module.save_checkpoint, shutil.rmtree
 
     def save_then_ctrl_c(out_dir, step, *args, **kw):
         saved_steps.append(step)
@@ -433,7 +433,7 @@ def test_ctrl_c_right_after_a_save_keeps_that_checkpoint(prepared, tmp_path, ful
         real_rmtree(path, *args, **kw)
         signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(pretrain_module, "save_checkpoint", save_then_ctrl_c)
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_ctrl_c)
     monkeypatch.setattr(shutil, "rmtree", rmtree_then_ctrl_c)
     try:
         summary = Pretrainer(config(out)).run()
