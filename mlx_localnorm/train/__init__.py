@@ -1,7 +1,8 @@
-"""Training: pre-training with checkpoints and exact resume (fine-tuning and GRPO to come)."""
+"""Training: the shared step loop, pre-training, checkpoints and exact resume."""
 
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import PretrainConfig
+from .loop import TrainLoop
 from .metrics import plot_metrics, read_metrics
 from .pretrain import Pretrainer, resume_config
 from .schedule import lr_schedule
@@ -10,6 +11,7 @@ __all__ = [
     "CheckpointError",
     "PretrainConfig",
     "Pretrainer",
+    "TrainLoop",
     "list_checkpoints",
     "load_checkpoint",
     "lr_schedule",
