@@ -54,6 +54,9 @@ class ModelArgs(BaseModelArgs):
         default=None, metadata={"help": "per-head width; None = hidden_size // heads"})
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
     rope_traditional: bool = field(default=False, metadata={"help": "interleaved RoPE"})
+    partial_rotary_factor: float = field(
+        default=1.0, metadata={"help": "share of each head's features RoPE rotates (Qwen3-Next "
+                                       "0.25)"})
     rope_scaling: dict[str, Any] | None = field(
         default=None, metadata={"help": "mlx-lm rope_scaling config (llama3, yarn, ...)"})
     max_position_embeddings: int | None = field(
@@ -138,6 +141,13 @@ class ModelArgs(BaseModelArgs):
             raise ValueError(f"ModelArgs: rope_theta must be a positive number, got "
                              f"{self.rope_theta!r}")
         self._check_architecture()
+        factor = self.partial_rotary_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (
+                0 < factor <= 1) or (self.position_embedding == "rope"
+                                     and int(self.head_dim * factor) % 2):
+            raise ValueError(f"ModelArgs: partial_rotary_factor must be in (0, 1] and rotate an "
+                             f"even number of the head_dim={self.head_dim} features, got "
+                             f"{self.partial_rotary_factor!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"ModelArgs: num_key_value_heads={self.num_key_value_heads} must divide "

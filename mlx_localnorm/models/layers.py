@@ -55,7 +55,8 @@ class Attention(nn.Module):
         if args.attention_gate:
             self.g_proj = nn.Linear(dims, self.n_heads * self.head_dim, bias=bias)
         if args.position_embedding == "rope":
-            self.rope = initialize_rope(self.head_dim, args.rope_theta, args.rope_traditional,
+            self.rope = initialize_rope(int(self.head_dim * args.partial_rotary_factor),
+                                        args.rope_theta, args.rope_traditional,
                                         args.rope_scaling, args.max_position_embeddings)
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:

@@ -23,6 +23,8 @@ from ..placements import HYPERSPHERE_NORMS, PLACEMENTS
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
+# layer_pattern letters -> ModelArgs layer types.
+LAYER_LETTERS = {"F": "full_attention", "S": "sliding_attention", "L": "linear_attention"}
 # Fields a resumed run may change; everything else must match the saved config.
 RESUMABLE_CHANGES = ("steps", "tokens", "eval_every", "save_every", "keep_checkpoints",
                      "log_every", "sample_tokens", "sample_prompt", "progress")
@@ -71,6 +73,10 @@ class PretrainConfig:
     num_kv_heads: int | None = _help("key/value heads (GQA); none = num_heads", default=None)
     intermediate_size: int | None = _help("MLP width; none = 3 * hidden_size", default=None)
     context_length: int = _help("longest sequence the model is meant for", default=1024)
+    layer_pattern: str | None = _help(
+        "block types repeated to num_layers: F full attention, S sliding window, L linear "
+        "attention (Gated DeltaNet), e.g. LLLF; none = all F", default=None)
+    sliding_window: int = _help("window of the S blocks of layer_pattern", default=256)
     dtype: str = _help("parameter and activation dtype (float32 on CPUs: bf16 has no BLAS)",
                        default="float32")
     grad_checkpoint: bool = _help("recompute block activations in the backward pass",
@@ -120,7 +126,7 @@ class PretrainConfig:
         """Check every field before any work: types, ranges, names, and that the model fits."""
         self._check_types()
         for name in ("vocab_size", "seq_len", "batch_size", "grad_accum", "hidden_size",
-                     "num_layers", "num_heads", "context_length", "eval_batches",
+                     "num_layers", "num_heads", "context_length", "sliding_window", "eval_batches",
                      "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PretrainConfig: {name} must be a positive int, got "
@@ -150,6 +156,7 @@ class PretrainConfig:
             if getattr(self, name) not in choices:
                 raise ValueError(f"PretrainConfig: {name} must be one of {choices}, got "
                                  f"{getattr(self, name)!r}")
+        self.layer_types()
         try:
             self.model_args()
         except (ValueError, TypeError) as err:
@@ -200,7 +207,18 @@ class PretrainConfig:
             placement=self.placement,
             qk_norm=self.qk_norm,
             tie_word_embeddings=True,
+            layer_types=self.layer_types(),
+            sliding_window=self.sliding_window,
         )
+
+    def layer_types(self) -> list[str]:
+        """``layer_pattern`` repeated to ``num_layers`` blocks, as ModelArgs layer types."""
+        pattern = "F" if self.layer_pattern is None else self.layer_pattern
+        if not pattern or set(pattern) - set(LAYER_LETTERS) or self.num_layers % len(pattern):
+            raise ValueError(f"PretrainConfig: layer_pattern must be letters of "
+                             f"{''.join(LAYER_LETTERS)} whose length divides num_layers="
+                             f"{self.num_layers}, got {self.layer_pattern!r}")
+        return [LAYER_LETTERS[c] for c in pattern * (self.num_layers // len(pattern))]
 
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict[str, Any]:
