@@ -614,6 +614,24 @@ def issue_sequential():
                          nn.Linear(32, 50))
 
 
+def test_param_groups_sequential_output_layer_is_the_head():
+    """A Sequential's last matrix layer maps to the outputs: AdamW's head group, not Muon's."""
+    assert O.param_groups(issue_sequential()) == {
+        "layers.0.weight": "embedding",
+        "layers.1.weight": "matrix",
+        "layers.1.bias": "no_decay",
+        "layers.2.weight": "no_decay",
+        "layers.3.weight": "head",
+        "layers.3.bias": "no_decay",
+    }
+    lora = O.param_groups(sequential_lora_last_layer())
+    assert {k: v for k, v in lora.items() if k.startswith("layers.3.")} == {
+        "layers.3.linear.weight": "head", "layers.3.linear.bias": "no_decay",
+        "layers.3.lora_a": "head", "layers.3.lora_b": "head"}
+    trailing_norm = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4), nn.LayerNorm(4))
+    assert O.param_groups(trailing_norm)["layers.1.weight"] == "head"
+
+
 def sequential_lora_last_layer():
     """LoRA on the last layer only, and the embedding trained (e.g. for new tokens)."""
     model = issue_sequential()

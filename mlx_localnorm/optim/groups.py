@@ -3,7 +3,8 @@
 Hidden matrices (2-D, or 3-D stacked experts, inside ``model.layers``) go to the Muon family;
 embeddings, the output head, MoE routers, norm parameters, biases and scalars to AdamW.
 SeeDNorm's dynamic ``alpha``/``beta`` are decayed (SPEC: the paper's stability fix); other norm
-gains, biases and scalars are not. **Decision**: a MoE router (mlx-lm names it ``gate`` or
+gains, biases and scalars are not. The output head is ``lm_head`` or, in an ``nn.Sequential``,
+its last layer with a matrix. **Decision**: a MoE router (mlx-lm names it ``gate`` or
 ``router``) is a small matrix whose output scale sets the routing softmax, so it stays on AdamW.
 """
 
@@ -72,15 +73,27 @@ def param_groups(model: nn.Module) -> dict[str, str]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"param_groups: model must be an mlx.nn.Module, got {type(model).__name__}")
     modules = dict(model.named_modules())
+    head = _sequential_head(model)
     groups = {}
     for path, p in tree_flatten(model.parameters()):
         owner_path, _, leaf = path.rpartition(".")
         owner = modules.get(owner_path)
-        groups[path] = _group(owner_path, owner, leaf, p, path)
+        in_head = head is not None and path.startswith(head) and p.ndim >= 2
+        groups[path] = _group(owner_path, owner, leaf, p, path, in_head)
     return groups
 
 
-def _group(owner_path: str, owner, leaf: str, p: mx.array, path: str) -> str:
+def _sequential_head(model: nn.Module) -> str | None:
+    """Path prefix of an ``nn.Sequential``'s last layer with a matrix: its output head."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    for i in reversed(range(len(model.layers))):
+        if any(v.ndim >= 2 for _, v in tree_flatten(model.layers[i].parameters())):
+            return f"layers.{i}."
+    return None
+
+
+def _group(owner_path: str, owner, leaf: str, p: mx.array, path: str, in_head: bool) -> str:
     if isinstance(owner, SeeDNorm) and leaf in ("alpha", "beta"):
         return "decay"
     if isinstance(owner, _NORM_TYPES):
@@ -88,7 +101,7 @@ def _group(owner_path: str, owner, leaf: str, p: mx.array, path: str) -> str:
     if isinstance(owner, (nn.Embedding, nn.QuantizedEmbedding)):
         return "embedding"
     owner_name = owner_path.rpartition(".")[2]
-    if owner_name == "lm_head":
+    if owner_name == "lm_head" or in_head:
         return "head"
     if owner_name in ("gate", "router"):
         return "decay"
