@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -497,6 +498,157 @@ def test_conversion_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
+# ---- calibration of swaps that change the function ---------------------------------------------
+
+def sample(model, batch: int, length: int, seed: int) -> mx.array:
+    """Text the source model itself writes (temperature 1): held-out data it predicts well."""
+    mx.random.seed(seed)
+    tokens = [mx.random.randint(0, model.args.vocab_size, (batch, 1))]
+    cache = model.make_cache()
+    logits = model(tokens[0], cache=cache)
+    for _ in range(length - 1):
+        tokens.append(mx.random.categorical(logits[:, -1])[:, None])
+        logits = model(tokens[-1], cache=cache)
+    return mx.concatenate(tokens, axis=1)
+
+
+def log_perplexity(model, tokens: mx.array) -> float:
+    """Mean next-token negative log-likelihood, in float64 NumPy."""
+    logits = f64(model(tokens[:, :-1]))
+    logits -= logits.max(axis=-1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    targets = np.array(tokens[:, 1:])
+    return -np.take_along_axis(log_p, targets[..., None], axis=-1).mean()
+
+
+class Spy(nn.Module):
+    """Records what a module is called with and returns."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module, self.seen = module, []
+
+    def __call__(self, x, *args):
+        out = self.module(x, *args)
+        self.seen.append((f64(x).reshape(-1, x.shape[-1]), f64(out).reshape(-1, out.shape[-1])))
+        return out
+
+
+def spied(model, layer: int, name: str, tokens) -> tuple[np.ndarray, np.ndarray]:
+    """Input and output rows of ``model.layers[layer].<name>`` on ``tokens``."""
+    block = model.layers[layer]
+    block[name] = spy = Spy(block[name])
+    model(tokens)
+    block[name] = spy.module
+    return spy.seen[0]
+
+
+def swapped(case: str, norm=None, placement=None):
+    from mlx_localnorm.convert.swap import swap_model_norms
+
+    source, _ = ln.convert.from_hf(FIXTURES / case)
+    return source, swap_model_norms(source, norm, placement)
+
+
+def np_channel_fit(z, y, intercept=True):
+    """Per-channel least squares of y on z (float64), with the residual sum of squares."""
+    design = [np.stack([z[:, j], np.ones(len(z))] if intercept else [z[:, j]], axis=1)
+              for j in range(z.shape[1])]
+    coef = [np.linalg.lstsq(d, y[:, j], rcond=None)[0] for j, d in enumerate(design)]
+    w = np.array([c[0] for c in coef])
+    b = np.array([c[1] for c in coef]) if intercept else np.zeros_like(w)
+    return w, b, ((w * z + b - y) ** 2).sum()
+
+
+def test_fitted_dyt_matches_a_float64_numpy_fit():
+    """alpha minimizes sum (w tanh(alpha x) + b - y)^2 with per-channel least-squares w, b."""
+    source, target = swapped("llama_llama3", norm="dyt")
+    tokens = sample(source, 4, 32, seed=1)
+    ln.convert.calibrate(source, target, [tokens])
+    x, y = spied(source, 0, "input_layernorm", tokens)  # the embeddings, in both models
+    alphas = np.exp(np.linspace(np.log(1e-3), np.log(1e3), 1201)) / x.std()
+    losses = [np_channel_fit(np.tanh(a * x), y)[2] for a in alphas]
+    best = int(np.argmin(losses))
+    assert 0 < best < len(alphas) - 1  # an interior minimum
+    fitted = target.layers[0].input_layernorm
+    alpha = fitted.alpha.item()
+    np.testing.assert_allclose(alpha, alphas[best], rtol=0.02)
+    w, b, loss = np_channel_fit(np.tanh(alpha * x), y)
+    assert loss <= losses[best] * (1 + 1e-3)
+    np.testing.assert_allclose(f64(fitted.weight), w, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(f64(fitted.bias), b, rtol=1e-3, atol=1e-4)
+
+
+def test_peri_output_norm_gain_fits_the_identity_on_the_branch_output():
+    """RMSNorm gain w_j = <z_j, a_j> / <z_j, z_j>, z = a / RMS(a): about the output's RMS."""
+    source, target = swapped("llama_llama3", placement="peri")
+    tokens = sample(source, 4, 32, seed=1)
+    ln.convert.calibrate(source, target, [tokens], sequential=False)
+    _, attn = spied(source, 1, "self_attn", tokens)
+    z = attn / np.sqrt((attn**2).mean(axis=-1, keepdims=True) + source.args.norm_eps)
+    want = (z * attn).sum(axis=0) / (z * z).sum(axis=0)
+    got = f64(target.layers[1].post_attention_layernorm.weight)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    # The embedding norm is fitted to the identity on the embeddings, the input norm copies.
+    x, _ = spied(source, 0, "input_layernorm", tokens)
+    z = x / np.sqrt((x**2).mean(axis=-1, keepdims=True) + source.args.norm_eps)
+    np.testing.assert_allclose(f64(target.layers[0].embed_layernorm.weight),
+                               (z * x).sum(axis=0) / (z * z).sum(axis=0), rtol=1e-4)
+    np.testing.assert_allclose(f64(target.layers[1].input_layernorm.weight),
+                               f64(source.layers[1].input_layernorm.weight), rtol=1e-4)
+
+
+# Measured gap ratios (calibrated / not): 0.35, 0.41, 0.37, 0.68, 0.43, 0.59, 0.19. LayerNorm
+# cannot keep the mean of an RMSNorm model's input (it subtracts it): its gain is smaller.
+@pytest.mark.parametrize("case, norm, placement, bound", [
+    ("llama_llama3", "dyt", None, 0.5),
+    ("qwen3", "dyt", None, 0.6),
+    ("gpt2", "dyt", None, 0.5),
+    ("qwen3", "layernorm", None, 0.8),
+    ("qwen2", "layernorm", None, 0.6),
+    ("gpt2", "rmsnorm", None, 0.75),
+    ("llama_llama3", None, "peri", 0.3),
+])
+def test_calibration_closes_the_perplexity_gap(case, norm, placement, bound):
+    """Held-out text (another seed) written by the source: log-perplexity gap to the source."""
+    source, target = swapped(case, norm, placement)
+    length = 16 if case == "gpt2" else 48
+    held_out = sample(source, 16, length, seed=9)
+    base = log_perplexity(source, held_out)
+    uncalibrated = log_perplexity(target, held_out) - base
+    ln.convert.calibrate(source, target, [sample(source, 8, length, seed=s) for s in (1, 2)])
+    calibrated = log_perplexity(target, held_out) - base
+    assert uncalibrated > 0.1
+    assert 0 <= calibrated < bound * uncalibrated
+
+
+@pytest.mark.parametrize("case", ["llama_llama3", "gemma"])
+def test_calibration_makes_ln_scaling_exact(case):
+    """N(x)/sqrt(l) matches the source's N(x) exactly with the gain times sqrt(l)."""
+    source, target = swapped(case, placement="lnscaling")
+    tokens = sample(source, 4, 16, seed=1)
+    assert np.abs(f64(target(tokens)) - f64(source(tokens))).max() > 0.1
+    ln.convert.calibrate(source, target, [tokens])
+    np.testing.assert_allclose(f64(target(tokens)), f64(source(tokens)), rtol=0,
+                               atol=LOGIT_ATOL)
+
+
+def test_calibration_leaves_an_exact_seednorm_swap_alone():
+    source, target = swapped("qwen3", norm="seednorm")
+    before = dict(tree_flatten(target.parameters()))
+    report = ln.convert.calibrate(source, target, [sample(source, 2, 8, seed=1)])
+    assert set(report) >= {"model.layers.1.self_attn.k_norm", "model.norm"}
+    assert not any(entry["fitted"] for entry in report.values())
+    for key, value in tree_flatten(target.parameters()):
+        np.testing.assert_array_equal(np.array(value), np.array(before[key]))
+
+
+def test_calibration_refuses_a_source_that_is_not_pre_ln():
+    source, target = swapped("llama_llama3", placement="peri")
+    with pytest.raises(ValueError, match="source must be a Pre-LN model.*got placement 'peri'"):
+        ln.convert.calibrate(target, source, [TOKENS])
+
+
 # ---- live transformers reference (optional: needs torch) ----------------------------------------
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None,
@@ -534,6 +686,39 @@ def test_cli_output_loads_in_mlx_lm_with_the_same_logits(case, options, tmp_path
                                rtol=0, atol=LOGIT_ATOL)
     assert tokenizer.encode("w3 w4") == [5, 6]
     assert mlx_lm.generate(model, tokenizer, prompt="w3 w4", max_tokens=3)
+
+
+def test_cli_calibrates_a_swap_and_prints_the_perplexity_table(tmp_path, capsys):
+    """Sample text in the fixture's words, written by the source model itself."""
+    import mlx_lm
+
+    source, tokenizer = ln.convert.from_hf(FIXTURES / "llama_llama3")
+    text = tmp_path / "sample.txt"
+    text.write_text("\n".join(tokenizer.decode(row) for row in
+                               np.array(sample(source, 24, 32, seed=4)).tolist()))
+    flags = ["--hf-path", FIXTURES / "llama_llama3", "--norm", "dyt", "--calib-data", text,
+             "--calib-batches", "2", "--calib-batch-size", "4", "--calib-seq-len", "32"]
+    assert convert_cli(*flags, "--out", tmp_path / "out") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"Held-out perplexity (256 tokens of {text}):"
+    rows = {line[:46].strip(): float(line[46:]) for line in lines[1:4]}
+    assert list(rows) == ["source (rmsnorm, pre)", "swapped to dyt, pre, not calibrated",
+                          "swapped, calibrated"]
+    assert rows["source (rmsnorm, pre)"] < rows["swapped, calibrated"] \
+        < rows["swapped to dyt, pre, not calibrated"]
+    model, _ = mlx_lm.load(str(tmp_path / "out"), trust_remote_code=True)
+    assert type(model.layers[0].input_layernorm).__name__ == "DyT"
+    assert model.layers[0].input_layernorm.alpha.item() != 0.5  # fitted, not the init
+    assert convert_cli(*flags, "--no-calibrate", "--out", tmp_path / "raw") == 0
+    assert "swapped, calibrated" not in capsys.readouterr().out
+
+
+def test_cli_sample_text_too_short_exits_1(tmp_path, capsys):
+    (tmp_path / "short.txt").write_text("w1 w2 w3")
+    assert convert_cli("--hf-path", FIXTURES / "gpt2", "--out", tmp_path / "out", "--norm",
+                       "dyt", "--calib-data", tmp_path / "short.txt") == 1
+    assert "is too short" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_quantizes_the_layers_that_fit_the_group(tmp_path, capsys):

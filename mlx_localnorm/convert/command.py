@@ -1,5 +1,7 @@
 """``mlx-localnorm convert``: a Hugging Face checkpoint directory -> a LocalNorm model directory.
 
+With ``--norm``/``--placement`` the swapped model is calibrated on sample text and the
+command prints held-out perplexities: the source, the swap before and after calibration.
 Exit status: 2 for invalid flags, 1 for a source that does not convert or an output that
 cannot be written. Nothing is written until the model is converted, and ``save_model``
 writes beside ``--out`` and renames, so a failure leaves no partial output directory.
@@ -7,13 +9,16 @@ writes beside ``--out`` and renames, so a failure leaves no partial output direc
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from .._argparse import OneLineParser
 from ..models import save_model
 from ..norms import NORMS
+from .calibrate import calibrate
+from .evaluate import perplexity, sample_text
 from .hf import DTYPES, from_hf
-from .swap import SWAP_PLACEMENTS
+from .swap import SWAP_PLACEMENTS, check_swap, swap_model_norms
 
 PROG = "mlx-localnorm convert"
 # mlx-lm's affine quantization: the bit widths and group sizes mx.quantize takes.
@@ -23,14 +28,27 @@ GROUP_SIZES = (32, 64, 128)
 
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog=PROG, description="Convert a local Hugging Face checkpoint "
-                           "(llama, mistral, qwen2, qwen3, gemma, gpt2) to a LocalNorm model "
-                           "that mlx_lm.load(path, trust_remote_code=True) reads.")
+                           "(llama, mistral, qwen2, qwen3, gemma, gpt2) or an mlx-lm model "
+                           "directory to a LocalNorm model that mlx_lm.load(path, "
+                           "trust_remote_code=True) reads.")
     parser.add_argument("--hf-path", required=True, metavar="DIR",
                         help="config.json, *.safetensors and tokenizer files")
     parser.add_argument("--out", required=True, metavar="DIR", help="the model directory to write")
     parser.add_argument("--norm", choices=sorted(NORMS), help="swap every norm (default: keep)")
     parser.add_argument("--placement", choices=SWAP_PLACEMENTS,
                         help="change the placement (default: keep Pre-LN)")
+    parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                        help="fit the swapped norms to the source's on sample text (default)")
+    parser.add_argument("--calib-data", metavar="FILE",
+                        help="sample text: a .txt/.jsonl file or folder (default: the embedded "
+                             "Shakespeare; held-out text from its validation works)")
+    parser.add_argument("--calib-batches", type=int, default=4, metavar="N",
+                        help="batches for calibration, and as many held out (default: 4)")
+    parser.add_argument("--calib-batch-size", type=int, default=4, metavar="B",
+                        help="sequences per batch (default: 4)")
+    parser.add_argument("--calib-seq-len", type=int, default=128, metavar="L",
+                        help="tokens per sequence (default: 128; at most the model's learned "
+                             "positions)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="weight dtype (default: float32)")
     parser.add_argument("--quantize", type=int, choices=BITS, metavar="BITS",
@@ -42,10 +60,41 @@ def build_parser() -> OneLineParser:
     return parser
 
 
+def swap_and_calibrate(source, tokenizer, args) -> tuple:
+    """The swapped model, calibrated unless ``--no-calibrate``, and the perplexity rows."""
+    target = swap_model_norms(source, args.norm, args.placement)
+    target.set_dtype(DTYPES[args.dtype])  # the new norms' fresh parameters
+    seq_len = args.calib_seq_len
+    if source.args.position_embedding == "learned":
+        seq_len = min(seq_len, source.args.max_position_embeddings - 1)
+    text = sample_text(tokenizer, args.calib_data, args.calib_batches, args.calib_batch_size,
+                       seq_len)
+    norm, placement = target.args.norm_type, target.args.placement
+    rows = [(f"source ({source.args.norm_type}, {source.args.placement})",
+             perplexity(source, text.held_out)),
+            (f"swapped to {norm}, {placement}, not calibrated",
+             perplexity(target, text.held_out))]
+    if args.calibrate:
+        calibrate(source, target, text.calibration)
+        rows.append(("swapped, calibrated", perplexity(target, text.held_out)))
+    return target, rows, text
+
+
+def print_table(rows: list[tuple], text) -> None:
+    tokens = sum(batch[:, 1:].size for batch in text.held_out)
+    print(f"Held-out perplexity ({tokens} tokens of {text.source}):")
+    for name, value in rows:
+        print(f"  {name:<44}{value:10.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        model, tokenizer = from_hf(args.hf_path, args.norm, args.placement, args.dtype)
+        check_swap(args.norm, args.placement)
+        model, tokenizer = from_hf(args.hf_path, dtype=args.dtype)
+        if args.norm is not None or args.placement is not None:
+            model, rows, text = swap_and_calibrate(model, tokenizer, args)
+            print_table(rows, text)
         if args.quantize:
             from mlx_lm.utils import quantize_model
 

@@ -1,0 +1,236 @@
+"""Calibration of a norm swap: fit each new norm to what the source model computed there.
+
+The source (a converted Pre-LN model) runs on sample tokens while each of its norms records
+its input ``x``; the norm's output ``y`` is the target. Where the swapped model keeps a norm
+in the same place, its new norm is fitted to ``x -> y``; a Peri-LN/Sandwich output norm,
+which has no counterpart, is fitted to the identity on the branch output it will see (its
+gain becomes about the branch output's RMS), and Peri-LN's embedding norm to the identity on
+the embeddings. Fits are per norm, closed form in the gain and bias (per-channel least
+squares on the norm's output at unit gain) and a 1-D search for DyT's ``alpha``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..models import Model
+from ..norms import DyT
+from ..placements import PeriLN, PreLN
+
+# An uncalibrated norm whose output is this close to its target (relative RMS) already
+# computes the source's function (a carried-over SeeDNorm): it is left as it is.
+EXACT = 1e-5
+# DyT alpha search: a log grid over GRID_SPAN octaves around 1/std(x), then golden section.
+GRID_SPAN = (-8.0, 6.0)
+GRID_POINTS = 29
+GOLDEN_STEPS = 30
+
+
+@dataclass(frozen=True)
+class Site:
+    """One norm of the swapped model and what it is fitted to in the source.
+
+    ``source`` is the path of a source module; ``"input"``: the target norm sees that
+    module's input and should output the source module's output (a source norm);
+    ``"output"``: it sees that module's output and should give it back (identity).
+    ``scale`` multiplies the new norm's output in its block (LN-scaling's 1/sqrt(l)).
+    """
+
+    target: str
+    source: str
+    kind: str
+    scale: float = 1.0
+
+
+def plan(source: Model, target: Model) -> list[Site]:
+    """Where each norm of ``target`` sits in ``source`` (Pre-LN); Post-LN/Mix-LN norms have
+    no counterpart there and are left out (they keep their init)."""
+    if source.args.placement != "pre":
+        raise ValueError(f"calibrate: source must be a Pre-LN model (a converted checkpoint), "
+                         f"got placement {source.args.placement!r}")
+    sites = []
+    for i, block in enumerate(target.layers):
+        src, dst = f"model.layers.{i}", f"model.layers.{i}"
+        if isinstance(block, PreLN):
+            sites += [Site(f"{dst}.{n}", f"{src}.{n}", "input", block.scale)
+                      for n in ("input_layernorm", "post_attention_layernorm")]
+        elif isinstance(block, PeriLN):
+            if "embed_layernorm" in block:
+                sites.append(Site(f"{dst}.embed_layernorm", f"{src}.input_layernorm", "embed"))
+            sites += [Site(f"{dst}.input_layernorm", f"{src}.input_layernorm", "input"),
+                      Site(f"{dst}.post_attention_layernorm", f"{src}.self_attn", "output"),
+                      Site(f"{dst}.pre_feedforward_layernorm",
+                           f"{src}.post_attention_layernorm", "input"),
+                      Site(f"{dst}.post_feedforward_layernorm", f"{src}.mlp", "output")]
+        if "q_norm" in block.self_attn and "q_norm" in source.layers[i].self_attn:
+            sites += [Site(f"{dst}.self_attn.{n}", f"{src}.self_attn.{n}", "input")
+                      for n in ("q_norm", "k_norm")]
+    if "norm" in target.model and "norm" in source.model:
+        sites.append(Site("model.norm", "model.norm", "input"))
+    return sites
+
+
+class _Recorder(nn.Module):
+    """Calls ``module`` and keeps its first input and its output, as rows of the last axis."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        self.inputs, self.outputs = [], []
+
+    def __call__(self, x, *args, **kwargs):
+        out = self.module(x, *args, **kwargs)
+        self.inputs.append(x.reshape(-1, x.shape[-1]).astype(mx.float32))
+        self.outputs.append(out.reshape(-1, out.shape[-1]).astype(mx.float32))
+        mx.eval(self.inputs[-1], self.outputs[-1])
+        return out
+
+
+def _parent(root: nn.Module, path: str):
+    *parents, last = path.split(".")
+    node = root
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    return node, int(last) if isinstance(node, list) else last
+
+
+def record(model: Model, batches: list[mx.array], paths: list[str]) -> dict[str, tuple]:
+    """``{path: (inputs, outputs)}`` of the modules at ``paths`` over ``batches`` of tokens."""
+    recorders = {}
+    # Deepest first, so a wrapped module's children are wrapped through the original tree.
+    for path in sorted(set(paths), key=lambda p: -p.count(".")):
+        node, key = _parent(model, path)
+        recorders[path] = node[key] = _Recorder(node[key])
+    try:
+        for tokens in batches:
+            mx.eval(model(tokens))
+    finally:
+        for path in reversed(recorders):
+            node, key = _parent(model, path)
+            node[key] = recorders[path].module
+    return {path: (mx.concatenate(r.inputs), mx.concatenate(r.outputs))
+            for path, r in recorders.items()}
+
+
+def _least_squares(z: mx.array, y: mx.array, intercept: bool) -> tuple[mx.array, mx.array]:
+    """Per channel ``j``: the ``w_j`` (and ``b_j``) minimizing ``sum_rows (w_j z_j + b_j - y_j)^2``."""
+    if intercept:
+        zc, yc = z - z.mean(axis=0), y - y.mean(axis=0)
+        w = (zc * yc).sum(axis=0) / mx.maximum((zc * zc).sum(axis=0), 1e-30)
+        return w, y.mean(axis=0) - w * z.mean(axis=0)
+    w = (z * y).sum(axis=0) / mx.maximum((z * z).sum(axis=0), 1e-30)
+    return w, mx.zeros_like(w)
+
+
+def _sse(z, y, intercept: bool) -> float:
+    w, b = _least_squares(z, y, intercept)
+    return ((w * z + b - y) ** 2).sum().item()
+
+
+def fit_dyt_alpha(x: mx.array, y: mx.array, intercept: bool = True) -> float:
+    r"""DyT's ``alpha`` minimizing :math:`\sum (w \tanh(\alpha x) + b - y)^2` with the best
+    per-channel ``w, b`` for each ``alpha`` (arXiv 2503.10622): a log-spaced grid around
+    ``1/std(x)``, then golden-section search in log ``alpha`` between the best point's
+    neighbours."""
+    x, y = x.astype(mx.float32), y.astype(mx.float32)
+    base = 1.0 / max(mx.sqrt((x * x).mean()).item(), 1e-30)
+
+    def loss(log2_alpha: float) -> float:
+        return _sse(mx.tanh(base * 2.0**log2_alpha * x), y, intercept)
+
+    step = (GRID_SPAN[1] - GRID_SPAN[0]) / (GRID_POINTS - 1)
+    grid = [GRID_SPAN[0] + k * step for k in range(GRID_POINTS)]
+    best = min(range(GRID_POINTS), key=lambda k: loss(grid[k]))
+    low, high = grid[max(best - 1, 0)], grid[min(best + 1, GRID_POINTS - 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    fa, fb = loss(a), loss(b)
+    for _ in range(GOLDEN_STEPS):
+        if fa < fb:
+            high, b, fb = b, a, fa
+            a = high - ratio * (high - low)
+            fa = loss(a)
+        else:
+            low, a, fa = a, b, fb
+            b = low + ratio * (high - low)
+            fb = loss(b)
+    return base * 2.0 ** ((low + high) / 2)
+
+
+def _unit_output(norm: nn.Module, x: mx.array) -> mx.array:
+    """The norm's output with gain 1 and no bias (its parameters are restored after)."""
+    saved = dict(norm.parameters())
+    unit = {"weight": mx.zeros_like(norm.weight) if getattr(norm, "zero_centered", False)
+            else mx.ones_like(norm.weight)}
+    if "bias" in norm:
+        unit["bias"] = mx.zeros_like(norm.bias)
+    norm.update(unit)
+    z = norm(x).astype(mx.float32)
+    norm.update(saved)
+    return z
+
+
+def fit_norm(norm: nn.Module, x: mx.array, y: mx.array) -> bool:
+    """Set ``norm``'s gain (and bias, DyT's alpha) so that ``norm(x)`` is closest to ``y``.
+
+    Norms whose gain is not a vector over the last axis (PatchNorm's full matrix, L2Norm
+    without a scale) are left as they are; returns whether ``norm`` was fitted.
+    """
+    weight = norm.get("weight") if isinstance(norm, nn.Module) else None
+    if not isinstance(weight, mx.array) or weight.shape != (x.shape[-1],):
+        return False
+    intercept = "bias" in norm
+    if isinstance(norm, DyT):
+        norm.alpha = mx.array([fit_dyt_alpha(x, y, intercept)], dtype=norm.alpha.dtype)
+    w, b = _least_squares(_unit_output(norm, x), y, intercept)
+    if getattr(norm, "zero_centered", False):
+        w = w - 1
+    norm.weight = w.astype(weight.dtype)
+    if intercept:
+        norm.bias = b.astype(norm.bias.dtype)
+    return True
+
+
+def _relative_error(norm: nn.Module, x: mx.array, y: mx.array) -> float:
+    return (mx.sqrt(((norm(x).astype(mx.float32) - y) ** 2).mean())
+            / mx.maximum(mx.sqrt((y * y).mean()), 1e-30)).item()
+
+
+def calibrate(source: Model, target: Model, batches: list[mx.array],
+              sequential: bool = True) -> dict[str, dict]:
+    """Fit the norms of ``target`` (``source`` with swapped norms or placement) in place.
+
+    ``batches``: token arrays ``(B, L)`` of sample text. Each norm of :func:`plan` is fitted
+    to what the source computed at its place on these tokens, unless it already reproduces
+    it (relative error below ``EXACT``, e.g. SeeDNorm carried over from RMSNorm), or gets
+    no better (its init is kept). The outputs to match come from the source; the inputs
+    are, with ``sequential`` (one forward pass of ``target`` per norm, in order), what the
+    norm sees in ``target`` once the norms before it are fitted, else what the source's
+    norm saw (one pass in all; the fits then ignore how earlier swaps moved the inputs).
+    Returns ``{target norm path: {"before": error, "after": error, "fitted": bool}}``, the
+    relative RMS error of each norm's output before and after.
+    """
+    sites = plan(source, target)
+    recorded = record(source, batches, [site.source for site in sites])
+    norms = dict(target.named_modules())
+    report = {}
+    for site in sites:
+        inputs, outputs = recorded[site.source]
+        x = outputs if site.kind == "output" else inputs
+        y = outputs if site.kind == "input" else x
+        y = y / site.scale
+        norm = norms[site.target]
+        if sequential:  # what the new norm sees once the norms before it are fitted
+            x = record(target, batches, [site.target])[site.target][0]
+        before, initial = _relative_error(norm, x, y), dict(norm.parameters())
+        fitted = before > EXACT and fit_norm(norm, x, y)
+        after = _relative_error(norm, x, y)
+        if fitted and after >= before:  # a form the fit does not capture: keep the init
+            norm.update(initial)
+            fitted, after = False, before
+        report[site.target] = {"before": before, "after": after, "fitted": fitted}
+    return report
