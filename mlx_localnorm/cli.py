@@ -35,6 +35,10 @@ FORWARDED = {
     "pretrain": ("mlx_localnorm.train.command",
                  "pre-train a LocalNorm LM; every config field is a flag (see --help)"),
     "showcase": ("mlx_localnorm.showcase", "what each norm does to activations, and its cost"),
+    "study": ("mlx_localnorm.study.command", "run a grid of pre-training runs (norm x "
+              "placement x optimizer), resumably: results.csv and plots"),
+    "diagnose": ("mlx_localnorm.study.diagnose", "per-layer hidden-state RMS, token "
+                 "clustering, speed, gradient and update sizes of a run, as CSV + PNG"),
 }
 
 

@@ -1,0 +1,58 @@
+"""``mlx-localnorm study --grid FILE``: run a grid of runs, resumably, and write the results.
+
+A bad command line exits 2, a bad grid file, corpus or run directory 1, each with one line
+on stderr; Ctrl-C checkpoints the current run and exits 130 (run the command again to
+continue where it stopped).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .._argparse import OneLineParser
+
+PROG = "mlx-localnorm study"
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--grid", required=True, help="grid file (TOML or JSON)")
+    parser.add_argument("--out", default="runs/study",
+                        help="study directory: runs/, results.csv, plots (default: runs/study)")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="seeds to run instead of the grid's (e.g. --seeds 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .grid import check_seeds, read_grid
+    from .runner import Study, StudyInterrupted
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.seeds is not None:
+            check_seeds(args.seeds, "--seeds")
+    except ValueError as err:
+        return _fail(err, 2)
+    try:
+        grid = read_grid(args.grid)
+    except (ValueError, TypeError) as err:
+        return _fail(err, 1)
+    try:
+        Study(grid, args.out, args.seeds, progress=not args.no_progress).run()
+    except (ValueError, ImportError) as err:  # corpus, run directory, a missing extra
+        return _fail(err, 1)
+    except (StudyInterrupted, KeyboardInterrupt) as err:
+        print(f"{PROG}: interrupted ({err or 'Ctrl-C'}); run the same command again to "
+              "continue", file=sys.stderr)
+        return 130
+    out = Path(args.out)
+    print(f"Results: {out / 'results.csv'}, table: {out / 'table.md'}, plots: {out}/*.png")
+    return 0
+
+
+def _fail(error: BaseException, status: int) -> int:
+    print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return status
