@@ -182,6 +182,7 @@ def test_blank_lines_are_skipped(tmp_path):
         (['{"question": "a"}'], r"bad\.jsonl:1: unknown record format"),
         (['[1, 2]'], r"bad\.jsonl:1: expected a JSON object, got list"),
         (['{"text": 3}'], r"bad\.jsonl:1: field 'text' must be a string, got int"),
+        (['{"text": "a"}', '{"text": ""}'], r"bad\.jsonl:2: field 'text' is empty"),
         (['{"messages": []}'], r"bad\.jsonl:1: field 'messages' must be a non-empty list"),
         (['{"messages": [{"role": "user"}]}'], r"bad\.jsonl:1: messages\[0\] needs field "
                                                r"'content'"),

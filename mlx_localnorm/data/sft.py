@@ -180,6 +180,8 @@ def _check_record(record: dict, fmt: str, keys: Keys, where: str, first: str) ->
             raise ValueError(
                 f"{where}: field '{field}' must be a string, got {type(record[field]).__name__}"
             )
+    if fmt == "text" and not record[keys.text]:
+        raise ValueError(f"{where}: field '{keys.text}' is empty")
     if fmt == "chat":
         _check_messages(record[keys.messages], where, keys.messages)
         if not isinstance(record.get("tools", []), list):
