@@ -53,24 +53,8 @@ class Batches:
         world_size: int = 1,
     ):
         self.tokens = _token_array(tokens)
-        for name, value in (
-            ("batch_size", batch_size),
-            ("seq_len", seq_len),
-            ("world_size", world_size),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Batches({name}=...) must be a positive int, got {value!r}")
-        if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"Batches(seed=...) must be a non-negative int, got {seed!r}")
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(
-                f"Batches(rank=...) must be in [0, world_size={world_size}), got {rank!r}"
-            )
-        if batch_size % world_size:
-            raise ValueError(
-                f"Batches(batch_size={batch_size}) must be divisible by "
-                f"world_size={world_size}: it is the global batch, split across ranks"
-            )
+        check_layout("Batches", {"batch_size": batch_size, "seq_len": seq_len}, seed, rank,
+                     world_size)
         self.batch_size, self.seq_len, self.seed, self.shuffle = batch_size, seq_len, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.num_sequences = max(len(self.tokens) - 1, 0) // seq_len
@@ -154,6 +138,27 @@ class Batches:
         starts = self._order_for(epoch)[first : first + shard] * self.seq_len
         rows = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int32)
         return mx.array(rows[:, :-1]), mx.array(rows[:, 1:])
+
+
+def check_layout(
+    owner: str, sizes: dict[str, Any], seed: Any, rank: Any, world_size: Any
+) -> None:
+    """The argument checks of a batch iterator: positive ``sizes`` (with ``batch_size``) and
+    ``world_size``, a non-negative seed, ``0 <= rank < world_size`` dividing the batch."""
+    for name, value in {**sizes, "world_size": world_size}.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{owner}({name}=...) must be a positive int, got {value!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"{owner}(seed=...) must be a non-negative int, got {seed!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(
+            f"{owner}(rank=...) must be in [0, world_size={world_size}), got {rank!r}"
+        )
+    if sizes["batch_size"] % world_size:
+        raise ValueError(
+            f"{owner}(batch_size={sizes['batch_size']}) must be divisible by "
+            f"world_size={world_size}: it is the global batch, split across ranks"
+        )
 
 
 def _token_array(tokens: TokenFile | np.ndarray) -> np.ndarray:

@@ -47,7 +47,7 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-from .batches import Batches
+from .batches import Batches, check_layout
 
 FORMATS = ("text", "completions", "chat")
 SPLITS = ("train", "valid", "test")
@@ -320,20 +320,9 @@ class SFTBatches(Batches):
     ):
         # Batches.__init__ wants a token stream; the checks and fields are set up here.
         _check_examples(examples)
-        for name, value in (("batch_size", batch_size), ("max_seq_len", max_seq_len),
-                            ("pad_to", pad_to), ("window", window), ("world_size", world_size)):
-            _check_positive(name, value)
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"SFTBatches(seed=...) must be a non-negative int, got {seed!r}")
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(
-                f"SFTBatches(rank=...) must be in [0, world_size={world_size}), got {rank!r}"
-            )
-        if batch_size % world_size:
-            raise ValueError(
-                f"SFTBatches(batch_size={batch_size}) must be divisible by "
-                f"world_size={world_size}: it is the global batch, split across ranks"
-            )
+        sizes = {"batch_size": batch_size, "max_seq_len": max_seq_len, "pad_to": pad_to,
+                 "window": window}
+        check_layout("SFTBatches", sizes, seed, rank, world_size)
         self.examples = examples
         self.batch_size, self.seq_len, self.seed, self.shuffle = (
             batch_size, max_seq_len, seed, shuffle)
@@ -416,11 +405,6 @@ class SFTBatches(Batches):
                 inputs[i, :n], targets[i, :n], mask[i, :n] = (
                     tokens[:n], tokens[1: n + 1], loss[1: n + 1])
         return mx.array(inputs), mx.array(targets), mx.array(mask)
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"SFTBatches({name}=...) must be a positive int, got {value!r}")
 
 
 def _check_examples(examples: Any) -> None:
