@@ -11,8 +11,9 @@ import mlx_lm
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from mlx_lm.generate import batch_generate
 from mlx_lm.models import qwen3_next
-from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
+from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache, RotatingKVCache
 from mlx_lm.models.gated_delta import gated_delta_ops
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -189,6 +190,14 @@ def hybrid(seed=0, **overrides) -> Model:
     return model
 
 
+def greedy(model, prompt, n):
+    """n greedy tokens by full forward passes (no cache)."""
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(int(mx.argmax(model(mx.array([tokens]))[0, -1])))
+    return tokens[len(prompt):]
+
+
 def pieces_logits(model, tokens, sizes):
     cache = model.make_cache()
     out, start = [], 0
@@ -213,6 +222,35 @@ def test_token_by_token_generation_equals_the_full_forward(training, placement):
     for prefill in (1, 6):
         got, _ = pieces_logits(model, TOKENS, [prefill] + [1] * (TOKENS.shape[1] - prefill))
         assert rel_error(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("conv", [1, 2])  # width 1 keeps no past conv inputs
+def test_generation_with_short_convolutions(conv):
+    model = hybrid(linear_conv_kernel_dim=conv)
+    got, _ = pieces_logits(model, TOKENS, [3] + [1] * 16)
+    assert rel_error(got, model(TOKENS)) < 1e-5
+
+
+def test_mlx_lm_batch_generation_with_prompts_of_different_lengths():
+    """mlx-lm pads the prompts on the right and passes their lengths to ArraysCache."""
+    model, tokenizer = hybrid(), tiny_tokenizer()
+    prompts = [[3, 4, 5, 6, 7, 8, 9, 10, 11], [5, 6, 7], [12, 13, 14, 15, 16]]
+    got = batch_generate(model, tokenizer, prompts, max_tokens=6, return_token_ids=True)
+    for prompt, tokens in zip(prompts, got.token_ids):
+        assert tokens == greedy(model, prompt, len(tokens))
+
+
+def test_left_padded_batch_equals_each_prompt_alone():
+    """Padding masks: pad tokens neither enter the conv nor change the recurrent state."""
+    model = hybrid(layer_types=["linear_attention", "full_attention"] * 2)
+    prompts = [[3, 4, 5, 6, 7, 8, 9, 10], [5, 6, 7], [12, 13, 14, 15, 16]]
+    pads = [8 - len(p) for p in prompts]
+    batch = mx.array([[1] * pad + p for pad, p in zip(pads, prompts)])
+    cache = [ArraysCache(2, left_padding=pads) if kind == "linear_attention"
+             else BatchKVCache(left_padding=pads) for kind in model.args.layer_types]
+    got = mx.concatenate([model(batch[:, :5], cache=cache), model(batch[:, 5:], cache=cache)], 1)
+    for row, (pad, prompt) in enumerate(zip(pads, prompts)):
+        assert rel_error(got[row, pad:], model(mx.array([prompt]))[0]) < 1e-5
 
 
 def test_a_prompt_in_pieces_equals_one_piece():
@@ -285,10 +323,7 @@ def test_save_load_and_generate_with_mlx_lm(tmp_path):
     np.testing.assert_array_equal(np.array(loaded(TOKENS)), np.array(model(TOKENS)))
     prompt = tokenizer.encode("w1 w2 w3 w4 w5 w6")
     got = [r.token for r in mlx_lm.stream_generate(loaded, tokenizer, prompt, max_tokens=10)]
-    tokens = list(prompt)
-    for _ in range(len(got)):  # greedy decoding by full forward passes
-        tokens.append(int(mx.argmax(model(mx.array([tokens]))[0, -1])))
-    assert got == tokens[len(prompt):]
+    assert got == greedy(model, prompt, len(got))
 
 
 def test_lora_on_a_hybrid_model():
