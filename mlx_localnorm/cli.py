@@ -32,6 +32,8 @@ FORWARDED = {
                 "to a LocalNorm model that mlx-lm loads (see --help)"),
     "demo": ("mlx_localnorm.demo", "pre-train a ~10M LocalNorm LM on Shakespeare in about 5 "
              "minutes on a CPU (what `make demo` runs)"),
+    "finetune": ("mlx_localnorm.train.finetune_command", "fine-tune (lora/dora/norms/full)"),
+    "fuse": ("mlx_localnorm.train.fuse", "fuse a fine-tuning adapter into its model"),
     "pretrain": ("mlx_localnorm.train.command",
                  "pre-train a LocalNorm LM; every config field is a flag (see --help)"),
     "showcase": ("mlx_localnorm.showcase", "what each norm does to activations, and its cost"),

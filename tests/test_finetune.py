@@ -18,11 +18,13 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models import llama
 from mlx_lm.utils import save_config
 from mlx_lm.utils import save_model as mlx_lm_save_weights
+from test_cli import assert_one_line_error, run_in_process
 from test_models import TOKENS, VOCAB, tiny_model, tiny_tokenizer
 
 from mlx_localnorm.models import save_model
 from mlx_localnorm.train.adapters import (MODES, apply_mode, fuse_adapters, load_adapter,
                                           norm_parameter_names, parameter_counts, save_adapter)
+from mlx_localnorm.train.finetune import FinetuneConfig, Finetuner, resume_config
 from mlx_localnorm.train.fuse import fuse
 
 LORA = {"rank": 3, "scale": 4.0, "dropout": 0.0}
@@ -289,3 +291,130 @@ def test_fuse_adapters_without_lora_layers_changes_nothing():
     before = numpy_params(model)
     fuse_adapters(model)
     assert all(np.array_equal(v, before[k]) for k, v in numpy_params(model).items())
+
+
+# ---- the finetune run -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A saved tiny SeeDNorm model and a completions data set in its words (reverse a list)."""
+    root = tmp_path_factory.mktemp("finetune")
+    save_model(tiny_model(norm_type="seednorm", placement="peri"), tiny_tokenizer(),
+               root / "base")
+    rng = np.random.default_rng(0)
+    (root / "data").mkdir()
+    for split, count in (("train", 24), ("valid", 6)):
+        with open(root / "data" / f"{split}.jsonl", "w") as f:
+            for _ in range(count):
+                words = [f"w{i}" for i in rng.integers(2, VOCAB - 2, rng.integers(2, 6))]
+                f.write(json.dumps({"prompt": " ".join(words),
+                                    "completion": " " + " ".join(reversed(words))}) + "\n")
+    return root
+
+
+def run_config(setup, out, **overrides) -> FinetuneConfig:
+    values = dict(model=str(setup / "base"), data=str(setup / "data"), out_dir=str(out),
+                  steps=6, batch_size=4, eval_every=3, eval_batches=1, save_every=3,
+                  warmup_steps=1, learning_rate=1e-2, progress=False)
+    return FinetuneConfig(**{**values, **overrides})
+
+
+MODE_OPTIONS = {"lora": dict(rank=4, num_layers=1, dropout=0.1), "dora": dict(rank=2),
+                "norms": {}, "full": {}}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_finetune_writes_an_adapter_mlx_lm_applies(setup, tmp_path, mode):
+    trainer = Finetuner(run_config(setup, tmp_path / "run", mode=mode, **MODE_OPTIONS[mode]))
+    summary = trainer.run()
+    assert summary["step"] == 6 and not summary["interrupted"]
+    trainer.model.eval()
+    adapted = load(setup / "base", tmp_path / "run")
+    assert np.array_equal(np.array(adapted(TOKENS)), np.array(trainer.model(TOKENS)))
+    base = numpy_params(load(setup / "base"))
+    saved = mx.load(str(tmp_path / "run" / "adapters.safetensors"))
+    if mode == "norms":  # only the norm parameters are saved, and nothing else moved
+        norms = {k for k, v in base.items() if v.ndim == 1}
+        assert set(saved) == norms
+        after = numpy_params(trainer.model)
+        assert all(np.array_equal(after[k], base[k]) for k in base.keys() - norms)
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert "val_loss" in records[2] and "val_loss" in records[5]
+    assert (tmp_path / "run" / "loss.png").is_file()
+
+
+@pytest.mark.parametrize("mode", ["lora", "norms"])
+def test_resume_equals_uninterrupted(setup, tmp_path, mode):
+    """Stopped after step 3 (as Ctrl-C does) and resumed: every later loss and the adapter
+    equal the uninterrupted run's bit for bit (LoRA with dropout: the random key is restored)."""
+    options = MODE_OPTIONS[mode]
+    Finetuner(run_config(setup, tmp_path / "straight", mode=mode, **options)).run()
+    first = Finetuner(run_config(setup, tmp_path / "resumed", mode=mode, **options))
+    assert first.run(until=3)["interrupted"]
+    Finetuner(resume_config(tmp_path / "resumed"), resume=True).run()
+    for name in ("metrics.jsonl",):
+        losses = [[(r["step"], r["loss"], r.get("val_loss")) for r in map(json.loads, open(
+            tmp_path / run / name))] for run in ("straight", "resumed")]
+        assert losses[0] == losses[1]
+    want, got = (mx.load(str(tmp_path / run / "adapters.safetensors"))
+                 for run in ("straight", "resumed"))
+    assert want.keys() == got.keys()
+    assert all(np.array_equal(np.array(want[k]), np.array(got[k])) for k in want)
+
+
+# ---- the commands' bad input ----------------------------------------------------------------
+
+@pytest.fixture
+def bad_inputs(setup, tmp_path):
+    """A directory without config.json, one mlx-lm cannot read, malformed data."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "unknown").mkdir()
+    (tmp_path / "unknown" / "config.json").write_text(json.dumps({"model_type": "nosuch"}))
+    mx.save_safetensors(str(tmp_path / "unknown" / "model.safetensors"), {"w": mx.zeros(2)})
+    (tmp_path / "bad.jsonl").write_text('{"text": "w2 w3"}\n{"text": \n')
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, status, names", [
+    ([], 2, ["model must name a model directory"]),
+    (["--model", "{base}", "--mode", "qlora"], 2, ["mode must be one of", "qlora"]),
+    (["--model", "{base}", "--mode", "norms", "--rank-x", "2"], 2, ["--rank-x"]),
+    (["--model", "{base}", "--mode", "norms", "--num-layers", "1"], 2,
+     ["num_layers apply to modes lora and dora only"]),
+    (["--model", "{base}", "--scale", "2", "--alpha", "16"], 2, ["scale or alpha"]),
+    (["--model", "{base}", "--steps", "0"], 2, ["steps must be a positive int, got 0"]),
+    (["--model", "{tmp}/nothing"], 1, ["--model", "nothing does not exist"]),
+    (["--model", "{tmp}/empty"], 1, ["--model", "not a model directory", "no config.json"]),
+    (["--model", "{tmp}/unknown"], 1, ["--model: mlx_lm.load cannot read", "nosuch"]),
+    (["--model", "{base}", "--data", "{tmp}/bad.jsonl"], 1, ["bad.jsonl:2", "not valid JSON"]),
+    (["--model", "{base}", "--resume"], 2, ["--resume", "does not exist"]),
+])
+def test_finetune_bad_input_is_one_line(setup, bad_inputs, capsys, args, status, names):
+    args = [a.format(base=setup / "base", tmp=bad_inputs) for a in args]
+    proc = run_in_process(capsys, "finetune", "--data", setup / "data", "--steps", 1,
+                          "--out-dir", bad_inputs / "run", "--no-progress", *args)
+    assert proc.returncode == status
+    assert_one_line_error(proc, *names)
+
+
+def test_fuse_command_and_its_bad_input(setup, tmp_path, capsys):
+    model = load(setup / "base")
+    save_adapter(model, apply_mode(model, "lora", num_layers=1), tmp_path / "lora")
+    wider = saved_localnorm(tmp_path, "wider", hidden_size=48)
+    proc = run_in_process(capsys, "fuse", "--model", wider, "--adapter-path", tmp_path / "lora",
+                          "--out", tmp_path / "fused")
+    assert proc.returncode == 1
+    assert_one_line_error(proc, "does not fit", "shape")
+    assert not (tmp_path / "fused").exists()
+    proc = run_in_process(capsys, "fuse", "--model", setup / "base", "--adapter-path",
+                          tmp_path / "nothing", "--out", tmp_path / "fused")
+    assert proc.returncode == 1
+    assert_one_line_error(proc, "adapter_config.json does not exist")
+    proc = run_in_process(capsys, "fuse", "--model", setup / "base")
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "--adapter-path")
+    proc = run_in_process(capsys, "fuse", "--model", setup / "base", "--adapter-path",
+                          tmp_path / "lora", "--out", tmp_path / "fused")
+    assert proc.returncode == 0, proc.stderr
+    assert "mlx_lm.generate --model" in proc.stdout and (tmp_path / "fused").is_dir()
