@@ -94,6 +94,11 @@ def test_chat_ending_on_a_user_turn_trains_that_turn_as_mlx_lm(chat_tok):
         [USER, A, END, USER, B, END], [0, 0, 0, 1, 1, 1])
 
 
+def test_a_one_message_chat_is_all_trained(chat_tok):
+    assert _one([_msgs(("assistant", "a"))], "chat", chat_tok) == (
+        [ASSISTANT, A, END], [1, 1, 1])
+
+
 def test_completions_with_a_chat_template(chat_tok):
     record = {"prompt": "a b", "completion": "c d"}
     assert _one([record], "completions", chat_tok) == (
@@ -143,6 +148,28 @@ def test_our_sentencepiece_tokenizer_and_its_mlx_lm_view_agree(tmp_path):
         [False] * len(prompt) + [True] * (len(expected) - len(prompt)))
     (text,) = tokenize_records([{"text": "sum of squares"}], "text", sp)
     assert text.tokens.tolist() == [sp.bos_id(), *sp.encode("sum of squares"), sp.eos_id()]
+
+
+def test_masks_match_mlx_lm_trainer_but_not_its_trailing_pad_target(chat_tok):
+    """mlx-lm's default_loss trains on ``offset <= j <= length`` (target index j): the same
+    prompt cut, plus the padding id after the last token (mlx-lm 0.32); ours stops at the
+    last token."""
+    from mlx_lm.tuner.datasets import ChatDataset
+    from mlx_lm.tuner.trainer import iterate_batches
+
+    records = [CHAT, _msgs(("user", "g"), ("assistant", "h a")), _msgs(("user", "a"),
+                                                                      ("user", "b"))]
+    dataset = ChatDataset(records, chat_tok, mask_prompt=True)
+    for record, example in zip(records, tokenize_records(records, "chat", chat_tok)):
+        batch, lengths = next(iterate_batches([dataset.process(record)], 1, 2048))
+        offset, length = np.array(lengths)[0]
+        steps = np.arange(1, batch.shape[1])
+        theirs = (steps >= offset) & (steps <= length)
+        _, targets, mask = next(SFTBatches([example], 1))
+        n = length - 1
+        assert np.array(targets)[0, :n].tolist() == np.array(batch)[0, 1:length].tolist()
+        assert np.array(mask)[0, :n].tolist() == theirs[:n].astype(np.float32).tolist()
+        assert np.array(mask)[0, n:].sum() == 0
 
 
 # ---------------------------------------------------------------- files and bad input

@@ -18,7 +18,8 @@ Contract (the fine-tuning trainer relies on these names and meanings)::
   (``mask[0]`` is never used: the first token is never predicted). With ``mask_prompt`` (the
   default) the prompt is 0, as mlx-lm's ``--mask-prompt``: ``completions``: everything before
   the completion; ``chat``: everything before the last message (the last assistant turn is
-  trained, earlier turns are context). ``text`` has no prompt.
+  trained, earlier turns are context; a one-message chat is all trained). ``text`` has no
+  prompt.
 - Rendering is mlx-lm's own (``mlx_lm.tuner.datasets``): ``chat`` and ``completions`` through
   the chat template (no EOS added: the template ends the turn), ``text`` as
   ``encode(text)`` + EOS. ``completions`` with a tokenizer without a chat template (ours)
@@ -234,7 +235,11 @@ def tokenize_records(
     examples = []
     for record in tqdm(records, desc=f"tokenize {Path(source).name}", leave=False,
                        disable=len(records) < 1000):
-        tokens, offset = dataset.process(record)
+        if fmt == "chat" and len(record[keys.messages]) == 1:
+            # Nothing comes before the only message (mlx-lm would render an empty chat).
+            tokens, offset = ChatDataset([], tokenizer, keys.messages).process(record)
+        else:
+            tokens, offset = dataset.process(record)
         tokens = np.asarray(tokens, np.int32)
         examples.append(Example(tokens, np.arange(len(tokens)) >= offset))
     return examples
