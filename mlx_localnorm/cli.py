@@ -30,6 +30,8 @@ BENCHES = {
 FORWARDED = {
     "convert": ("mlx_localnorm.convert.command", "convert a Hugging Face checkpoint directory "
                 "to a LocalNorm model that mlx-lm loads (see --help)"),
+    "export-hf": ("mlx_localnorm.convert.export_command", "write a LocalNorm model with "
+                  "RMSNorm/LayerNorm Pre-LN as a Hugging Face checkpoint (see --help)"),
     "demo": ("mlx_localnorm.demo", "pre-train a ~10M LocalNorm LM on Shakespeare in about 5 "
              "minutes on a CPU (what `make demo` runs)"),
     "finetune": ("mlx_localnorm.train.finetune_command", "fine-tune (lora/dora/norms/full)"),

@@ -649,16 +649,131 @@ def test_calibration_refuses_a_source_that_is_not_pre_ln():
         ln.convert.calibrate(target, source, [TOKENS])
 
 
+# ---- export back to Hugging Face ----------------------------------------------------------------
+
+BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_export_hf_writes_the_fixture_back(case, tmp_path):
+    """Same model_type, the same tensors under the same names and layouts, same logits."""
+    from mlx_localnorm.convert.export import export_hf
+
+    model, tokenizer = ln.convert.from_hf(FIXTURES / case)
+    export_hf(model, tokenizer, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == json.loads((FIXTURES / case / "config.json").read_text())[
+        "model_type"]
+    ours = mx.load(str(tmp_path / "hf" / "model.safetensors"))
+    source = {k: v for k, v in mx.load(str(FIXTURES / case / "model.safetensors")).items()
+              if not k.endswith(BUFFERS)}
+    assert set(ours) == set(source)
+    for name, value in source.items():
+        np.testing.assert_array_equal(np.array(ours[name]), np.array(value), err_msg=name)
+    tokens = np.load(FIXTURES / case / "reference.npz")["tokens"]
+    np.testing.assert_array_equal(converted_logits(tmp_path / "hf", tokens),
+                                  f64(model(mx.array(tokens))))
+    text = "w3 w4 w40 w0"
+    assert ln.convert.from_hf(tmp_path / "hf")[1].encode(text) == tokenizer.encode(text)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                    reason="torch is not installed (optional: pip install torch==2.13.0)")
+@pytest.mark.parametrize("case", ["llama_llama3", "gemma", "gpt2"])
+def test_transformers_reads_the_export_to_our_logits(case, tmp_path):
+    """A native LocalNorm model trained nowhere near a checkpoint: its Llama-family or GPT-2
+    export computes in transformers what it computes here (randomized norms and biases)."""
+    from mlx.utils import tree_map
+
+    from mlx_localnorm.convert.export import export_hf
+
+    model, tokenizer = ln.convert.from_hf(FIXTURES / case)
+    mx.random.seed(5)
+    model.update(tree_map(lambda p: p + 0.1 * mx.random.normal(p.shape), model.parameters()))
+    export_hf(model, tokenizer, tmp_path / "hf")
+    tokens = np.load(FIXTURES / case / "reference.npz")["tokens"]
+    np.testing.assert_allclose(load_make_fixtures().reference_logits(tmp_path / "hf", tokens),
+                               f64(model(mx.array(tokens))), rtol=0, atol=LOGIT_ATOL)
+
+
+@pytest.mark.parametrize("case, options, reason", [
+    ("llama_llama3", dict(norm="seednorm"), "norm 'seednorm' \\(transformers has RMSNorm"),
+    ("qwen3", dict(norm="dyt"), "norm 'dyt'.*q/k norm 'dyt'"),
+    ("llama_llama3", dict(placement="peri"), "placement 'peri' \\(transformers' models are "
+                                             "Pre-LN\\)"),
+    ("llama_llama3", dict(placement="lnscaling"), "placement 'lnscaling'"),
+    ("llama_llama3", dict(norm="layernorm"), "LayerNorm outside GPT-2's form"),
+    ("gpt2", dict(norm="rmsnorm"), "RMSNorm with learned positions or an ungated MLP"),
+])
+def test_export_hf_refuses_what_transformers_cannot_compute(case, options, reason, tmp_path):
+    from mlx_localnorm.convert.export import export_hf
+
+    model, tokenizer = ln.convert.from_hf(FIXTURES / case, **options)
+    with pytest.raises(ValueError, match=f"transformers has no model with {reason}"):
+        export_hf(model, tokenizer, tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_hf_refuses_quantized_and_hypersphere_models(tmp_path):
+    from mlx_lm.utils import quantize_model
+
+    from mlx_localnorm.convert.export import export_hf
+
+    model, tokenizer = ln.convert.from_hf(FIXTURES / "qwen3")
+    quantize_model(model, {}, 32, 4)
+    with pytest.raises(ValueError, match="quantized layers"):
+        export_hf(model, tokenizer, tmp_path / "hf")
+    with pytest.raises(ValueError, match="placement 'ngpt'.*norm 'l2norm'"):
+        export_hf(tiny_model(placement="ngpt"), tokenizer, tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def export_cli(*argv) -> int:
+    from mlx_localnorm.cli import main
+
+    return main(["export-hf", *map(str, argv)])
+
+
+def test_cli_exports_a_saved_native_model_as_llama(tmp_path, capsys):
+    """A model built here (as pretrain does), saved, exported and read back."""
+    _, tokenizer = ln.convert.from_hf(FIXTURES / "gpt2")
+    model = tiny_model(seed=2, vocab_size=48, tie_word_embeddings=False)
+    ln.save_model(model, tokenizer, tmp_path / "run")
+    assert export_cli(tmp_path / "run", "--out", tmp_path / "hf") == 0
+    assert "model_type 'llama'" in capsys.readouterr().out
+    np.testing.assert_allclose(converted_logits(tmp_path / "hf", np.array(TOKENS)),
+                               f64(model(TOKENS)), rtol=0, atol=1e-6)
+    assert export_cli(tmp_path / "run", "--out", tmp_path / "hf") == 1
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert export_cli(tmp_path / "run", "--out", tmp_path / "hf", "--overwrite") == 0
+
+
+def test_cli_export_refusal_is_one_line_and_writes_nothing(tmp_path, capsys):
+    _, tokenizer = ln.convert.from_hf(FIXTURES / "gpt2")
+    ln.save_model(tiny_model(vocab_size=48, norm_type="seednorm"), tokenizer, tmp_path / "run")
+    assert export_cli(tmp_path / "run", "--out", tmp_path / "hf") == 1
+    err = capsys.readouterr().err
+    assert "norm 'seednorm'" in err and len(err.strip().splitlines()) == 1
+    assert export_cli(FIXTURES / "gpt2", "--out", tmp_path / "hf") == 1
+    assert "must have model_type 'localnorm', got 'gpt2'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 # ---- live transformers reference (optional: needs torch) ----------------------------------------
+
+def load_make_fixtures():
+    spec = importlib.util.spec_from_file_location("make_fixtures", FIXTURES / "make_fixtures.py")
+    make_fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_fixtures)
+    return make_fixtures
+
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None,
                     reason="torch is not installed (optional: pip install torch==2.13.0)")
 @pytest.mark.parametrize("case", CASES)
 def test_logits_equal_transformers_live(case, tmp_path):
     """A fresh random checkpoint (another seed than the fixture's), referenced live."""
-    spec = importlib.util.spec_from_file_location("make_fixtures", FIXTURES / "make_fixtures.py")
-    make_fixtures = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_fixtures)
+    make_fixtures = load_make_fixtures()
     make_fixtures.make_checkpoint(case, tmp_path, seed=7)
     tokens = make_fixtures.tokens(seed=7)
     np.testing.assert_allclose(converted_logits(tmp_path, tokens),

@@ -16,7 +16,7 @@ import mlx.core as mx
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
                 "gelu_new": "gelu_tanh", "gelu": "gelu"}
 # rope types whose mlx-lm implementation matches transformers' (llama3, linear, dynamic NTK).
-_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 # Buffers some checkpoints carry that are not weights: RoPE tables, GPT-2's causal mask.
 _BUFFERS = re.compile(r"rotary_emb\.inv_freq$|(^|\.)attn\.(masked_)?bias$")
 
@@ -36,8 +36,8 @@ def _rope(config) -> dict:
     """``rope_theta`` and mlx-lm's ``rope_scaling`` dict from transformers' rope_parameters."""
     params = dict(config.rope_parameters)
     rope_type = params.pop("rope_type", params.pop("type", "default"))
-    if rope_type not in _ROPE_TYPES:
-        raise ValueError(f"from_hf: rope_type must be one of {_ROPE_TYPES}, got {rope_type!r}")
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"from_hf: rope_type must be one of {ROPE_TYPES}, got {rope_type!r}")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"from_hf: partial_rotary_factor must be 1.0, got "
                          f"{params['partial_rotary_factor']!r}")

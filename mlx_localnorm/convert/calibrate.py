@@ -117,7 +117,7 @@ def record(model: Model, batches: list[mx.array], paths: list[str]) -> dict[str,
 
 
 def _least_squares(z: mx.array, y: mx.array, intercept: bool) -> tuple[mx.array, mx.array]:
-    """Per channel ``j``: the ``w_j`` (and ``b_j``) minimizing ``sum_rows (w_j z_j + b_j - y_j)^2``."""
+    """Per channel ``j``: the ``w_j`` (and ``b_j``) minimizing ``sum (w_j z_j + b_j - y_j)^2``."""
     if intercept:
         zc, yc = z - z.mean(axis=0), y - y.mean(axis=0)
         w = (zc * yc).sum(axis=0) / mx.maximum((zc * zc).sum(axis=0), 1e-30)
