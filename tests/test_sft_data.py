@@ -82,9 +82,21 @@ def _one(records, fmt, tok, **kw) -> tuple[list, list]:
     return example.tokens.tolist(), example.mask.astype(int).tolist()
 
 
-def test_chat_masks_all_but_the_last_assistant_turn(chat_tok):
-    assert _one([CHAT], "chat", chat_tok) == (CHAT_TOKENS, CHAT_MASK)
-    assert _one([CHAT], "chat", chat_tok, mask_prompt=False) == (CHAT_TOKENS, [1] * 17)
+@pytest.mark.parametrize("wrapped", [True, False], ids=["mlx_lm_wrapper", "transformers"])
+def test_chat_masks_all_but_the_last_assistant_turn(chat_tok, wrapped):
+    tok = chat_tok if wrapped else chat_tok._tokenizer
+    assert _one([CHAT], "chat", tok) == (CHAT_TOKENS, CHAT_MASK)
+    assert _one([CHAT], "chat", tok, mask_prompt=False) == (CHAT_TOKENS, [1] * 17)
+
+
+def test_chat_tools_reach_the_template_in_the_prompt_too():
+    tok = _wrapper("{% if tools %}<|system|> {% for t in tools %}{{ t['function']['name'] }} "
+                   "{% endfor %}<|end|> {% endif %}" + TEMPLATE)
+    record = {**_msgs(("user", "a"), ("assistant", "b")),
+              "tools": [{"type": "function", "function": {"name": "g"}},
+                        {"type": "function", "function": {"name": "h"}}]}
+    assert _one([record], "chat", tok) == (
+        [SYSTEM, G, H, END, USER, A, END, ASSISTANT, B, END], [0] * 8 + [1, 1])
 
 
 def test_chat_ending_on_a_user_turn_trains_that_turn_as_mlx_lm(chat_tok):
