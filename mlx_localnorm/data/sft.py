@@ -12,11 +12,11 @@ Contract (the fine-tuning trainer relies on these names and meanings)::
   ``transformers`` tokenizer, or a ``sentencepiece.SentencePieceProcessor`` (``prepare_data``).
 - Formats (mlx-lm's, detected from the first record; every record checked; one format per
   dataset): ``text`` ``{"text"}``, ``completions`` ``{"prompt", "completion"}``, ``chat``
-  ``{"messages": [{"role", "content"}, ...], "tools"?}``. Keys can be renamed as in mlx-lm
-  (``text_feature``, ``prompt_feature``, ``completion_feature``, ``chat_feature``).
+  ``{"messages": [{"role", "content"}, ...], "tools"?}``. :class:`Keys` renames the fields
+  (mlx-lm's ``text_feature``, ``prompt_feature``, ``completion_feature``, ``chat_feature``).
 - :class:`Example` ``(tokens, mask)``: ``mask[j]`` says whether token ``j`` is a loss target
   (``mask[0]`` is never used: the first token is never predicted). With ``mask_prompt`` (the
-  default) the prompt is 0, as mlx-lm's ``--mask-prompt``: ``completions``: everything before
+  default) the prompt's mask is False, as mlx-lm's ``--mask-prompt``: ``completions``: everything before
   the completion; ``chat``: everything before the last message (the last assistant turn is
   trained, earlier turns are context; a one-message chat is all trained). ``text`` has no
   prompt.
