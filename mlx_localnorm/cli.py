@@ -21,6 +21,7 @@ BENCHES = {
     "emulate": "mlx_localnorm.bench.emulate",
     "grpo": "mlx_localnorm.bench.grpo",
     "kernels": "mlx_localnorm.bench.kernels",
+    "linear": "mlx_localnorm.bench.linear",
     "model": "mlx_localnorm.bench.model",
     "norms": "mlx_localnorm.bench.norms",
     "optim": "mlx_localnorm.bench.optim",
