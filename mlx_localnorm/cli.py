@@ -19,6 +19,7 @@ from . import __version__
 BENCHES = {
     "data": "mlx_localnorm.bench.data",
     "emulate": "mlx_localnorm.bench.emulate",
+    "finetune": "mlx_localnorm.bench.finetune",
     "grpo": "mlx_localnorm.bench.grpo",
     "kernels": "mlx_localnorm.bench.kernels",
     "linear": "mlx_localnorm.bench.linear",

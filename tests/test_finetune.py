@@ -418,3 +418,39 @@ def test_fuse_command_and_its_bad_input(setup, tmp_path, capsys):
                           tmp_path / "lora", "--out", tmp_path / "fused")
     assert proc.returncode == 0, proc.stderr
     assert "mlx_lm.generate --model" in proc.stdout and (tmp_path / "fused").is_dir()
+
+
+# ---- bench finetune -------------------------------------------------------------------------
+
+BENCH_COLUMNS = ["machine", "device", "mlx", "trainer", "hidden", "layers", "vocab", "rank",
+                 "lora_layers", "batch", "seq_len", "steps_timed", "tokens_per_s",
+                 "peak_memory_mb", "tokens_per_s_vs_mlx_lm", "memory_vs_mlx_lm"]
+
+
+def test_bench_finetune_writes_both_trainers(tmp_path, capsys):
+    proc = run_in_process(capsys, "bench", "finetune", "--out", tmp_path, "--vocab", 300,
+                          "--hidden", 32, "--layers", 2, "--heads", 2, "--lora-layers", 1,
+                          "--batch", 2, "--seq-len", 24, "--examples", 6, "--steps", 3,
+                          "--warmup", 1, "--rounds", 1)
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "finetune.csv") as f:
+        header, *rows = [line.strip().split(",") for line in f]
+    assert header == BENCH_COLUMNS
+    rows = {r[3]: dict(zip(header, r)) for r in rows}
+    assert set(rows) == {"mlx-localnorm finetune", "mlx_lm.lora trainer"}
+    ours, theirs = rows["mlx-localnorm finetune"], rows["mlx_lm.lora trainer"]
+    assert float(theirs["tokens_per_s_vs_mlx_lm"]) == 1.0
+    ratio = float(ours["tokens_per_s"]) / float(theirs["tokens_per_s"])
+    assert abs(float(ours["tokens_per_s_vs_mlx_lm"]) - ratio) < 0.02 * ratio + 0.01
+    assert float(ours["peak_memory_mb"]) > 0 and ours["steps_timed"] == "2"
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--steps", 3, "--warmup", 3], ["--steps must be > --warmup"]),
+    (["--lora-layers", 9], ["--lora-layers must be in [1, 8]"]),
+    (["--rank", 0], ["--rank must be >= 1"]),
+])
+def test_bench_finetune_bad_arguments(tmp_path, capsys, args, names):
+    proc = run_in_process(capsys, "bench", "finetune", "--out", tmp_path, *args)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, *names)
