@@ -4,6 +4,8 @@ References: a float64 NumPy recurrence written here from SPEC.md (arXiv 2412.064
 mlx-lm's step-by-step ``gated_delta_ops`` (values, and gradients by autodiff through it).
 """
 
+import csv
+
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
@@ -428,3 +430,34 @@ def test_a_hybrid_model_pretrains(tmp_path):
     assert len(losses) == 6 and all(np.isfinite(losses)) and losses[-1] < losses[0]
     model, _ = mlx_lm.load(str(tmp_path / "run"), trust_remote_code=True)
     assert model.args.layer_types.count("linear_attention") == 3
+
+
+# ---- benchmark ------------------------------------------------------------------------------
+
+def test_bench_linear_runs_at_a_tiny_size(tmp_path, capsys):
+    from mlx_localnorm.bench import linear
+
+    assert linear.main(["--out", str(tmp_path), "--vocab", "512", "--hidden", "32", "--layers",
+                        "2", "--heads", "2", "--lengths", "8", "16", "--repeat", "1",
+                        "--batch", "1", "--seq-len", "16", "--rounds", "1",
+                        "--train-steps", "0", "--layer-pattern", "LF"]) == 0
+    with open(tmp_path / "linear.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["measure"], r["configuration"], r["seq_len"]) for r in rows] == [
+        ("recurrence fwd+bwd", "chunked (ours)", "8"),
+        ("recurrence fwd+bwd", "gated_delta_ops autodiff", "8"),
+        ("recurrence fwd+bwd", "chunked (ours)", "16"),
+        ("recurrence fwd+bwd", "gated_delta_ops autodiff", "16"),
+        ("training tokens/s", "hybrid LF", "16"), ("training tokens/s", "all attention", "16")]
+    assert all(float(r["value"]) > 0 and float(r["peak_memory_mb"]) >= 0 for r in rows)
+    assert (tmp_path / "linear.png").stat().st_size > 5000
+
+
+def test_bench_linear_rejects_a_bad_pattern(capsys):
+    from mlx_localnorm import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "linear", "--layer-pattern", "LXF", "--train-steps", "0"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "layer_pattern must be letters of FSL" in err
