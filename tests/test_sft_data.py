@@ -421,7 +421,7 @@ def _np_masked_ce(logits: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> 
 
 def test_masked_cross_entropy_on_a_chat_example_excludes_the_prompt(chat_tok):
     data = tokenize_records([CHAT, _msgs(("user", "g"), ("assistant", "h a"))], "chat", chat_tok)
-    inputs, targets, mask = next(SFTBatches(data, batch_size=2, shuffle=False, pad_to=8))
+    _, targets, mask = next(SFTBatches(data, batch_size=2, shuffle=False, pad_to=8))
     targets_np, mask_np = np.array(targets), np.array(mask)
     # Hand count: 3 targets (e f <|end|>) in CHAT, 3 (h a <|end|>) in the short chat.
     assert mask_np.sum() == 6

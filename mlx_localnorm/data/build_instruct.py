@@ -1,8 +1,8 @@
 """Build the shipped instruction set ``localnorm_instruct/{train,valid}.jsonl`` (``completions``).
 
 Questions about this package's norms, placements, optimizers, RL losses and quantization,
-answered from the package's math (docs/*.md, the modules' docstrings), plus worked numeric examples whose
-answers are computed here. Deterministic: the same files on every run.
+answered from the package's math (docs/*.md, the modules' docstrings), plus worked numeric
+examples whose answers are computed here. Deterministic: the same files on every run.
 
 Prompts read ``Q: ...\\nA:`` so they also work without a chat template (the demo model's
 tokenizer has none): the completion is encoded right after the prompt.
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ._io import atomic_write_bytes
 from .sft import INSTRUCT_DIR
+
 VALID_EVERY = 10  # every 10th record (after a seeded shuffle) is held out
 
 # name in ln.NORMS -> (title, class, formula, arXiv id, parameters)

@@ -7,9 +7,10 @@ A conversation alternates two speakers; a message is the speaker's consecutive u
 joined by a space. The first speaker is the ``user``, the second the ``assistant``; each
 assistant message makes one record: it and up to ``turns - 1`` messages before it (default
 4 messages, starting on a user turn). With mlx-lm's masking (all but the last message) every
-assistant message is trained on exactly once, the earlier ones being context. Records are ``chat`` (for a tokenizer with a chat
-template) or ``completions`` (``User: ...\\nAssistant: ...\\nAssistant:`` -> the reply, for
-ours). Conversations are split by a hash of their id: the split does not depend on ``limit``.
+assistant message is trained on exactly once, the earlier ones being context. Records are
+``chat`` (for a tokenizer with a chat template) or ``completions`` (``User: ...\\nAssistant:
+...\\nAssistant:`` -> the reply, for ours). Conversations are split by a hash of their id:
+the split does not depend on ``limit``.
 """
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ Contract (the fine-tuning trainer relies on these names and meanings)::
   (mlx-lm's ``text_feature``, ``prompt_feature``, ``completion_feature``, ``chat_feature``).
 - :class:`Example` ``(tokens, mask)``: ``mask[j]`` says whether token ``j`` is a loss target
   (``mask[0]`` is never used: the first token is never predicted). With ``mask_prompt`` (the
-  default) the prompt's mask is False, as mlx-lm's ``--mask-prompt``: ``completions``: everything before
-  the completion; ``chat``: everything before the last message (the last assistant turn is
-  trained, earlier turns are context; a one-message chat is all trained). ``text`` has no
-  prompt.
+  default) the prompt's mask is False, as mlx-lm's ``--mask-prompt``: ``completions``:
+  everything before the completion; ``chat``: everything before the last message (the last
+  assistant turn is trained, earlier turns are context; a one-message chat is all trained).
+  ``text`` has no prompt.
 - Rendering is mlx-lm's own (``mlx_lm.tuner.datasets``): ``chat`` and ``completions`` through
   the chat template (no EOS added: the template ends the turn), ``text`` as
   ``encode(text)`` + EOS. ``completions`` with a tokenizer without a chat template (ours)
