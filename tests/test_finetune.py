@@ -454,3 +454,32 @@ def test_bench_finetune_bad_arguments(tmp_path, capsys, args, names):
     proc = run_in_process(capsys, "bench", "finetune", "--out", tmp_path, *args)
     assert proc.returncode == 2
     assert_one_line_error(proc, *names)
+
+
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_lora_on_a_quantized_model_fuses(tmp_path, dequantize):
+    """QLoRA: LoRA on QuantizedLinear. --dequantize fuses into float weights (the adapter
+    model's logits up to rounding); without it the fused layers are quantized again."""
+    from mlx_lm.utils import quantize_model
+
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs(**LLAMA))
+    model, config = quantize_model(model, dict(LLAMA), group_size=32, bits=4)
+    base = tmp_path / "q4"
+    mlx_lm_save_weights(base, model)
+    save_config(config, base / "config.json")
+    tiny_tokenizer().save_pretrained(str(base))
+
+    adapted = load(base)
+    config = apply_mode(adapted, "lora", **adapter_options("lora"))
+    perturb_trainable(adapted)
+    save_adapter(adapted, config, tmp_path / "a")
+    fuse(base, tmp_path / "a", tmp_path / "fused", dequantize=dequantize)
+    fused_config = json.loads((tmp_path / "fused" / "config.json").read_text())
+    assert ("quantization" in fused_config) != dequantize
+    got = np.array(load(tmp_path / "fused")(TOKENS), np.float64)
+    want = np.array(load(base, tmp_path / "a")(TOKENS), np.float64)
+    if dequantize:
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    else:  # the fused sum is rounded to the 4-bit grid once more
+        assert 0 < np.abs(got - want).max() < 0.5 * np.abs(want).max()
