@@ -17,6 +17,7 @@ from . import __version__
 
 # bench name -> module whose main(argv) runs it; imported only when asked for.
 BENCHES = {
+    "convert": "mlx_localnorm.bench.convert",
     "data": "mlx_localnorm.bench.data",
     "emulate": "mlx_localnorm.bench.emulate",
     "finetune": "mlx_localnorm.bench.finetune",

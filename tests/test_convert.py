@@ -880,3 +880,31 @@ def test_cli_refuses_a_foreign_output_directory(tmp_path, capsys):
     assert convert_cli("--hf-path", FIXTURES / "gpt2", "--out", tmp_path / "out") == 1
     assert "is not empty and not a model saved by save_model" in capsys.readouterr().err
     assert [p.name for p in tmp_path.rglob("*")] == ["out", "notes.txt"]
+
+
+# ---- mlx-localnorm bench convert ----------------------------------------------------------------
+
+def test_bench_convert_exactness_rows():
+    from mlx_localnorm.bench.convert import exactness_rows
+
+    rows = exactness_rows(FIXTURES)
+    ours = {r["case"]: float(r["max_abs_logit_diff"]) for r in rows if r["loader"] == "from_hf"}
+    assert set(ours) == set(CASES) and max(ours.values()) < LOGIT_ATOL
+    theirs = {r["case"]: r for r in rows if r["loader"] == "mlx_lm.load_model"}
+    assert set(theirs) == set(CASES) and theirs["gpt2"]["note"].startswith("fails: ")
+
+
+def test_bench_convert_streaming_rows_in_its_csv(tmp_path, capsys):
+    import csv
+
+    from mlx_localnorm.cli import main
+
+    assert main(["bench", "convert", "--out", str(tmp_path), "--size", "tiny",
+                 "--shard-mb", "0.05", "--sections", "streaming"]) == 0
+    rows = list(csv.DictReader((tmp_path / "convert.csv").open()))
+    assert [(r["section"], r["loader"]) for r in rows] == [
+        ("streaming", "from_hf"), ("streaming", "mlx_lm.load_model")]
+    for row in rows:  # several shards; the model is what stays in memory
+        model, shard = float(row["model_mb"]), float(row["largest_shard_mb"])
+        assert 0 < shard < model / 2
+        assert model <= float(row["mlx_peak_mb"]) < model + 2 * shard
