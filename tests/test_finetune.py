@@ -483,3 +483,18 @@ def test_lora_on_a_quantized_model_fuses(tmp_path, dequantize):
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     else:  # the fused sum is rounded to the 4-bit grid once more
         assert 0 < np.abs(got - want).max() < 0.5 * np.abs(want).max()
+
+
+def test_only_the_package_model_file_is_trusted_without_the_flag(setup, tmp_path):
+    import shutil
+
+    from mlx_localnorm.train.model_dir import load_model_dir
+
+    changed = tmp_path / "changed"
+    shutil.copytree(setup / "base", changed)
+    with open(changed / "localnorm_model.py", "a") as f:
+        f.write("# edited\n")
+    with pytest.raises(ValueError, match="--model: mlx_lm.load cannot read .*trust_remote_code"):
+        load_model_dir(changed)
+    model, _, _ = load_model_dir(changed, trust_remote_code=True)
+    assert np.array_equal(np.array(model(TOKENS)), np.array(load(setup / "base")(TOKENS)))
