@@ -41,6 +41,8 @@ FORWARDED = {
     "fuse": ("mlx_localnorm.train.fuse", "fuse a fine-tuning adapter into its model"),
     "pretrain": ("mlx_localnorm.train.command",
                  "pre-train a LocalNorm LM; every config field is a flag (see --help)"),
+    "qat": ("mlx_localnorm.quant.command", "quantization-aware fine-tuning to a real mlx-lm "
+            "quantized model, with a PTQ/DWQ/QAT perplexity table (see --help)"),
     "showcase": ("mlx_localnorm.showcase", "what each norm does to activations, and its cost"),
     "study": ("mlx_localnorm.study.command", "run a grid of pre-training runs (norm x "
               "placement x optimizer), resumably: results.csv and plots"),
