@@ -5,12 +5,14 @@ them for second derivatives) and :mod:`mlx_localnorm.norms` (whose modules call 
 so imports run one way: ops -> kernels -> norms. ``ln.norms`` re-exports them.
 """
 
+from .norm_add_norm import norm_add_norm
 from .patch import patch_divisor, patch_sum_squares, patchnorm, window_sum
 from .rms import rms_norm
 from .seed import DOT_SCALES, seednorm
 
 __all__ = [
     "DOT_SCALES",
+    "norm_add_norm",
     "patch_divisor",
     "patch_sum_squares",
     "patchnorm",
