@@ -159,9 +159,8 @@ def test_runner_sweeps_selects_resumes_and_writes_results(prepared, tmp_path, mo
     grid = parse_grid(grid_values(diagnose=False))
     # A run interrupted after 3 of its 6 steps, before the study starts.
     interrupted = runner.run_path(out, "pre", 3e-3, 0)
-    study = Study(grid, out, progress=False)
-    study._link_data(grid.families[0].config(interrupted, 3e-3, 0), interrupted.mkdir(
-        parents=True) or interrupted)
+    interrupted.mkdir(parents=True)
+    runner.link_shared_data(out, grid.families[0].config(interrupted, 3e-3, 0), interrupted)
     ln.train.Pretrainer(grid.families[0].config(interrupted, 3e-3, 0)).run(until=3)
 
     calls = Recorder(monkeypatch).calls
@@ -211,7 +210,7 @@ def test_a_changed_grid_does_not_resume_a_run_silently(prepared, tmp_path):
     directory = runner.run_path(out, "pre", 1e-3, 0)
     grid = parse_grid(values)
     directory.mkdir(parents=True)
-    Study(grid, out)._link_data(grid.families[0].config(directory, 1e-3, 0), directory)
+    runner.link_shared_data(out, grid.families[0].config(directory, 1e-3, 0), directory)
     ln.train.Pretrainer(grid.families[0].config(directory, 1e-3, 0)).run(until=3)
     values["base"]["hidden_size"] = 64
     with pytest.raises(ValueError, match="hidden_size cannot change"):

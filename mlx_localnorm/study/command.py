@@ -23,6 +23,9 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--seeds", type=int, nargs="+",
                         help="seeds to run instead of the grid's (e.g. --seeds 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--estimate", action="store_true",
+                        help="time a few steps of each family and estimate the grid's "
+                        "duration (OUT/estimate.csv) instead of running it")
     return parser
 
 
@@ -41,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as err:
         return _fail(err, 1)
     try:
+        if args.estimate:
+            return _estimate(grid, args)
         Study(grid, args.out, args.seeds, progress=not args.no_progress).run()
     except (ValueError, ImportError) as err:  # corpus, run directory, a missing extra
         return _fail(err, 1)
@@ -50,6 +55,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     out = Path(args.out)
     print(f"Results: {out / 'results.csv'}, table: {out / 'table.md'}, plots: {out}/*.png")
+    return 0
+
+
+def _estimate(grid, args) -> int:
+    from .estimate import estimate
+
+    rows = estimate(grid, args.out, args.seeds)
+    for row in rows:
+        print(f"{row['family']:<28} {row['runs']} runs x {row['run_s']:7.1f} s "
+              f"(step {row['step_s'] * 1e3:6.1f} ms wall, {row['cpu_step_s'] * 1e3:6.1f} ms CPU)")
+    wall = sum(r["family_s"] for r in rows)
+    cpu = sum(r["family_cpu_s"] for r in rows)
+    print(f"Total: {wall / 3600:.2f} h at this load (1-min load average "
+          f"{rows[-1]['load_avg']:.1f}); {cpu / 3600:.2f} h if each step took its CPU time. "
+          f"Per family: {Path(args.out) / 'estimate.csv'}")
     return 0
 
 

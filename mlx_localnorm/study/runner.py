@@ -97,7 +97,7 @@ class Study:
         if resume:  # raises if the grid changed what this run trains
             resume_config(directory, config.to_dict())
         else:
-            self._link_data(config, directory)
+            link_shared_data(self.out_dir, config, directory)
         mx.reset_peak_memory()
         try:
             summary = Pretrainer(config, resume=resume).run()
@@ -106,20 +106,6 @@ class Study:
         if summary["interrupted"]:
             raise StudyInterrupted(f"stopped in {directory} at step {summary['step']}")
         return False, mx.get_peak_memory() / 1e6
-
-    def _link_data(self, config, directory: Path) -> None:
-        """Hard-link (or copy) the shared tokenizer and token files into a new run."""
-        corpus = config.corpus
-        shared = self.out_dir / "data" / (
-            f"{Path(corpus).name}-{config.tokenizer_type}{config.vocab_size}")
-        prepare_data(None if corpus == "shakespeare" else corpus, shared, config.vocab_size,
-                     config.tokenizer_type)
-        for item in shared.iterdir():
-            if item.is_file() and not (directory / item.name).exists():
-                try:
-                    os.link(item, directory / item.name)
-                except OSError:  # another file system, or links not allowed
-                    shutil.copy2(item, directory / item.name)
 
     def _train_vision(self, config) -> tuple[bool, float]:
         if config.dataset not in self._datasets:
@@ -167,6 +153,21 @@ class Study:
                     (row["family"], self.out_dir / row["run_dir"]))
         for group, runs in groups.items():
             diagnose_runs(runs, self.out_dir / "diagnostics" / group, title=group)
+
+
+def link_shared_data(out_dir: Path, config, directory: Path) -> None:
+    """Hard-link (or copy) the shared tokenizer and token files into a new run."""
+    corpus = config.corpus
+    shared = Path(out_dir) / "data" / (
+        f"{Path(corpus).name}-{config.tokenizer_type}{config.vocab_size}")
+    prepare_data(None if corpus == "shakespeare" else corpus, shared, config.vocab_size,
+                 config.tokenizer_type)
+    for item in shared.iterdir():
+        if item.is_file() and not (directory / item.name).exists():
+            try:
+                os.link(item, directory / item.name)
+            except OSError:  # another file system, or links not allowed
+                shutil.copy2(item, directory / item.name)
 
 
 def _finite_or_inf(value: float) -> float:
