@@ -15,7 +15,8 @@ A grid is TOML (read with ``tomllib``) or JSON with the same structure::
     steps = 300
 
     [family.pre-rmsnorm]          # one family: its overrides of [base] (or [vision])
-    group = "norms"               # families of a group share a plot (default: the family)
+    group = "norms"               # families of a group share a plot (default: the family);
+                                  # a list puts the family in several plots
     kind = "lm"                   # "lm" (PretrainConfig) or "vision" (VisionConfig)
     learning_rates = [1e-3, 3e-3] # the sweep: every rate on the first seed, the best on all
     norm = "rmsnorm"
@@ -41,6 +42,8 @@ SECTIONS = ("study", "base", "vision", "family")
 STUDY_KEYS = {"seeds": list, "target_loss": (int, float), "spike_threshold": (int, float),
               "diagnose": bool}
 FAMILY_KEYS = ("group", "kind", "learning_rates")
+# Joins the groups of a family that is in several (results.csv's group column).
+GROUP_SEPARATOR = "+"
 # Set by the runner for each run, so a grid may not set them.
 RUN_KEYS = ("out_dir", "seed", "learning_rate")
 
@@ -51,7 +54,7 @@ class Family:
 
     name: str
     kind: str
-    group: str
+    group: str  # its groups joined by GROUP_SEPARATOR
     learning_rates: tuple[float, ...]
     overrides: dict[str, Any]
     base: dict[str, Any]
@@ -142,8 +145,11 @@ def _family(name: str, spec: Any, bases: dict[str, dict], seed: int, where: str)
     if kind not in KINDS:
         raise ValueError(f"{where}: kind must be one of {list(KINDS)}, got {kind!r}")
     group = spec.get("group", name)
-    if not isinstance(group, str) or not group:
-        raise TypeError(f"{where}: group must be a non-empty string, got {group!r}")
+    groups = [group] if isinstance(group, str) else group
+    if (not isinstance(groups, list) or not groups or not all(
+            isinstance(g, str) and g and GROUP_SEPARATOR not in g for g in groups)):
+        raise TypeError(f"{where}: group must be a name or a list of names (without "
+                        f"{GROUP_SEPARATOR!r}), got {group!r}")
     rates = spec.get("learning_rates")
     if (not isinstance(rates, list) or not rates or not all(
             isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r)
@@ -152,7 +158,7 @@ def _family(name: str, spec: Any, bases: dict[str, dict], seed: int, where: str)
                          f"got {rates!r}")
     overrides = {k: v for k, v in spec.items() if k not in FAMILY_KEYS}
     _check_no_run_keys(overrides, where)
-    family = Family(name, kind, group, tuple(float(r) for r in rates), overrides, bases[kind])
+    family = Family(name, kind, GROUP_SEPARATOR.join(groups), tuple(float(r) for r in rates), overrides, bases[kind])
     try:  # every field, range and name checked now, not hours into the study
         family.config("<check>", family.learning_rates[0], seed)
     except (ValueError, TypeError) as err:

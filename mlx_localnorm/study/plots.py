@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..train import read_metrics
+from .grid import GROUP_SEPARATOR
 from .results import family_stats
 
 
@@ -39,7 +40,8 @@ def _grouped(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[dict]]]:
     groups: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         if row["selected"] == "yes":
-            groups[row["group"]][row["family"]].append(row)
+            for group in row["group"].split(GROUP_SEPARATOR):
+                groups[group][row["family"]].append(row)
     return groups
 
 

@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from ..data import prepare_data
 from ..train import Pretrainer, list_checkpoints, read_metrics, resume_config
-from .grid import Family, Grid
+from .grid import GROUP_SEPARATOR, Family, Grid
 from .results import LM_COLUMNS, VISION_COLUMNS, markdown_table, summarize, write_csv
 from .vision import load_dataset, train_vision
 
@@ -149,8 +149,9 @@ class Study:
         for row in rows:
             if (row["kind"] == "lm" and row["selected"] == "yes" and row["seed"] == self.seeds[0]
                     and row["diverged"] == "no"):
-                groups.setdefault(row["group"], []).append(
-                    (row["family"], self.out_dir / row["run_dir"]))
+                for group in row["group"].split(GROUP_SEPARATOR):
+                    groups.setdefault(group, []).append(
+                        (row["family"], self.out_dir / row["run_dir"]))
         for group, runs in groups.items():
             diagnose_runs(runs, self.out_dir / "diagnostics" / group, title=group)
 
