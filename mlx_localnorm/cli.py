@@ -39,6 +39,8 @@ FORWARDED = {
              "minutes on a CPU (what `make demo` runs)"),
     "finetune": ("mlx_localnorm.train.finetune_command", "fine-tune (lora/dora/norms/full)"),
     "fuse": ("mlx_localnorm.train.fuse", "fuse a fine-tuning adapter into its model"),
+    "grpo": ("mlx_localnorm.rl.command", "GRPO-family RL of any mlx-lm model on a task or your "
+             "prompts and reward function (see --help)"),
     "pretrain": ("mlx_localnorm.train.command",
                  "pre-train a LocalNorm LM; every config field is a flag (see --help)"),
     "qat": ("mlx_localnorm.quant.command", "quantization-aware fine-tuning to a real mlx-lm "

@@ -741,10 +741,16 @@ def test_grpo_step_metrics():
     mx.random.seed(1)
     m = rl.grpo_step(model, opt, CharTokenizer(), CHAR_RECORDS, share_of_a,
                      rl.GRPOOptions(group_size=4, max_tokens=4))
-    assert set(m) == {"reward_mean", "reward_std", "completion_length", "generated_tokens",
-                      "tokens_per_second", "groups_kept", "loss", "clip_fraction",
-                      "ratio_mean"}
+    assert set(m) == {"reward_mean", "reward_std", "completion_length",
+                      "completion_length_std", "generated_tokens", "tokens_per_second",
+                      "groups_kept", "loss", "clip_fraction", "ratio_mean"}
     assert m["groups_kept"] == 4 and 1 <= m["completion_length"] <= 4
+    mx.random.seed(1)  # the same draws again: the step's rollout comes first
+    lengths = [len(c) for c in rl.rollout(
+        model, [CharTokenizer().encode(r["prompt"]) for r in CHAR_RECORDS], 4, max_tokens=4,
+        stop_tokens=[0]).completions]
+    assert m["completion_length"] == np.mean(lengths)
+    assert m["completion_length_std"] == pytest.approx(np.std(lengths), abs=1e-12)
     assert m["generated_tokens"] == 16 * m["completion_length"] and m["tokens_per_second"] > 0
     assert m["ratio_mean"] == 1.0 and m["clip_fraction"] == 0.0
 

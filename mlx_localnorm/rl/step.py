@@ -114,7 +114,7 @@ def grpo_step(model: nn.Module, optimizer, tokenizer, records: Sequence[dict],
     The rollout and the old/reference log-probabilities run in eval mode (no dropout), the
     updates in train mode; the model's own mode is restored at the end.
 
-    Returns floats: ``reward_mean``, ``reward_std``, ``completion_length``,
+    Returns floats: ``reward_mean``, ``reward_std``, ``completion_length`` (and its std),
     ``groups_kept`` (all unless DAPO drops some), ``generated_tokens``,
     ``tokens_per_second`` (of the rollout), and, when an update ran, the means over the
     updates of ``loss``, ``clip_fraction``, ``ratio_mean`` and ``kl`` (with ``beta > 0``).
@@ -151,9 +151,11 @@ def _step(model, optimizer, tokenizer, records, reward, options, reference, stop
     rewards = score_completions(reward, [r for r in records for _ in range(G)],
                                 decode_completions(tokenizer, out.completions,
                                                    out.finish_reasons))
-    generated = sum(map(len, out.completions))
+    lengths = [len(c) for c in out.completions]
+    generated = sum(lengths)
     metrics = {"reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
-               "completion_length": generated / len(out.completions),
+               "completion_length": generated / len(lengths),
+               "completion_length_std": float(np.std(lengths)),
                "generated_tokens": float(generated),
                "tokens_per_second": generated / max(seconds, 1e-9)}
 
