@@ -5,7 +5,7 @@ from . import _fast_blas
 
 _fast_blas.enable()
 
-from . import constraints, convert, data, emulate, kernels, optim, rl  # noqa: E402
+from . import constraints, convert, data, emulate, kernels, optim, quant, rl  # noqa: E402
 from ._version import __version__  # noqa: E402
 from .models import Model, ModelArgs, save_model, swap_norms  # noqa: E402
 from .norms import (  # noqa: E402
@@ -49,6 +49,7 @@ __all__ = [
     "kernels",
     "make_norm",
     "optim",
+    "quant",
     "rl",
     "save_model",
     "swap_norms",

@@ -397,3 +397,96 @@ def test_saved_mlx_lm_model_loads_and_generates(tmp_path):
     with pytest.raises(ValueError, match="exists and is not an empty directory"):
         save(model, tiny_tokenizer(), path, config)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-q2"]
+
+
+# ---- the qat command and its trainer -------------------------------------------------------
+
+def qat_fixture(tmp_path):
+    """A saved tiny float model and a corpus of six documents (held-out ones included)."""
+    import random
+
+    base = ln.save_model(tiny(norm_type="rmsnorm", placement="pre"), tiny_tokenizer(),
+                         tmp_path / "base")
+    rng = random.Random(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(6):
+        words = (f"w{(3 * j + rng.randrange(3)) % 30}" for j in range(600))
+        (data / f"doc{i}.txt").write_text(" ".join(words))
+    return base, data
+
+
+SMALL = ["--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--log-every", "1",
+         "--group-size", "32", "--no-progress"]
+
+
+def test_qat_command_writes_a_model_mlx_lm_runs_and_prints_the_table(tmp_path, capsys):
+    from mlx_localnorm.quant.command import main
+
+    base, data = qat_fixture(tmp_path)
+    out = tmp_path / "q3"
+    argv = ["--model", str(base), "--data", str(data), "--out", str(out), "--bits", "3",
+            "--total-steps", "3", "--distill", "--csv", str(tmp_path / "qat.csv"), *SMALL]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    methods = [line.split()[1] for line in printed.splitlines()
+               if line.split()[:1] in (["-"], ["3"])]
+    assert methods == ["float", "ptq", "dwq", "qat"]
+    rows = (tmp_path / "qat.csv").read_text().splitlines()
+    assert rows[0].startswith("bits,group_size,mode,method,val_loss,val_ppl")
+    assert "failed" not in printed and "nan" not in rows[3]  # DWQ ran
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 32, "bits": 3, "mode": "affine"}
+    loaded, tokenizer = mlx_lm.load(str(out), trust_remote_code=True)
+    assert type(loaded.model.embed_tokens) is nn.QuantizedEmbedding
+    assert len(mlx_lm.generate(loaded, tokenizer, prompt="w1", max_tokens=3).split()) == 3
+    assert (out / "loss.png").is_file() and (out / "metrics.jsonl").is_file()
+
+
+def test_qat_resume_continues_exactly(tmp_path):
+    from mlx_localnorm.quant.train import QATConfig, QATTrainer
+
+    base, data = qat_fixture(tmp_path)
+    settings = dict(model=str(base), data=str(data), bits=2, group_size=32, batch_size=2,
+                    seq_len=16, total_steps=4, eval_batches=1, eval_every=0, save_every=0,
+                    progress=False, learn_scales=True)
+    straight = QATTrainer(QATConfig(**settings, out_dir=str(tmp_path / "a")))
+    straight.run()
+    first = QATTrainer(QATConfig(**settings, out_dir=str(tmp_path / "b")))
+    assert first.run(until=2)["interrupted"]
+    resumed = QATTrainer(QATConfig(**settings, out_dir=str(tmp_path / "b")), resume=True)
+    assert resumed.step == 2
+    resumed.run()
+    want = dict(tree_flatten(straight.model.parameters()))
+    got = dict(tree_flatten(resumed.model.parameters()))
+    assert set(got) == set(want) and any(k.endswith(".scales") for k in got)
+    for key, value in want.items():
+        np.testing.assert_array_equal(np.array(got[key]), np.array(value), err_msg=key)
+
+
+@pytest.mark.parametrize("argv,status,message", [
+    (["--bits", "7"], 2, "bits must be one of [1, 2, 3, 4, 5, 6, 8] for mode='affine', got 7"),
+    (["--mode", "mxfp4", "--group-size", "64"], 2, "group_size must be one of [32]"),
+    (["--total-steps", "0"], 2, "total_steps must be >= 1, got 0"),
+    (["--model", "/nonexistent/model"], 1, "does not exist"),
+])
+def test_qat_command_user_errors_are_one_line(tmp_path, capsys, argv, status, message):
+    from mlx_localnorm.quant.command import main
+
+    base, data = qat_fixture(tmp_path)
+    assert main(["--model", str(base), "--data", str(data), "--out", str(tmp_path / "o"),
+                 *argv]) == status
+    err = capsys.readouterr().err
+    assert err.startswith("mlx-localnorm qat: error:") and message in err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_qat_refuses_an_already_quantized_model(tmp_path, capsys):
+    from mlx_localnorm.quant.command import main
+
+    base, data = qat_fixture(tmp_path)
+    quantized = save(prepare_qat(tiny(), 4, 64), tiny_tokenizer(), tmp_path / "q")
+    assert main(["--model", str(quantized), "--data", str(data), "--out",
+                 str(tmp_path / "o")]) == 1
+    assert "already quantized; QAT starts from float weights" in capsys.readouterr().err

@@ -1,0 +1,108 @@
+"""The QAT results table: held-out perplexity of the float model, mlx-lm's post-training
+quantization (``quantize_model``, what ``mlx_lm.convert -q`` does), mlx-lm's DWQ
+(``mlx_lm.quant.dwq``: distilled scales and biases) with QAT's token budget, and QAT."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..data import Batches
+from .train import QATConfig, TokenData, held_out_loss, load_float_model
+
+COLUMNS = ["bits", "group_size", "mode", "method", "val_loss", "val_ppl", "vs_float_pct",
+           "gap_recovered_pct", "steps", "batch_size", "seq_len", "eval_tokens", "note"]
+
+
+def ptq_model(config: QATConfig):
+    """The float model quantized by ``mlx_lm.utils.quantize_model`` (its own predicate)."""
+    from mlx_lm.utils import quantize_model
+
+    model = load_float_model(config.model)[0]
+    with contextlib.redirect_stdout(None):  # its "[INFO] Quantized model with ..." line
+        quantize_model(model, {}, config.group_size, config.bits, mode=config.mode)
+    return model
+
+
+def dwq_model(config: QATConfig, data: TokenData, learning_rate: float, log: Path):
+    """mlx-lm's DWQ from the PTQ model: the same training sequences as QAT (steps x batch),
+    targets the float model's logits (temperature 2, its default), float32 throughout."""
+    from mlx.optimizers import Adam
+    from mlx_lm.quant.dwq import dwq_quantize
+
+    teacher = load_float_model(config.model)[0]
+    model = ptq_model(config)
+    batches = Batches(data.train, config.batch_size, config.seq_len, seed=config.seed)
+    train = [(_sequence(next(batches), row), 0) for _ in range(config.total_steps)
+             for row in range(config.batch_size)]
+    valid_batches = Batches(data.valid, config.batch_size, config.seq_len, shuffle=False)
+    valid = [(_sequence(batch, row), 0) for _, batch in
+             zip(range(config.eval_batches), valid_batches.epoch_batches())
+             for row in range(config.batch_size)]
+    with open(log, "w") as out, contextlib.redirect_stdout(out):
+        dwq_quantize(model, lambda batch, i, split: teacher(batch), Adam(learning_rate),
+                     train, valid, config.batch_size, config.seq_len + 1, config.seed,
+                     dtype=mx.float32)
+    model.eval()
+    return model
+
+
+def _sequence(batch, row: int) -> list[int]:
+    inputs, targets = batch
+    return np.concatenate([np.array(inputs[row]), np.array(targets[row, -1:])]).tolist()
+
+
+def evaluate(model, config: QATConfig, data: TokenData) -> float:
+    return held_out_loss(model, data.valid, config.batch_size, config.seq_len,
+                         config.eval_batches)
+
+
+def row(config: QATConfig, method: str, loss: float, float_loss: float | None,
+        ptq_loss: float | None, note: str = "") -> dict:
+    """One table row; ``gap_recovered_pct`` = (ppl_ptq - ppl) / (ppl_ptq - ppl_float)."""
+    ppl = math.exp(loss)
+    out = {"bits": config.bits, "group_size": config.group_size, "mode": config.mode,
+           "method": method, "val_loss": f"{loss:.4f}", "val_ppl": f"{ppl:.2f}",
+           "vs_float_pct": "", "gap_recovered_pct": "",
+           "steps": config.total_steps if method in ("dwq", "qat") else 0,
+           "batch_size": config.batch_size, "seq_len": config.seq_len,
+           "eval_tokens": config.eval_batches * config.batch_size * config.seq_len,
+           "note": note}
+    if float_loss is not None:
+        float_ppl = math.exp(float_loss)
+        out["vs_float_pct"] = f"{100 * (ppl / float_ppl - 1):+.2f}"
+        if ptq_loss is not None and method in ("dwq", "qat"):
+            gap = math.exp(ptq_loss) - float_ppl
+            if gap > 0:
+                out["gap_recovered_pct"] = f"{100 * (math.exp(ptq_loss) - ppl) / gap:.0f}"
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    shown = ["bits", "method", "val_ppl", "vs_float_pct", "gap_recovered_pct", "note"]
+    heads = ["bits", "method", "perplexity", "vs float %", "PTQ gap recovered %", "note"]
+    cells = [heads] + [[str(r[k]) if k != "bits" or r["method"] != "float" else "-"
+                        for k in shown] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(heads) - 1)]
+    lines = ["  ".join(c[i].ljust(w) for i, w in enumerate(widths)) + "  " + c[-1]
+             for c in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def write_csv(rows: list[dict], path: str | Path) -> Path:
+    """Write ``rows`` to ``path`` through a temporary file (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,225 @@
+"""Quantization-aware fine-tuning: ``QATTrainer(config).run()`` loads a float model,
+swaps in fake-quantized layers (``prepare_qat``), trains them on held-out-split text with
+cross-entropy or distillation from the float model's logits, and writes the exported
+quantized model into ``out_dir`` (``mlx_lm.load`` reads it). It runs in the shared
+:class:`~mlx_localnorm.train.loop.TrainLoop`: progress bar, metrics, loss plot, Ctrl-C
+checkpoint and exact resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+
+from ..data import Batches, Corpus, load_corpus
+from ..models import Model
+from ..train.loop import TrainLoop
+from ..train.model_dir import load_model_dir
+from ..train.schedule import lr_schedule
+from .fake import check_quantization
+from .layers import prepare_qat
+from .save import save
+
+
+@dataclass
+class QATConfig:
+    """One QAT run; every field is a ``mlx-localnorm qat`` flag."""
+
+    model: str = field(default="", metadata={"help": "float model directory mlx_lm.load reads"})
+    out_dir: str = field(default="runs/qat", metadata={
+        "help": "run directory: checkpoints, metrics, loss.png and the quantized model"})
+    bits: int = field(default=4, metadata={"help": "bits per weight"})
+    group_size: int = field(default=64, metadata={"help": "weights per quantization group"})
+    mode: str = field(default="affine", metadata={"help": "affine | mxfp4 | nvfp4 | mxfp8"})
+    embeddings: bool = field(default=True, metadata={
+        "help": "quantize the embedding (and a tied head) too, as mlx_lm's quantize_model"})
+    learn_scales: bool = field(default=False, metadata={
+        "help": "learn each group's scale and bias (LSQ+, affine only)"})
+    clip: bool = field(default=False, metadata={
+        "help": "straight-through gradient zero where the grid saturates"})
+    train_others: bool = field(default=True, metadata={
+        "help": "also train norms, biases and other float parameters"})
+    distill: bool = field(default=False, metadata={
+        "help": "loss: KL(float model || QAT model) on the logits instead of cross-entropy"})
+    data: str | None = field(default=None, metadata={
+        "help": "text corpus (load_corpus: .txt/.jsonl file or folder); None: Shakespeare"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per step"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
+    total_steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Adam peak learning rate"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps"})
+    eval_every: int = field(default=50, metadata={"help": "validate every N steps (0: end)"})
+    eval_batches: int = field(default=8, metadata={"help": "validation batches per eval"})
+    log_every: int = field(default=10, metadata={"help": "log metrics every N steps"})
+    save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (0: end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    seed: int = field(default=0, metadata={"help": "data order seed"})
+
+    def __post_init__(self):
+        check_quantization(self.group_size, self.bits, self.mode, "qat")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool" and value not in (True, False):
+                raise TypeError(f"qat: {f.name} must be True or False, got {value!r}")
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"qat: {f.name} must be an int, got {value!r}")
+        for name in ("batch_size", "seq_len", "total_steps", "eval_batches", "log_every",
+                     "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"qat: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"qat: {name} must be >= 0, got {getattr(self, name)}")
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0
+                and math.isfinite(self.learning_rate)):
+            raise ValueError(f"qat: learning_rate must be a positive number, got "
+                             f"{self.learning_rate!r}")
+        if self.learn_scales and self.mode != "affine":
+            raise ValueError(f"qat: learn_scales needs mode='affine', got {self.mode!r}")
+        if not self.model:
+            raise ValueError("qat: --model is required (a float model directory)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TokenData:
+    """A corpus as two token arrays (documents joined by EOS) in a model's own tokenizer."""
+
+    train: np.ndarray
+    valid: np.ndarray
+
+
+def tokenize(source: str | Corpus | None, tokenizer) -> TokenData:
+    """``load_corpus(source)`` (None: Shakespeare) encoded with an mlx-lm tokenizer."""
+    corpus = source if isinstance(source, Corpus) else load_corpus(source)
+    if not corpus.valid:
+        raise ValueError(f"qat: data {corpus.source!r} has no held-out documents (give a "
+                         "folder of several files or a .jsonl of several lines)")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return np.array([t for text in texts for t in tokenizer.encode(text) + eos],
+                        dtype=np.int32)
+
+    return TokenData(encode(corpus.train), encode(corpus.valid))
+
+
+def load_float_model(path: str) -> tuple[nn.Module, Any, dict]:
+    """``(model, tokenizer, config)`` of a float model directory (a quantized one is refused)."""
+    model, tokenizer, config = load_model_dir(path)
+    if "quantization" in config:
+        raise ValueError(f"--model: {path} is already quantized; QAT starts from float weights")
+    return model, tokenizer, config
+
+
+def cross_entropy(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.array:
+    logits = model(inputs).astype(mx.float32)
+    return nn.losses.cross_entropy(logits, targets, reduction="mean")
+
+
+def distillation(model: nn.Module, inputs: mx.array, teacher_logits: mx.array) -> mx.array:
+    """Mean over tokens of ``KL(p_teacher || p_student) = sum p_t (log p_t - log p_s)``."""
+    student = nn.log_softmax(model(inputs).astype(mx.float32), axis=-1)
+    teacher = nn.log_softmax(teacher_logits.astype(mx.float32), axis=-1)
+    return (mx.exp(teacher) * (teacher - student)).sum(-1).mean()
+
+
+def held_out_loss(model: nn.Module, valid: np.ndarray, batch_size: int, seq_len: int,
+                  batches: int) -> float:
+    """Mean cross-entropy over the first ``batches`` fixed-order validation batches."""
+    data = Batches(valid, min(batch_size, (len(valid) - 1) // seq_len), seq_len, shuffle=False)
+    losses = []
+    for i, (inputs, targets) in enumerate(data.epoch_batches()):
+        if i == batches:
+            break
+        losses.append(cross_entropy(model, inputs, targets).item())
+    return float(np.mean(losses))
+
+
+class QATTrainer(TrainLoop):
+    """One QAT run (see the module docstring)."""
+
+    def __init__(self, config: QATConfig, resume: bool = False):
+        super().__init__(config, resume)
+        self.model, self.tokenizer, self.model_config = load_float_model(config.model)
+        self.teacher = load_float_model(config.model)[0] if config.distill else None
+        self.data = tokenize(config.data, self.tokenizer)
+        self.tokens_per_step = config.batch_size * config.seq_len
+        prepare_qat(self.model, config.bits, config.group_size, config.mode,
+                    embeddings=config.embeddings, learn_scales=config.learn_scales,
+                    clip=config.clip, train_others=config.train_others)
+        schedule = lr_schedule(config.learning_rate, config.total_steps, config.warmup_steps)
+        self.optimizer = optim.Adam(learning_rate=schedule)
+        self.optimizer.init(self.model.trainable_parameters())
+        self.batches = Batches(self.data.train, config.batch_size, config.seq_len,
+                               seed=config.seed)
+        self._start()
+        self._train_step = self._compile_step()
+
+    def _compile_step(self):
+        model, optimizer = self.model, self.optimizer
+        state = [model.state, optimizer.state]
+        loss_and_grad = nn.value_and_grad(model, distillation if self.teacher else
+                                          cross_entropy)
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def step(inputs, targets):
+            loss, grads = loss_and_grad(model, inputs, targets)
+            optimizer.update(model, grads)
+            return loss
+
+        return step
+
+    def train_step(self) -> dict[str, float]:
+        inputs, targets = next(self.batches)
+        if self.teacher is not None:  # the float model's logits are the targets
+            targets = mx.stop_gradient(self.teacher(inputs))
+        loss = self._train_step(inputs, targets)
+        mx.eval(loss, self.model.state, self.optimizer.state)
+        return {"loss": loss.item(), "tokens": self.tokens_per_step}
+
+    def eval_metrics(self) -> dict[str, float]:
+        c = self.config
+        loss = held_out_loss(self.model, self.data.valid, c.batch_size, c.seq_len,
+                             c.eval_batches)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"data": self.batches.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches.load_state_dict(state["data"])
+
+    def finish(self) -> None:
+        """Export the real quantized model and write it into ``out_dir``."""
+        staging = self.out_dir / ".export"
+        if staging.exists():  # our scratch directory, left by a killed export
+            shutil.rmtree(staging)
+        config = None if isinstance(self.model, Model) else self.model_config
+        save(self.model, self.tokenizer, staging, config, source_dir=self.config.model)
+        for item in staging.iterdir():
+            os.replace(item, self.out_dir / item.name)
+        staging.rmdir()
+
+    def description(self) -> str:
+        c = self.config
+        return f"qat {c.bits}-bit {c.mode}" + (" distill" if c.distill else "")
+
+    def title(self) -> str:
+        c = self.config
+        return (f"QAT {c.bits}-bit {c.mode} g{c.group_size}, "
+                f"{'KL to float' if c.distill else 'cross-entropy'}, "
+                f"batch {c.batch_size}x{c.seq_len}")
