@@ -498,3 +498,20 @@ def test_only_the_package_model_file_is_trusted_without_the_flag(setup, tmp_path
         load_model_dir(changed)
     model, _, _ = load_model_dir(changed, trust_remote_code=True)
     assert np.array_equal(np.array(model(TOKENS)), np.array(load(setup / "base")(TOKENS)))
+
+
+def test_norms_adapter_size_on_the_demo_model():
+    """The demo model (SeeDNorm + Peri-LN, 8 blocks of 256): 4 norms per block, Peri-LN's
+    embedding norm and the final norm, each with weight, alpha and beta of size 256.
+    Only their gains (--norm-params gains) stay under 0.1% of the model; all three: 0.29%."""
+    from mlx_localnorm.models import Model
+    from mlx_localnorm.train import PretrainConfig
+
+    counts = {}
+    for which in ("all", "gains"):
+        model = Model(PretrainConfig().model_args(8192))
+        apply_mode(model, "norms", norm_params=which)
+        counts[which] = parameter_counts(model)
+    total = counts["all"][1]
+    assert counts["gains"][0] == (8 * 4 + 2) * 256 and counts["all"][0] == 3 * 34 * 256
+    assert counts["gains"][0] / total < 0.001 < counts["all"][0] / total
