@@ -74,18 +74,73 @@ def test_threadgroup_tree_reduction_with_barriers():
     np.testing.assert_allclose(f64(out), f64(x).sum(axis=1), rtol=1e-5)
 
 
-def test_race_on_threadgroup_memory_shows_as_nan():
-    # Reading a neighbour's slot without a barrier reads poisoned threadgroup memory.
+NEIGHBOUR_SOURCE = """
+    threadgroup float shared[64];
+    uint lid = thread_position_in_threadgroup.x;
+    shared[lid] = x[lid];
+    BARRIER;
+    out[lid] = shared[(lid + NEIGHBOUR) % 64];
+    """
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "shuffle", "mixed"])
+@pytest.mark.parametrize("barrier, neighbour", [
+    ("", 1),  # no barrier at all
+    ("threadgroup_barrier(mem_flags::mem_device)", 1),  # orders device memory only
+    ("simdgroup_barrier(mem_flags::mem_threadgroup)", 32),  # orders one simdgroup only
+], ids=["none", "mem_device", "other_simdgroup"])
+def test_threadgroup_memory_race_is_an_error(barrier, neighbour, order, monkeypatch):
+    """Reading a slot another thread wrote is an error, under every thread order, unless a
+    barrier with mem_flags::mem_threadgroup separates them."""
+    monkeypatch.setenv("MLX_LOCALNORM_EMULATE_ORDER", order)
+    source = NEIGHBOUR_SOURCE.replace("BARRIER", barrier or "(void)0")
+    kernel = metal_kernel("emu_race", ["x"], ["out"], source.replace("NEIGHBOUR", str(neighbour)))
+    x = mx.arange(64, dtype=mx.float32)
+    with pytest.raises(EmulatorError, match=r"threadgroup memory race on 'shared'\[\d+\]: "
+                                            r"accessed by .* after thread_index_in_threadgroup"):
+        run(kernel, [x], [(64,)], [mx.float32], (64, 1, 1), (64, 1, 1))
+
+
+@pytest.mark.parametrize("barrier, neighbour", [
+    ("threadgroup_barrier(mem_flags::mem_threadgroup)", 1),
+    ("threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup)", 33),
+    ("simdgroup_barrier(mem_flags::mem_threadgroup)", 0),
+], ids=["threadgroup", "both_flags", "own_slot"])
+def test_threadgroup_memory_ordered_by_a_barrier_passes(barrier, neighbour):
+    source = NEIGHBOUR_SOURCE.replace("BARRIER", barrier).replace("NEIGHBOUR", str(neighbour))
+    kernel = metal_kernel("emu_no_race", ["x"], ["out"], source)
+    x = mx.arange(64, dtype=mx.float32)
+    (out,) = run(kernel, [x], [(64,)], [mx.float32], (64, 1, 1), (64, 1, 1))
+    np.testing.assert_array_equal(np.array(out), (np.arange(64) + neighbour) % 64)
+
+
+def test_simdgroup_barrier_orders_lanes_of_one_simdgroup():
     source = """
     threadgroup float shared[64];
     uint lid = thread_position_in_threadgroup.x;
     shared[lid] = x[lid];
-    out[lid] = shared[(lid + 1) % 64];
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+    out[lid] = shared[(lid / 32) * 32 + (lid + 1) % 32];
     """
-    kernel = metal_kernel("emu_race", ["x"], ["out"], source)
-    x = mx.arange(64, dtype=mx.float32)
-    (out,) = run(kernel, [x], [(64,)], [mx.float32], (64, 1, 1), (64, 1, 1))
-    assert np.isnan(f64(out)).any()
+    kernel = metal_kernel("emu_simd_order", ["x"], ["out"], source)
+    (out,) = run(kernel, [mx.arange(64, dtype=mx.float32)], [(64,)], [mx.float32], (64, 1, 1),
+                 (64, 1, 1))
+    lid = np.arange(64)
+    np.testing.assert_array_equal(np.array(out), (lid // 32) * 32 + (lid + 1) % 32)
+
+
+def test_unwritten_threadgroup_memory_reads_as_nan():
+    source = """
+    threadgroup float shared[64];
+    uint lid = thread_position_in_threadgroup.x;
+    if (lid % 2 == 0) shared[lid] = x[lid];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[lid] = shared[lid ^ 1];
+    """
+    kernel = metal_kernel("emu_unwritten_tg", ["x"], ["out"], source)
+    (out,) = run(kernel, [mx.ones((64,))], [(64,)], [mx.float32], (64, 1, 1), (64, 1, 1))
+    got = f64(out)
+    assert np.isnan(got[::2]).all() and (got[1::2] == 1).all()
 
 
 # Each collective runs inside `if (simd_group_id == 1)` of a 3-simdgroup threadgroup: a
@@ -421,15 +476,15 @@ def test_threadgroup_array_index_out_of_range_is_an_error():
     source = """
     threadgroup float tile[32];
     uint lid = thread_position_in_threadgroup.x;
-    tile[lid == 5 ? 32 : lid % 32] = 1.0f;
-    out[0] = tile[0];
+    tile[lid == 5 ? 32 : lid] = 1.0f;
+    out[lid] = tile[lid];
     """
     kernel = metal_kernel("emu_tile_oob", ["x"], ["out"], source)
     with pytest.raises(
         EmulatorError,
         match=r"index 32 outside threadgroup array 'tile' of 32 elements by .*\(5, 0, 0\)",
     ):
-        run(kernel, [mx.ones((1,))], [(1,)], [mx.float32], (64, 1, 1), (64, 1, 1))
+        run(kernel, [mx.ones((1,))], [(32,)], [mx.float32], (32, 1, 1), (32, 1, 1))
 
 
 def test_metal_limits_are_enforced():
@@ -615,6 +670,94 @@ def test_threadgroup_declaration_the_emulator_cannot_share_is_refused():
     source = "threadgroup float a[32], b[32];\na[0] = b[0] = x[0];\nout[0] = a[0];"
     kernel = metal_kernel("emu_two_arrays", ["x"], ["out"], source)
     with pytest.raises(ValueError, match="one `threadgroup` variable per declaration"):
+        run(kernel, [mx.ones((1,))], [(1,)], [mx.float32], (1, 1, 1), (1, 1, 1))
+
+
+def test_grid_component_over_int32_is_rejected_as_mlx_does():
+    """MLX's binding takes grid and threadgroup as C++ ints: TypeError at the call."""
+    kernel = metal_kernel("emu_big_grid", ["x"], ["out"], "out[0] = x[0];")
+    for grid in [(2**31, 1, 1), (1, 2**31, 1), (1, 1, 2**40)]:
+        with pytest.raises(TypeError, match=r"incompatible function arguments: `grid` .* at most "
+                                            r"2\*\*31 - 1"):
+            run(kernel, [mx.ones((1,))], [(1,)], [mx.float32], grid, (1, 1, 1))
+    with pytest.raises(TypeError, match="`threadgroup`"):
+        run(kernel, [mx.ones((1,))], [(1,)], [mx.float32], (1, 1, 1), (2**31, 1, 1))
+
+
+# Kernels MLX would not compile for a Mac fail to compile here too, naming the problem; their
+# fixed twins compile and run (each reads the value 1).
+TILE = ("threadgroup float tile[4];\ntile[0] = 1.0f;\n"
+        "threadgroup_barrier(mem_flags::mem_threadgroup);\n")
+CONVERSION = r"(could not|cannot) convert|no (matching|viable)"
+ADDRESS_SPACE_BUGS = {
+    # x has 4 elements: MLX binds it as `const constant float*`, which is not a device pointer.
+    "constant_as_device": ("const device float* row = x + 1;\nout[0] = row[0];",
+                           "out[0] = x[1];", r"device_ptr<\[\.\.\.\],1>.*device_ptr<\[\.\.\.\],0>"),
+    # `big` has 16 elements (device): it does not decay to a thread pointer.
+    "device_as_thread": ("out[0] = first(big + 1);", "out[0] = first_device(big + 1);",
+                         CONVERSION),
+    "threadgroup_as_thread": (TILE + "out[0] = first(tile);", TILE + "out[0] = first_tg(tile);",
+                              CONVERSION),
+    "constant_to_thread_cast": ("out[0] = reinterpret_cast<thread const float*>(x)[1];",
+                                "out[0] = x[1];", "cannot be cast to a thread pointer"),
+}
+HELPERS = """
+inline float first(thread const float* v) { return v[0]; }
+inline float first_tg(threadgroup const float* v) { return v[0]; }
+inline float first_device(const device float* v) { return v[0]; }
+"""
+
+
+@pytest.mark.parametrize("case", list(ADDRESS_SPACE_BUGS))
+def test_address_spaces_are_kept(case):
+    bad, good, message = ADDRESS_SPACE_BUGS[case]
+    x, big = mx.arange(4, dtype=mx.float32), mx.arange(16, dtype=mx.float32)
+
+    def call(text):
+        kernel = metal_kernel(f"emu_space_{case}", ["x", "big"], ["out"], text, header=HELPERS)
+        return run(kernel, [x, big], [(1,)], [mx.float32], (1, 1, 1), (1, 1, 1))[0]
+
+    with pytest.raises(KernelCompileError, match=message):
+        call(bad)
+    assert float(call(good)[0]) == 1.0
+
+
+@pytest.mark.parametrize("source, message", [
+    ("threadgroup_barrier();\nout[0] = x[0];", "threadgroup_barrier needs its mem_flags"),
+    ("simdgroup_barrier();\nout[0] = x[0];", "simdgroup_barrier needs its mem_flags"),
+    ("double d = x[0];\nout[0] = float(d);", r"poisoned \"double\""),
+    ("int n = int(x[0]);\nfloat v[n];\nv[0] = 1;\nout[0] = v[0];", "variable length array"),
+], ids=["barrier_flags", "simd_barrier_flags", "double", "vla"])
+def test_what_metal_rejects_does_not_compile(source, message):
+    kernel = metal_kernel("emu_not_metal", ["x"], ["out"], source)
+    with pytest.raises(KernelCompileError, match=rf"(?s)emu_not_metal\.metal:\d+:\d+.*{message}"):
+        run(kernel, [mx.ones((1,))], [(1,)], [mx.float32], (1, 1, 1), (1, 1, 1))
+    with pytest.raises(TypeError, match="float64 has no Metal type"):
+        run(kernel, [mx.ones((1,))], [(1,)], [mx.float64], (1, 1, 1), (1, 1, 1))
+
+
+def test_thread_local_array_index_out_of_range_is_an_error():
+    source = """
+    float tile[2][4];
+    uint lid = thread_position_in_threadgroup.x;
+    for (int i = 0; i < 4; i++) { tile[0][i] = x[i]; tile[1][i] = x[i]; }
+    out[lid] = tile[1][lid == 3 ? 4 : lid];
+    """
+    kernel = metal_kernel("emu_local_oob", ["x"], ["out"], source)
+    with pytest.raises(EmulatorError, match=r"index 4 outside a thread-local array of type "
+                                            r"'float \[4\]' at emu_local_oob\.metal:5:\d+ by "
+                                            r"thread_position_in_grid \(3, 0, 0\)"):
+        run(kernel, [mx.arange(4, dtype=mx.float32)], [(4,)], [mx.float32], (4, 1, 1), (4, 1, 1))
+    (out,) = run(kernel, [mx.arange(4, dtype=mx.float32)], [(3,)], [mx.float32], (3, 1, 1),
+                 (3, 1, 1))
+    np.testing.assert_array_equal(np.array(out), [0, 1, 2])
+
+
+def test_thread_order_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("MLX_LOCALNORM_EMULATE_ORDER", "backwards")
+    kernel = metal_kernel("emu_order_bad", ["x"], ["out"], "out[0] = x[0];")
+    with pytest.raises(ValueError,
+                       match=r"MLX_LOCALNORM_EMULATE_ORDER must be one of .*'backwards'"):
         run(kernel, [mx.ones((1,))], [(1,)], [mx.float32], (1, 1, 1), (1, 1, 1))
 
 

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -21,7 +22,9 @@ INCLUDE_DIR = Path(__file__).parent / "include"
 # Stack-clash protection probes every page of a big thread-local array, so an oversized one
 # hits the guard page below its fiber stack instead of silently overwriting a neighbour.
 # Uninitialised thread-local variables hold 0xFE bytes (-1.7e38 as float) instead of a
-# plausible leftover; signed integers wrap as on the GPU.
+# plausible leftover; signed integers wrap as on the GPU. -fsanitize=bounds checks every index
+# into an array of known size (thread-local arrays), reported by mlxe_runtime.h's handler.
+# Variable-length arrays, which Metal lacks, are errors (so warnings are not silenced by -w).
 CXX_FLAGS = (
     "-std=c++20",
     "-O2",
@@ -31,7 +34,8 @@ CXX_FLAGS = (
     "-fstack-clash-protection",
     "-ftrivial-auto-var-init=pattern",
     "-fwrapv",
-    "-w",
+    "-fsanitize=bounds",
+    "-Werror=vla",
 )
 
 
@@ -152,6 +156,21 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
+_DIAGNOSTIC = re.compile(r":\d+:\d+: (warning|error|fatal error|note):")
+
+
+def _without_warnings(lines: list[str]) -> list[str]:
+    """The compiler's messages without its warnings (and their notes and source excerpts)."""
+    kept, keep = [], True
+    for line in lines:
+        found = _DIAGNOSTIC.search(line)
+        if found and found.group(1) != "note":
+            keep = found.group(1) != "warning"
+        if keep:
+            kept.append(line)
+    return kept
+
+
 def _compile(cpp: str, target: Path, kernel: str, sources: dict[str, str]) -> None:
     # The C++ and the kernel's own text sit in <key>/, the compiler's working directory, so
     # messages and debuggers (gdb: `break <name>.metal:LINE`) find the original lines.
@@ -168,7 +187,7 @@ def _compile(cpp: str, target: Path, kernel: str, sources: dict[str, str]) -> No
         cmd = [cxx, *_flags(), f"-I{INCLUDE_DIR}", source.name, "-o", tmp]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=workdir)
         if result.returncode != 0:
-            lines = result.stderr.splitlines()
+            lines = _without_warnings(result.stderr.splitlines())
             shown = "\n".join(lines[:60]) + ("\n..." if len(lines) > 60 else "")
             raise KernelCompileError(
                 f"kernel '{kernel}' does not compile for the emulator (C++ translation in "
@@ -201,6 +220,7 @@ def load(cpp: str, kernel: str, sources: dict[str, str]) -> ctypes.CDLL:
             ctypes.POINTER(ctypes.c_int64),
             ctypes.POINTER(ctypes.c_int64),
             ctypes.c_uint64,
+            ctypes.c_int,
             ctypes.c_double,
             ctypes.c_char_p,
             ctypes.c_int64,

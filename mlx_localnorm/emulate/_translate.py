@@ -69,7 +69,6 @@ TYPE_STRINGS = {
     mx.float32: "float",
     mx.float16: "float16_t",
     mx.bfloat16: "bfloat16_t",
-    mx.float64: "double",
     mx.bool_: "bool",
     mx.int8: "int8_t",
     mx.int16: "int16_t",
@@ -84,6 +83,8 @@ TYPE_STRINGS = {
 
 def type_string(dtype: mx.Dtype, what: str) -> str:
     """The C type MLX writes for `dtype` (e.g. float16 -> "float16_t")."""
+    if dtype == mx.float64:
+        raise TypeError(f"{what}: dtype float64 has no Metal type (Metal has no double)")
     if dtype not in TYPE_STRINGS:
         supported = ", ".join(str(d) for d in TYPE_STRINGS)
         raise TypeError(f"{what}: dtype {dtype} is not supported by the emulator ({supported})")
@@ -237,6 +238,15 @@ _DEVICE_POINTER = re.compile(rf"(?<![\w])(const\s+)?device\s+(const\s+)?({_TYPE}
 _DEVICE_REFERENCE = re.compile(
     rf"(?<![\w])(const\s+)?device\s+(const\s+)?({_TYPE})\s*(const\s*)?&(?!&)"
 )
+_CONSTANT_POINTER = re.compile(
+    rf"(?<![\w])(?:const\s+)?constant\s+(?:const\s+)?({_TYPE})\s*(?:const\s*)?\*"
+)
+_CONSTANT_REFERENCE = re.compile(
+    rf"(?<![\w])(?:const\s+)?constant\s+(?:const\s+)?({_TYPE})\s*(?:const\s*)?&(?!&)"
+)
+_THREADGROUP_POINTER = re.compile(
+    rf"(?<![\w])(const\s+)?threadgroup\s+(const\s+)?({_TYPE})\s*(const\s*)?\*"
+)
 _CASTS = re.compile(r"\b(?:reinterpret_cast|const_cast)\s*<")
 _SWIZZLE = re.compile(r"(?<=[\w\])])\.([xyzw]{2,4})\b(?!\s*\()")
 
@@ -255,6 +265,11 @@ def _threadgroup_storage(match: re.Match, site: int) -> str:
 def _device_pointer(match: re.Match) -> str:
     const = bool(match.group(1) or match.group(2) or match.group(4))
     return f"mlxe::device_ptr<{'const ' if const else ''}{match.group(3)}>"
+
+
+def _threadgroup_pointer(match: re.Match) -> str:
+    const = bool(match.group(1) or match.group(2))
+    return f"mlxe::tg_ptr<{'const ' if const else ''}{match.group(3)}>"
 
 
 def _device_reference(match: re.Match) -> str:
@@ -291,6 +306,9 @@ def to_cpp(text: str, first_site: int = 0) -> tuple[str, int]:
         return _threadgroup_storage(match, site - 1)
 
     text = _THREADGROUP_DECL.sub(storage, text)
+    text = _THREADGROUP_POINTER.sub(_threadgroup_pointer, text)
+    text = _CONSTANT_POINTER.sub(r"mlxe::constant_ptr<const \1>", text)
+    text = _CONSTANT_REFERENCE.sub(r"const \1&", text)
     text = _DEVICE_POINTER.sub(_device_pointer, text)
     text = _DEVICE_REFERENCE.sub(_device_reference, text)
     text = _CASTS.sub("mlxe::ptr_cast<", text)
@@ -321,15 +339,17 @@ def cpp_source(spec: KernelSpec) -> str:
             params.append(f"const {inp.type}& {inp.name}")
             args.append(f"mlxe::scalar_arg<const {inp.type}>({index})")
             continue
-        params.append(f"mlxe::device_ptr<const {inp.type}> {inp.name}")
-        args.append(f"mlxe::buffer_arg<const {inp.type}>({index})")
+        # Small inputs are bound in the constant address space, as MLX does.
+        space = "constant" if inp.is_constant else "device"
+        params.append(f"mlxe::{space}_ptr<const {inp.type}> {inp.name}")
+        args.append(f"mlxe::buffer_arg<const {inp.type}, mlxe::{space.upper()}>({index})")
         has_shape, has_strides, has_ndim = spec.shape_infos(inp)
         if has_shape:
-            params.append(f"const int* {inp.name}_shape")
-            args.append(f"mlxe::L.bufs[{index}].shape")
+            params.append(f"mlxe::constant_ptr<const int> {inp.name}_shape")
+            args.append(f"mlxe::constant_ptr<const int>(mlxe::L.bufs[{index}].shape)")
         if has_strides:
-            params.append(f"const int64_t* {inp.name}_strides")
-            args.append(f"mlxe::L.bufs[{index}].strides")
+            params.append(f"mlxe::constant_ptr<const int64_t> {inp.name}_strides")
+            args.append(f"mlxe::constant_ptr<const int64_t>(mlxe::L.bufs[{index}].strides)")
         if has_ndim:
             params.append(f"const int& {inp.name}_ndim")
             args.append(f"mlxe::L.bufs[{index}].ndim")
@@ -351,6 +371,9 @@ def cpp_source(spec: KernelSpec) -> str:
     return "".join(
         [
             '#include "mlxe_shim.h"\n',
+            # Metal has no double: any use in the kernel's own text is an error.
+            "using mlxe_seconds = double;\n",
+            "#pragma GCC poison double\n",
             f'#line 1 "{header_file}"\n',
             header,
             "\n",
@@ -365,9 +388,10 @@ def cpp_source(spec: KernelSpec) -> str:
             f"  {call}(\n      " + ",\n      ".join(args) + ");\n",
             "}\n",
             'extern "C" int mlxe_launch(mlxe::Buffer* bufs, const int64_t* grid,\n',
-            "                           const int64_t* group, uint64_t seed, double timeout,\n",
-            "                           char* err, int64_t errlen) {\n",
-            "  return mlxe::launch(&mlxe_thread_main, bufs, grid, group, seed, timeout, err, errlen);\n",
+            "                           const int64_t* group, uint64_t seed, int order,\n",
+            "                           mlxe_seconds timeout, char* err, int64_t errlen) {\n",
+            "  return mlxe::launch(&mlxe_thread_main, bufs, grid, group, seed, order, timeout,\n",
+            "                      err, errlen);\n",
             "}\n",
         ]
     )

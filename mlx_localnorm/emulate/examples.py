@@ -22,18 +22,20 @@ RMS_NORM_SOURCE = """
   threadgroup float local_inv_mean[1];
   threadgroup float local_sums[SIMD_SIZE];
 
-  const device T* xr = x + gid * size_t(axis_size);
+  // Indexed from the buffer itself, not through a `device T*` variable: MLX binds an input of
+  // fewer than 8 elements in the constant address space, where such a pointer does not compile.
+  size_t row = gid * size_t(axis_size);
   float acc = 0;
   for (int r = 0; r < axis_size; r += lsize * N_READS) {
     if (r + int(lid * N_READS) + N_READS <= axis_size) {
       for (int i = 0; i < N_READS; i++) {
-        float xi = xr[r + lid * N_READS + i];
+        float xi = x[row + r + lid * N_READS + i];
         acc += xi * xi;
       }
     } else {
       for (int i = 0; i < N_READS; i++) {
         if (r + int(lid * N_READS) + i < axis_size) {
-          float xi = xr[r + lid * N_READS + i];
+          float xi = x[row + r + lid * N_READS + i];
           acc += xi * xi;
         }
       }
@@ -56,12 +58,11 @@ RMS_NORM_SOURCE = """
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
-  device T* yr = out + gid * size_t(axis_size);
   for (int r = 0; r < axis_size; r += lsize * N_READS) {
     for (int i = 0; i < N_READS; i++) {
       int c = r + lid * N_READS + i;
       if (c < axis_size) {
-        yr[c] = static_cast<T>(w[c] * static_cast<T>(xr[c] * local_inv_mean[0]));
+        out[row + c] = static_cast<T>(w[c] * static_cast<T>(x[row + c] * local_inv_mean[0]));
       }
     }
   }

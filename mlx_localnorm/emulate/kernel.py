@@ -26,6 +26,12 @@ MAX_THREADS_ENV = "MLX_LOCALNORM_EMULATE_MAX_THREADS"
 SEED_ENV = "MLX_LOCALNORM_EMULATE_SEED"
 SCHEDULES_ENV = "MLX_LOCALNORM_EMULATE_SCHEDULES"
 TIMEOUT_ENV = "MLX_LOCALNORM_EMULATE_TIMEOUT"
+ORDER_ENV = "MLX_LOCALNORM_EMULATE_ORDER"
+# Order of a threadgroup's threads between synchronisation points (mlxe::Order): "mixed" draws
+# forward, reverse or shuffled per threadgroup from the seed.
+ORDERS = ("forward", "reverse", "shuffle", "mixed")
+# MLX's Python binding takes grid and threadgroup as C++ ints.
+MAX_INT32 = 2**31 - 1
 _ALIGNMENT = 64
 _INT_POISON = 0xA5
 _launch_lock = threading.Lock()
@@ -144,6 +150,15 @@ def pipeline_thread_limit() -> int:
     return limit
 
 
+def thread_order() -> str:
+    """The thread order of every launch, from MLX_LOCALNORM_EMULATE_ORDER (default "mixed")."""
+    order = os.environ.get(ORDER_ENV, "mixed")
+    if order not in ORDERS:
+        raise ValueError(f"environment variable {ORDER_ENV} must be one of {ORDERS}, "
+                         f"got {order!r}")
+    return order
+
+
 def _check_triple(value: object, what: str, minimum: int) -> tuple[int, int, int]:
     if (
         not isinstance(value, Sequence)
@@ -151,6 +166,12 @@ def _check_triple(value: object, what: str, minimum: int) -> tuple[int, int, int
         or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value)
     ):
         raise ValueError(f"[metal_kernel] `{what}` must be 3 integers >= {minimum}, got {value!r}")
+    if max(value) > MAX_INT32:
+        # What MLX's nanobind binding raises for a component that does not fit a C++ int.
+        raise TypeError(
+            f"__call__(): incompatible function arguments: `{what}` is tuple[int, int, int] of "
+            f"C++ ints, at most 2**31 - 1 = {MAX_INT32} each; got {tuple(value)}"
+        )
     return (int(value[0]), int(value[1]), int(value[2]))
 
 
@@ -373,7 +394,8 @@ class EmulatedKernel:
         group_c = (ctypes.c_int64 * 3)(*(max(1, min(t, g)) for t, g in zip(threadgroup, grid)))
         with _launch_lock:
             status = library.mlxe_launch(
-                buffers, grid_c, group_c, seed, self.timeout, err, len(err)
+                buffers, grid_c, group_c, seed, ORDERS.index(thread_order()), self.timeout,
+                err, len(err)
             )
         if status != 0:
             raise EmulatorError(f"[metal_kernel] kernel '{self.name}': {err.value.decode()}")

@@ -87,7 +87,8 @@ struct Fiber {
 
 struct ThreadgroupSite {
   void* ptr;
-  int64_t size;
+  int64_t size;   // bytes counted against the 32 KiB limit
+  int64_t alloc;  // bytes allocated: the data and its race-check shadow
   const char* name;
 };
 
@@ -106,10 +107,15 @@ struct Launch {
   bool failed;
   int64_t tg_memory;
   ThreadgroupSite tg_sites[kMaxThreadgroupSites];
+  // Barriers with mem_flags::mem_threadgroup released so far in the running threadgroup, and
+  // simdgroup_barrier(mem_threadgroup)s per simdgroup: they order threadgroup-memory accesses.
+  uint32_t tg_epoch;
+  uint32_t sg_epoch[kMaxThreads / kSimdWidth];
 };
 
 // A launch runs on one OS thread; the Python side serializes launches of a library.
 inline Launch L;
+inline sigjmp_buf fault_jump;
 inline Fiber* cur = nullptr;
 inline void* sched_sp = nullptr;
 #if !MLXE_ASM_SWITCH
@@ -274,14 +280,50 @@ inline void touch(const Buffer* b, const T* p, bool write) {
   }
 }
 
+// Thread-local arrays: -fsanitize=bounds calls this handler (instead of the sanitizer's runtime)
+// when an index into an array of known size is out of range.
+struct UbsanLocation {
+  const char* file;
+  uint32_t line;
+  uint32_t column;
+};
+struct UbsanType {
+  uint16_t kind;
+  uint16_t info;
+  char name[1];
+};
+struct UbsanOutOfBounds {
+  UbsanLocation loc;
+  const UbsanType* array_type;
+  const UbsanType* index_type;
+};
+
+[[noreturn]] __attribute__((noinline)) inline void array_out_of_bounds(const UbsanOutOfBounds* d,
+                                                                        void* index) {
+  bool is_signed = d->index_type->info & 1;
+  long long k = is_signed ? (long long)(intptr_t)index : (long long)(uintptr_t)index;
+  char who[256] = "the scheduler";
+  if (cur) describe_thread(who, sizeof who, cur);
+  set_error("index %lld outside a thread-local array of type %s at %s:%u:%u by %s", k,
+            d->array_type->name, d->loc.file, d->loc.line, d->loc.column, who);
+  if (cur) abort_thread();
+  siglongjmp(fault_jump, 1);
+}
+
 // ---------------------------------------------------------------------------------------------
-// Device pointers: `device T*` in kernel text becomes device_ptr<T>.
+// Device pointers: `device T*` in kernel text becomes device_ptr<T>, `constant T*` (and the
+// inputs MLX binds in the constant address space) constant_ptr<T>. They do not convert into
+// each other nor into raw (thread) pointers, as in Metal.
+
+enum Space : int { DEVICE = 0, CONSTANT = 1 };
 
 template <class T>
 struct is_atomic : std::false_type {};
 
-template <class T>
+template <class T, int Space = DEVICE>
 struct device_ptr;
+template <class T>
+using constant_ptr = device_ptr<T, CONSTANT>;
 
 // A reference into a writable device buffer: reads and writes are checked and counted
 // separately, which a plain T& cannot do.
@@ -299,12 +341,14 @@ struct dref {
     *p = v;
   }
   operator T() const { return load(); }
-  const dref& operator=(const T& v) const {
+  // By value, so `out[i] = local[k]` reads local[k] (bounds-checked up to k < size) rather than
+  // binding a reference to it (which allows k == size, the one-past-the-end address).
+  const dref& operator=(T v) const {
     store(v);
     return *this;
   }
   template <class V>
-  const dref& operator=(const V& v) const {
+  const dref& operator=(V v) const {
     store(T(v));
     return *this;
   }
@@ -314,7 +358,7 @@ struct dref {
   }
 #define MLXE_DREF_COMPOUND(op)            \
   template <class V>                      \
-  const dref& operator op(const V& v) const { \
+  const dref& operator op(V v) const {    \
     T t = load();                         \
     t op v;                               \
     store(t);                             \
@@ -345,7 +389,7 @@ struct value_of<dref<T>> {
 template <class T>
 using value_t = typename value_of<std::remove_cv_t<std::remove_reference_t<T>>>::type;
 
-template <class T>
+template <class T, int Space>
 struct device_ptr {
   using element_type = T;
   using reference =
@@ -356,17 +400,14 @@ struct device_ptr {
 
   device_ptr() = default;
   device_ptr(std::nullptr_t) {}
-  device_ptr(T* raw) : p(raw) {}
+  explicit device_ptr(T* raw) : p(raw) {}
   device_ptr(T* raw, Buffer* buf) : p(raw), b(buf) {}
   template <class S, std::enable_if_t<!std::is_convertible_v<S*, T*>, int> = 0>
   explicit device_ptr(S* raw) : p((T*)raw) {}
   template <class S, std::enable_if_t<std::is_convertible_v<S*, T*>, int> = 0>
-  device_ptr(device_ptr<S> o) : p(o.p), b(o.b) {}
+  device_ptr(device_ptr<S, Space> o) : p(o.p), b(o.b) {}
   template <class S, std::enable_if_t<!std::is_convertible_v<S*, T*>, int> = 0>
-  explicit device_ptr(device_ptr<S> o) : p((T*)o.p), b(o.b) {}
-
-  // Escape hatch for helpers declared with `constant T*` parameters: unchecked.
-  operator T*() const { return p; }
+  explicit device_ptr(device_ptr<S, Space> o) : p((T*)o.p), b(o.b) {}
 
   reference at(T* q) const {
     if constexpr (std::is_const_v<T>) {
@@ -401,7 +442,7 @@ struct device_ptr {
     return device_ptr(p - int64_t(i), b);
   }
   template <class S>
-  int64_t operator-(device_ptr<S> o) const {
+  int64_t operator-(device_ptr<S, Space> o) const {
     return p - o.p;
   }
   template <class I, std::enable_if_t<std::is_integral_v<I>, int> = 0>
@@ -433,40 +474,40 @@ struct device_ptr {
     return r;
   }
   template <class S>
-  bool operator==(device_ptr<S> o) const {
+  bool operator==(device_ptr<S, Space> o) const {
     return p == o.p;
   }
   template <class S>
-  bool operator!=(device_ptr<S> o) const {
+  bool operator!=(device_ptr<S, Space> o) const {
     return p != o.p;
   }
   template <class S>
-  bool operator<(device_ptr<S> o) const {
+  bool operator<(device_ptr<S, Space> o) const {
     return p < o.p;
   }
   template <class S>
-  bool operator<=(device_ptr<S> o) const {
+  bool operator<=(device_ptr<S, Space> o) const {
     return p <= o.p;
   }
   template <class S>
-  bool operator>(device_ptr<S> o) const {
+  bool operator>(device_ptr<S, Space> o) const {
     return p > o.p;
   }
   template <class S>
-  bool operator>=(device_ptr<S> o) const {
+  bool operator>=(device_ptr<S, Space> o) const {
     return p >= o.p;
   }
 };
 
-template <class I, class T, std::enable_if_t<std::is_integral_v<I>, int> = 0>
-device_ptr<T> operator+(I i, device_ptr<T> d) {
+template <class I, class T, int Space, std::enable_if_t<std::is_integral_v<I>, int> = 0>
+device_ptr<T, Space> operator+(I i, device_ptr<T, Space> d) {
   return d + i;
 }
 
 template <class T>
 struct is_device_ptr : std::false_type {};
-template <class T>
-struct is_device_ptr<device_ptr<T>> : std::true_type {};
+template <class T, int Space>
+struct is_device_ptr<device_ptr<T, Space>> : std::true_type {};
 
 // `reinterpret_cast<...>` and `const_cast<...>` in kernel text become ptr_cast<...>.
 template <class To, class From>
@@ -474,6 +515,8 @@ To ptr_cast(From f) {
   if constexpr (is_device_ptr<To>::value) {
     return To(f);
   } else if constexpr (is_device_ptr<From>::value) {
+    static_assert(!std::is_pointer_v<To>, "a device or constant pointer cannot be cast to a "
+                  "thread pointer: Metal keeps address spaces apart");
     return (To)(f.p);
   } else {
     return (To)(f);
@@ -484,50 +527,157 @@ template <class T>
 T& scalar_arg(int i) {
   return *static_cast<T*>(L.bufs[i].data);
 }
-template <class T>
-device_ptr<T> buffer_arg(int i) {
-  return device_ptr<T>(static_cast<T*>(L.bufs[i].data), &L.bufs[i]);
+template <class T, int Space = DEVICE>
+device_ptr<T, Space> buffer_arg(int i) {
+  return device_ptr<T, Space>(static_cast<T*>(L.bufs[i].data), &L.bufs[i]);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Threadgroup memory: `threadgroup T name[N];` becomes a reference to storage shared by the
-// threadgroup, poisoned (all bits set: NaN for floats) when each threadgroup starts.
+// threadgroup, poisoned (all bits set: NaN for floats) when each threadgroup starts, and
+// `threadgroup T*` a bounds-checked tg_ptr (neither decays to a thread pointer).
+//
+// Race check (elements of at most 8 bytes, not atomics): a shadow per element remembers the
+// last thread that accessed it, the element's bits then and the barrier epochs of that moment.
+// An access returns a plain T&, so a write is seen at the next access, as changed bits. Any
+// access to an element another thread wrote since the last threadgroup_barrier with
+// mem_flags::mem_threadgroup (or, within one simdgroup, simdgroup_barrier with it) is an error.
+
+struct TgShadow {
+  uint64_t bits;
+  int32_t last;
+  int32_t writer;
+  uint32_t last_tg, last_sg, writer_tg, writer_sg;
+};
+
+template <class T>
+constexpr bool kRaceChecked = std::is_trivially_copyable_v<T> && sizeof(T) <= 8 &&
+                              !std::is_array_v<T> && !is_atomic<std::remove_cv_t<T>>::value;
+
+inline const char* tg_name(const void* storage) {
+  for (auto& s : L.tg_sites)
+    if (s.ptr == storage) return s.name;
+  return "?";
+}
+
+[[noreturn]] __attribute__((noinline)) inline void tg_race(const void* storage, int64_t k,
+                                                            int32_t writer) {
+  char who[256];
+  describe_thread(who, sizeof who, cur);
+  set_error("threadgroup memory race on '%s'[%lld]: accessed by %s after thread_index_in_"
+            "threadgroup %d (simdgroup %d) wrote it, with no threadgroup_barrier(mem_flags::"
+            "mem_threadgroup) between them (simdgroup_barrier(mem_flags::mem_threadgroup) "
+            "orders lanes of one simdgroup)",
+            tg_name(storage), (long long)k, who, writer, writer / kSimdWidth);
+  abort_thread();
+}
+
+template <class T>
+inline void tg_check(TgShadow& s, const T& value, const void* storage, int64_t k) {
+  uint64_t bits = 0;
+  memcpy(&bits, &value, sizeof(T));
+  uint64_t mask = sizeof(T) == 8 ? ~uint64_t(0) : (uint64_t(1) << (8 * sizeof(T))) - 1;
+  if (((bits ^ s.bits) & mask) && s.last >= 0) {  // the last thread to access it wrote it
+    s.writer = s.last;
+    s.writer_tg = s.last_tg;
+    s.writer_sg = s.last_sg;
+  }
+  int32_t me = int32_t(cur->index);
+  uint32_t sg = cur->index / kSimdWidth;
+  if (s.writer >= 0 && s.writer != me && s.writer_tg == L.tg_epoch &&
+      !(uint32_t(s.writer) / kSimdWidth == sg && s.writer_sg != L.sg_epoch[sg]))
+    tg_race(storage, k, s.writer);
+  s.bits = bits;
+  s.last = me;
+  s.last_tg = L.tg_epoch;
+  s.last_sg = L.sg_epoch[sg];
+}
+
+[[noreturn]] __attribute__((noinline)) inline void tg_out_of_range(const void* storage, int64_t k,
+                                                                    size_t n) {
+  char who[256];
+  describe_thread(who, sizeof who, cur);
+  set_error("index %lld outside threadgroup array '%s' of %zu elements by %s", (long long)k,
+            tg_name(storage), n, who);
+  abort_thread();
+}
+
+template <class T>
+inline T& tg_element(T* v, TgShadow* shadow, size_t n, int64_t k) {
+  if (k < 0 || k >= int64_t(n)) tg_out_of_range(v, k, n);
+  if constexpr (kRaceChecked<T>) tg_check(shadow[k], v[k], v, k);
+  return v[k];
+}
+
+template <class T>
+struct tg_ptr;
 
 template <class T, size_t N>
 struct tg_array {
-  T v[N];
+  static constexpr int64_t kBytes = int64_t(sizeof(T) * N);
+  T v[N];  // first: the storage address names the array in messages
+  TgShadow shadow[kRaceChecked<T> ? N : 1];
 
-  [[noreturn]] __attribute__((noinline)) void out_of_range(int64_t k) const {
-    const char* name = "?";
-    for (auto& s : L.tg_sites)
-      if (s.ptr == this) name = s.name;
-    char who[256];
-    describe_thread(who, sizeof who, cur);
-    set_error("index %lld outside threadgroup array '%s' of %zu elements by %s", (long long)k,
-              name, N, who);
-    abort_thread();
-  }
   template <class I, std::enable_if_t<std::is_integral_v<I>, int> = 0>
   T& operator[](I i) {
-    int64_t k = int64_t(i);
-    if (k < 0 || k >= int64_t(N)) out_of_range(k);
-    return v[k];
+    return tg_element(v, shadow, N, int64_t(i));
+  }
+  template <class U, std::enable_if_t<std::is_same_v<std::remove_const_t<U>, T>, int> = 0>
+  operator tg_ptr<U>() {
+    return tg_ptr<U>{v, shadow, N, 0};
+  }
+};
+
+// `threadgroup T*`: the array it points into, for bounds and race checks.
+template <class T>
+struct tg_ptr {
+  using M = std::remove_const_t<T>;
+  M* base = nullptr;
+  TgShadow* shadow = nullptr;
+  size_t n = 0;
+  int64_t offset = 0;
+
+  template <class I, std::enable_if_t<std::is_integral_v<I>, int> = 0>
+  T& operator[](I i) const {
+    return tg_element(base, shadow, n, offset + int64_t(i));
+  }
+  T& operator*() const { return (*this)[0]; }
+  template <class I, std::enable_if_t<std::is_integral_v<I>, int> = 0>
+  tg_ptr operator+(I i) const {
+    return tg_ptr{base, shadow, n, offset + int64_t(i)};
   }
   template <class I, std::enable_if_t<std::is_integral_v<I>, int> = 0>
-  const T& operator[](I i) const {
-    int64_t k = int64_t(i);
-    if (k < 0 || k >= int64_t(N)) out_of_range(k);
-    return v[k];
+  tg_ptr operator-(I i) const {
+    return tg_ptr{base, shadow, n, offset - int64_t(i)};
   }
-  operator T*() { return v; }
-  operator const T*() const { return v; }
+  template <class I, std::enable_if_t<std::is_integral_v<I>, int> = 0>
+  tg_ptr& operator+=(I i) {
+    offset += int64_t(i);
+    return *this;
+  }
+  template <class I, std::enable_if_t<std::is_integral_v<I>, int> = 0>
+  tg_ptr& operator-=(I i) {
+    offset -= int64_t(i);
+    return *this;
+  }
+  operator tg_ptr<const M>() const { return tg_ptr<const M>{base, shadow, n, offset}; }
 };
+
+template <class T>
+constexpr int64_t tg_bytes() {
+  if constexpr (requires { T::kBytes; }) {
+    return T::kBytes;
+  } else {
+    return int64_t(sizeof(T));
+  }
+}
 
 template <class T>
 T& tg_alloc(int site, const char* name) {
   ThreadgroupSite& s = L.tg_sites[site];
   if (!s.ptr) {
-    s.size = int64_t(sizeof(T));
+    s.size = tg_bytes<T>();
+    s.alloc = int64_t(sizeof(T));
     s.name = name;
     L.tg_memory += s.size;
     if (L.tg_memory > kMaxThreadgroupMemory) {
@@ -561,8 +711,9 @@ inline Site make_site(const std::source_location& loc, const char* what) {
   return Site{loc.file_name(), uint32_t(loc.line()), uint32_t(loc.column()), what};
 }
 
-inline void barrier(const std::source_location& loc) {
+inline void barrier(mem_flags flags, const std::source_location& loc) {
   Fiber* f = cur;
+  f->arg = int64_t(flags);
   f->site = make_site(loc, "threadgroup_barrier");
   f->state = AT_BARRIER;
   yield_to_scheduler(f);
@@ -730,8 +881,13 @@ inline void resolve_is_first(Fiber** lanes) {
     }
 }
 
-inline void resolve_nothing(Fiber** lanes) {
-  (void)lanes;
+// simdgroup_barrier: with mem_flags::mem_threadgroup it orders threadgroup memory in its simdgroup.
+inline void resolve_simd_barrier(Fiber** lanes) {
+  for (int l = 0; l < kSimdWidth; ++l) {
+    if (!lanes[l]) continue;
+    if (lanes[l]->arg & int64_t(mem_flags::mem_threadgroup)) ++L.sg_epoch[lanes[l]->index / kSimdWidth];
+    return;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -816,6 +972,7 @@ inline bool release_barrier(Fiber* fibers, int n) {
               lead->site.column, b);
     return false;
   }
+  if (lead->arg & int64_t(mem_flags::mem_threadgroup)) ++L.tg_epoch;
   for (int i = 0; i < n; ++i) fibers[i].state = READY;
   return true;
 }
@@ -865,7 +1022,6 @@ inline void free_threadgroup_memory() {
 
 // Faults inside kernel code (a raw pointer out of range, a fiber stack overflow, an integer
 // division by zero) and a time limit end the launch with an error instead of the process.
-inline sigjmp_buf fault_jump;
 inline double time_limit = 0;
 inline pthread_t launch_thread;
 
@@ -950,8 +1106,11 @@ inline void forward_signal(int sig, siginfo_t* info, void* context) {
   }
 }
 
+// Order of the threads of a threadgroup between synchronisation points.
+enum Order : int { ORDER_FORWARD = 0, ORDER_REVERSE = 1, ORDER_SHUFFLE = 2, ORDER_MIXED = 3 };
+
 inline int launch(void (*thread_main)(Fiber*), Buffer* bufs, const int64_t* grid,
-                  const int64_t* group, uint64_t seed, double timeout, char* err,
+                  const int64_t* group, uint64_t seed, int order_mode, double timeout, char* err,
                   int64_t errlen) {
   L.bufs = bufs;
   L.grid = uint3(grid[0], grid[1], grid[2]);
@@ -996,7 +1155,7 @@ inline int launch(void (*thread_main)(Fiber*), Buffer* bufs, const int64_t* grid
     L.tg_size = metal::min(L.group, L.grid - start);
     L.tg_threads = L.tg_size.x * L.tg_size.y * L.tg_size.z;
     for (auto& s : L.tg_sites)
-      if (s.ptr) memset(s.ptr, 0xff, size_t(s.size));
+      if (s.ptr) memset(s.ptr, 0xff, size_t(s.alloc));
     for (uint i = 0; i < L.tg_threads; ++i) {
       Fiber& f = fibers[i];
       f.index = i;
@@ -1005,9 +1164,11 @@ inline int launch(void (*thread_main)(Fiber*), Buffer* bufs, const int64_t* grid
       f.gpos = start + f.pos;
     }
     int n = int(L.tg_threads);
-    uint64_t mode = splitmix64(rng) % 3;
-    for (int i = 0; i < n; ++i) thread_order[i] = mode == 1 ? n - 1 - i : i;
-    if (mode == 2) {
+    L.tg_epoch = 0;
+    memset(L.sg_epoch, 0, sizeof L.sg_epoch);
+    uint64_t mode = order_mode == ORDER_MIXED ? splitmix64(rng) % 3 : uint64_t(order_mode);
+    for (int i = 0; i < n; ++i) thread_order[i] = mode == ORDER_REVERSE ? n - 1 - i : i;
+    if (mode == ORDER_SHUFFLE) {
       for (int i = n - 1; i > 0; --i) {
         int j = int(splitmix64(rng) % uint64_t(i + 1));
         int t = thread_order[i];
@@ -1026,3 +1187,12 @@ inline int launch(void (*thread_main)(Fiber*), Buffer* bufs, const int64_t* grid
 }
 
 }  // namespace mlxe
+
+extern "C" __attribute__((visibility("hidden"))) void __ubsan_handle_out_of_bounds(
+    mlxe::UbsanOutOfBounds* data, void* index) {
+  mlxe::array_out_of_bounds(data, index);
+}
+extern "C" __attribute__((visibility("hidden"))) void __ubsan_handle_out_of_bounds_abort(
+    mlxe::UbsanOutOfBounds* data, void* index) {
+  mlxe::array_out_of_bounds(data, index);
+}

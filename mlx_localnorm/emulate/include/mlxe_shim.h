@@ -16,11 +16,22 @@ using mlxe::mem_flags;
 
 #define MLXE_LOC std::source_location loc = std::source_location::current()
 
-inline void threadgroup_barrier(mem_flags = mem_flags::mem_none, MLXE_LOC) {
-  mlxe::barrier(loc);
+// The flags are required, as in Metal; only mem_flags::mem_threadgroup orders threadgroup memory.
+inline void threadgroup_barrier(mem_flags flags, MLXE_LOC) {
+  mlxe::barrier(flags, loc);
 }
-inline void simdgroup_barrier(mem_flags = mem_flags::mem_none, MLXE_LOC) {
-  mlxe::collective<char>(0, &mlxe::resolve_nothing, 0, "simdgroup_barrier", loc);
+inline void simdgroup_barrier(mem_flags flags, MLXE_LOC) {
+  mlxe::collective<char>(0, &mlxe::resolve_simd_barrier, int64_t(flags), "simdgroup_barrier", loc);
+}
+template <class Missing = void>
+void threadgroup_barrier(MLXE_LOC) {
+  static_assert(sizeof(Missing*) == 0, "threadgroup_barrier needs its mem_flags argument in "
+                "Metal, e.g. threadgroup_barrier(mem_flags::mem_threadgroup)");
+}
+template <class Missing = void>
+void simdgroup_barrier(MLXE_LOC) {
+  static_assert(sizeof(Missing*) == 0, "simdgroup_barrier needs its mem_flags argument in "
+                "Metal, e.g. simdgroup_barrier(mem_flags::mem_threadgroup)");
 }
 
 #define MLXE_REDUCE(name, Op, W)                                                          \
@@ -163,7 +174,11 @@ A* atomic_target(A* p) {
   return p;
 }
 template <class A>
-A* atomic_target(device_ptr<A> d) {
+A* atomic_target(tg_ptr<A> t) {
+  return &t[0];
+}
+template <class A, int Space>
+A* atomic_target(device_ptr<A, Space> d) {
   if (d.b) {
     touch(d.b, d.p, false);
     touch(d.b, d.p, true);
@@ -286,8 +301,9 @@ struct Limits<bool> {
   static constexpr bool min = false;
 };
 
-template <typename IdxT = int64_t>
-METAL_FUNC IdxT elem_to_loc(IdxT elem, const int* shape, const int64_t* strides, int ndim) {
+// Shapes and strides come as `constant` pointers (the kernel's `<name>_shape`) or thread arrays.
+template <typename IdxT = int64_t, class PS, class PT>
+METAL_FUNC IdxT elem_to_loc(IdxT elem, PS shape, PT strides, int ndim) {
   IdxT loc = 0;
   for (int i = ndim - 1; i >= 0 && elem > 0; --i) {
     loc += (elem % shape[i]) * IdxT(strides[i]);
@@ -296,8 +312,8 @@ METAL_FUNC IdxT elem_to_loc(IdxT elem, const int* shape, const int64_t* strides,
   return loc;
 }
 
-template <typename IdxT = int64_t>
-METAL_FUNC IdxT elem_to_loc(uint3 elem, const int* shape, const int64_t* strides, int ndim) {
+template <typename IdxT = int64_t, class PS, class PT>
+METAL_FUNC IdxT elem_to_loc(uint3 elem, PS shape, PT strides, int ndim) {
   IdxT loc = elem.x * IdxT(strides[ndim - 1]) + elem.y * IdxT(strides[ndim - 2]);
   for (int d = ndim - 3; d >= 0; --d) {
     loc += (elem.z % shape[d]) * IdxT(strides[d]);
@@ -310,18 +326,18 @@ template <typename IdxT = int64_t>
 METAL_FUNC IdxT elem_to_loc_1(uint elem, const int64_t& stride) {
   return elem * IdxT(stride);
 }
-template <typename IdxT = int64_t>
-METAL_FUNC IdxT elem_to_loc_2(uint2 elem, const int64_t strides[2]) {
+template <typename IdxT = int64_t, class PT>
+METAL_FUNC IdxT elem_to_loc_2(uint2 elem, PT strides) {
   return elem.x * IdxT(strides[1]) + elem.y * IdxT(strides[0]);
 }
-template <typename IdxT = int64_t>
-METAL_FUNC IdxT elem_to_loc_3(uint3 elem, const int64_t strides[3]) {
+template <typename IdxT = int64_t, class PT>
+METAL_FUNC IdxT elem_to_loc_3(uint3 elem, PT strides) {
   return elem.x * IdxT(strides[2]) + elem.y * IdxT(strides[1]) + elem.z * IdxT(strides[0]);
 }
 
-template <typename IdxT = int64_t>
-METAL_FUNC vec<IdxT, 2> elem_to_loc_2_nd(uint3 elem, const int* shape, const int64_t* a_strides,
-                                         const int64_t* b_strides, int ndim) {
+template <typename IdxT = int64_t, class PS, class PA, class PB>
+METAL_FUNC vec<IdxT, 2> elem_to_loc_2_nd(uint3 elem, PS shape, PA a_strides, PB b_strides,
+                                         int ndim) {
   vec<IdxT, 2> loc = {
       IdxT(elem.x * IdxT(a_strides[ndim - 1]) + IdxT(elem.y) * IdxT(a_strides[ndim - 2])),
       IdxT(elem.x * IdxT(b_strides[ndim - 1]) + elem.y * IdxT(b_strides[ndim - 2]))};
