@@ -411,6 +411,15 @@ def test_bad_layer_patterns(pattern):
         PretrainConfig(layer_pattern=pattern, num_layers=8)
 
 
+def test_pretrain_command_reports_a_bad_pattern_in_one_line(tmp_path, capsys):
+    from mlx_localnorm.train import command
+
+    code = command.main(["--out-dir", str(tmp_path / "run"), "--layer-pattern", "LLF"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "got 'LLF'" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_layer_pattern_with_ngpt_names_the_conflict():
     with pytest.raises(ValueError, match="linear_attention works with placements"):
         PretrainConfig(layer_pattern="LF", placement="ngpt")
