@@ -803,29 +803,54 @@ def test_cli_output_loads_in_mlx_lm_with_the_same_logits(case, options, tmp_path
     assert mlx_lm.generate(model, tokenizer, prompt="w3 w4", max_tokens=3)
 
 
-def test_cli_calibrates_a_swap_and_prints_the_perplexity_table(tmp_path, capsys):
-    """Sample text in the fixture's words, written by the source model itself."""
+def write_sample_text(directory: Path, model, tokenizer, rows: int, seed: int) -> list[str]:
+    """Lines of fixture words the model itself writes, as sample.txt and train.jsonl."""
+    lines = [tokenizer.decode(row) for row in np.array(sample(model, rows, 32, seed)).tolist()]
+    directory.mkdir()
+    (directory / "sample.txt").write_text("\n".join(lines))
+    (directory / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                                   for t in lines))
+    return lines
+
+
+def test_cli_calibrates_and_heals_a_swap_and_prints_the_perplexity_table(tmp_path, capsys):
     import mlx_lm
 
     source, tokenizer = ln.convert.from_hf(FIXTURES / "llama_llama3")
-    text = tmp_path / "sample.txt"
-    text.write_text("\n".join(tokenizer.decode(row) for row in
-                               np.array(sample(source, 24, 32, seed=4)).tolist()))
+    write_sample_text(tmp_path / "text", source, tokenizer, rows=24, seed=4)
+    write_sample_text(tmp_path / "heal", source, tokenizer, rows=64, seed=11)
+    text = tmp_path / "text" / "sample.txt"
     flags = ["--hf-path", FIXTURES / "llama_llama3", "--norm", "dyt", "--calib-data", text,
              "--calib-batches", "2", "--calib-batch-size", "4", "--calib-seq-len", "32"]
-    assert convert_cli(*flags, "--out", tmp_path / "out") == 0
+    assert convert_cli(*flags, "--heal-steps", "20", "--heal-data", tmp_path / "heal",
+                       "--heal-dir", tmp_path / "run", "--out", tmp_path / "out") == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"Held-out perplexity (256 tokens of {text}):"
-    rows = {line[:46].strip(): float(line[46:]) for line in lines[1:4]}
+    rows = {line[:46].strip(): float(line[46:]) for line in lines[1:5]}
     assert list(rows) == ["source (rmsnorm, pre)", "swapped to dyt, pre, not calibrated",
-                          "swapped, calibrated"]
-    assert rows["source (rmsnorm, pre)"] < rows["swapped, calibrated"] \
-        < rows["swapped to dyt, pre, not calibrated"]
+                          "swapped, calibrated", "healed (20 steps, norms)"]
+    ppl = list(rows.values())  # 256 held-out tokens: the source need not be the best there
+    assert ppl[3] < ppl[2] < ppl[1]
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
     model, _ = mlx_lm.load(str(tmp_path / "out"), trust_remote_code=True)
     assert type(model.layers[0].input_layernorm).__name__ == "DyT"
-    assert model.layers[0].input_layernorm.alpha.item() != 0.5  # fitted, not the init
     assert convert_cli(*flags, "--no-calibrate", "--out", tmp_path / "raw") == 0
     assert "swapped, calibrated" not in capsys.readouterr().out
+
+
+def test_heal_trains_only_the_norms_of_a_4_bit_model(tmp_path):
+    mlx_lm_quantized("llama", 4, tmp_path / "q")
+    source, tokenizer = ln.convert.from_hf(tmp_path / "q")
+    target = ln.convert.from_hf(tmp_path / "q", norm="dyt")[0]
+    write_sample_text(tmp_path / "heal", source, tokenizer, rows=16, seed=1)
+    before = dict(tree_flatten(target.parameters()))
+    healed = ln.convert.heal(target, tokenizer, 3, tmp_path / "heal", progress=False)
+    after = dict(tree_flatten(healed.parameters()))
+    assert set(after) == set(before)
+    changed = {k for k in after if not np.array_equal(np.array(after[k]), np.array(before[k]))}
+    norms = {k for k in after if "layernorm" in k or k.startswith("model.norm")}
+    assert changed and changed <= norms
+    assert type(healed.layers[0].mlp.up_proj).__name__ == "QuantizedLinear"
 
 
 def test_cli_sample_text_too_short_exits_1(tmp_path, capsys):

@@ -1,7 +1,8 @@
 """``mlx-localnorm convert``: a Hugging Face checkpoint directory -> a LocalNorm model directory.
 
-With ``--norm``/``--placement`` the swapped model is calibrated on sample text and the
-command prints held-out perplexities: the source, the swap before and after calibration.
+With ``--norm``/``--placement`` the swapped model is calibrated on sample text, optionally
+healed (``--heal-steps``: a short fine-tune of its norms), and the command prints held-out
+perplexities: the source, the swap before and after calibration, after healing.
 Exit status: 2 for invalid flags, 1 for a source that does not convert or an output that
 cannot be written. Nothing is written until the model is converted, and ``save_model``
 writes beside ``--out`` and renames, so a failure leaves no partial output directory.
@@ -17,6 +18,7 @@ from ..models import save_model
 from ..norms import NORMS
 from .calibrate import calibrate
 from .evaluate import perplexity, sample_text
+from .heal import HEAL_MODES, heal
 from .hf import DTYPES, from_hf
 from .swap import SWAP_PLACEMENTS, check_swap, swap_model_norms
 
@@ -49,6 +51,16 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--calib-seq-len", type=int, default=128, metavar="L",
                         help="tokens per sequence (default: 128; at most the model's learned "
                              "positions)")
+    parser.add_argument("--heal-steps", type=int, default=0, metavar="N",
+                        help="after calibration, fine-tune for N steps (default: 0, none)")
+    parser.add_argument("--heal", choices=HEAL_MODES, default="norms",
+                        help="what healing trains: the norm parameters (default), LoRA "
+                             "adapters (fused after) or everything")
+    parser.add_argument("--heal-data", metavar="PATH",
+                        help="mlx-lm JSONL (file, or directory with train.jsonl/valid.jsonl); "
+                             "default: the embedded Shakespeare")
+    parser.add_argument("--heal-dir", metavar="DIR",
+                        help="keep the healing run (metrics.jsonl, loss plot) here")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="weight dtype (default: float32)")
     parser.add_argument("--quantize", type=int, choices=BITS, metavar="BITS",
@@ -77,6 +89,11 @@ def swap_and_calibrate(source, tokenizer, args) -> tuple:
     if args.calibrate:
         calibrate(source, target, text.calibration)
         rows.append(("swapped, calibrated", perplexity(target, text.held_out)))
+    if args.heal_steps:
+        target = heal(target, tokenizer, args.heal_steps, args.heal_data, mode=args.heal,
+                      run_dir=args.heal_dir)
+        rows.append((f"healed ({args.heal_steps} steps, {args.heal})",
+                     perplexity(target, text.held_out)))
     return target, rows, text
 
 
@@ -88,7 +105,12 @@ def print_table(rows: list[tuple], text) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.heal_steps < 0 or (args.heal_steps and args.norm is None
+                               and args.placement is None):
+        parser.error(f"--heal-steps must be >= 0 and needs --norm or --placement, got "
+                     f"{args.heal_steps}")
     try:
         check_swap(args.norm, args.placement)
         model, tokenizer = from_hf(args.hf_path, dtype=args.dtype)
