@@ -15,7 +15,9 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from .norms import ApproxNorm, nu_activation, nu_linear
+from .kernels import norm_add_norm
+from .norms import ApproxNorm, RMSNorm, SeeDNorm, nu_activation, nu_linear
+from .norms.seed import frozen
 
 PLACEMENTS: dict[str, str] = {
     "post": "Post-LN, x = N(x + F(x)); no final norm (arXiv 1706.03762)",
@@ -115,8 +117,45 @@ class PeriLN(nn.Module):
         if "embed_layernorm" in self:
             x = self.embed_layernorm(x)
         attn = self.self_attn(self.input_layernorm(x), mask, cache)
-        h = x + self.post_attention_layernorm(attn)
-        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        h, normed = self._norm_add_norm(attn, x)
+        return h + self.post_feedforward_layernorm(self.mlp(normed))
+
+    def _norm_add_norm(self, attn: mx.array, x: mx.array) -> tuple[mx.array, mx.array]:
+        """``h = x + N_out(attn)`` and ``N_in(h)`` of the MLP: one fused kernel call when both
+        norms are plain RMSNorm or single-head SeeDNorm of one configuration (the same values
+        as the three separate passes), else the separate modules."""
+        out_norm, in_norm = self.post_attention_layernorm, self.pre_feedforward_layernorm
+        fused = fused_norms(out_norm, in_norm)
+        if fused is None:
+            h = x + out_norm(attn)
+            return h, in_norm(h)
+        return norm_add_norm(attn, x, norm_params(out_norm), norm_params(in_norm),
+                             out_norm.eps, in_norm.eps, **fused)
+
+
+def norm_params(norm: RMSNorm | SeeDNorm) -> tuple[mx.array, ...]:
+    """The parameters of ``norm`` as :func:`mlx_localnorm.kernels.norm_add_norm` takes them."""
+    if isinstance(norm, SeeDNorm):
+        return norm.weight, norm.alpha, norm.beta
+    return (1 + norm.weight if norm.zero_centered else norm.weight,)
+
+
+def fused_norms(out_norm: nn.Module, in_norm: nn.Module) -> dict | None:
+    """The keywords of the fused norm-add-norm for this pair of norms, or None when it cannot
+    stand in for them: other norm types (or wrapped ones: recorders, hooks), or SeeDNorms with
+    several heads or different options."""
+    kinds = {type(out_norm), type(in_norm)}
+    if kinds == {RMSNorm}:
+        names, options = ("weight",), {"dot_scale": "none", "backend": "auto"}
+    elif kinds == {SeeDNorm}:
+        config = [(n.num_heads, n.dot_scale, n.backend) for n in (out_norm, in_norm)]
+        if config[0] != config[1] or out_norm.num_heads != 1:
+            return None
+        names, options = ("weight", "alpha", "beta"), {"dot_scale": out_norm.dot_scale,
+                                                       "backend": out_norm.backend}
+    else:
+        return None
+    return {**options, "frozen": frozen(out_norm, names) and frozen(in_norm, names)}
 
 
 def scaled_vector(dims: int, init_value: float, init_scaling: float) -> tuple[mx.array, float]:

@@ -1,4 +1,5 @@
-"""``mlx-localnorm bench kernels``: the fused SeeDNorm, PatchNorm and RMSNorm kernels.
+"""``mlx-localnorm bench kernels``: the fused SeeDNorm, PatchNorm, RMSNorm and norm-add-norm
+kernels.
 
 On a Mac: forward and forward+backward time of our Metal kernels against ``mx.fast.rms_norm``,
 ``mx.fast.layer_norm`` and the eager and ``mx.compile``d ops twins, as ms, GB/s of the minimum
@@ -130,6 +131,44 @@ def traffic_rows(rows: int, dims: int, dtype_name: str) -> list[dict]:
     return out
 
 
+def norm_add_norm_rows(rows: int, dims: int, dtype_name: str) -> list[dict]:
+    """Peri-LN's ``h = x + N_out(b)``, ``y = N_in(h)``: the fused kernel and the unfused
+    sequence (two norm kernels and MLX's add, counted as its minimum: two tensors read, one
+    written; backward: the add of h's two cotangents), both against the fused minimum."""
+    dtype = DTYPES[dtype_name]
+    keys = mx.random.split(mx.random.key(3), 4)
+    b, x, g_h, g_y = (mx.random.normal((rows, dims), key=k).astype(dtype) for k in keys)
+    p = _params(dims, dtype)
+    t, vec = b.nbytes, p["weight"].nbytes
+    norms_of = {
+        "seednorm": ([p["weight"], p["alpha"], p["beta"]],
+                     lambda v, q: kernels.seednorm(v, *q, backend="emulate")),
+        "rms_norm": ([p["weight"]], lambda v, q: kernels.rms_norm(v, q[0], backend="emulate")),
+    }
+    out = []
+    for kind, (params, norm) in norms_of.items():
+        n = len(params)
+
+        def fused(b, x, *q, n=n):
+            return kernels.norm_add_norm(b, x, q[:n], q[n:], backend="emulate")
+
+        def unfused(b, x, *q, n=n, norm=norm):
+            h = x + norm(b, q[:n])
+            return h, norm(h, q[n:])
+
+        minimum = {"forward": 4 * t + 2 * n * vec, "backward": 6 * t + 4 * n * vec}
+        for label, fn, add_bytes in (("fused", fused, 0), ("unfused", unfused, 3 * t)):
+            forward, backward = _launches(fn, [b, x, *params, *params], [g_h, g_y])
+            for pass_name, launches in (("forward", forward), ("backward", backward)):
+                moved = sum(s.bytes_moved for s in launches) + add_bytes
+                out.append({"dtype": dtype_name, "shape": f"{rows}x{dims}",
+                            "kernel": f"{kind} add norm ({label})", "pass": pass_name,
+                            "launches": len(launches), "bytes_per_element": moved / b.size,
+                            "min_bytes_per_element": minimum[pass_name] / b.size,
+                            "ratio": moved / minimum[pass_name]})
+    return out
+
+
 def plot(timing: list[dict], traffic: list[dict], path: Path) -> None:
     """Traffic ratio per kernel and shape (worst dtype), forward and backward; times of the
     last timed shape in the first dtype, eager and compiled, forward and forward+backward."""
@@ -240,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_traffic:
         try:
             traffic = [r for shape in args.traffic_shapes for d in dtypes
-                       for r in traffic_rows(*shape, d)]
+                       for r in traffic_rows(*shape, d) + norm_add_norm_rows(*shape, d)]
         except (RuntimeError, OSError) as error:  # no C++ compiler, or no emulator on this OS
             print(f"\ntraffic not counted: the CPU emulator failed ({error})")
     if traffic:
