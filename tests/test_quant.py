@@ -490,3 +490,20 @@ def test_qat_refuses_an_already_quantized_model(tmp_path, capsys):
     assert main(["--model", str(quantized), "--data", str(data), "--out",
                  str(tmp_path / "o")]) == 1
     assert "already quantized; QAT starts from float weights" in capsys.readouterr().err
+
+
+def test_distillation_loss_is_kl_teacher_to_student_in_float64():
+    from mlx_localnorm.quant.train import distillation
+
+    rng = np.random.default_rng(0)
+    student, teacher = rng.normal(size=(2, 3, 7)) * 2, rng.normal(size=(2, 3, 7)) * 2
+
+    def log_softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    p, log_p, log_q = np.exp(log_softmax(teacher)), log_softmax(teacher), log_softmax(student)
+    want = (p * (log_p - log_q)).sum(-1).mean()
+    got = distillation(lambda x: mx.array(student, dtype=mx.float32), None,
+                       mx.array(teacher, dtype=mx.float32))
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
