@@ -17,8 +17,8 @@ from ..train.adapters import fuse_adapters
 from ..train.finetune import Finetuner, FinetuneConfig
 
 # The default healing text: the first documents of the embedded Shakespeare, in chunks.
-CHUNK_CHARS = 2000
-CHUNKS = 256
+CHUNK_CHARS = 800  # about 200 tokens: under the default max_seq_len of 256
+CHUNKS = 512
 HEAL_MODES = ("norms", "lora", "full")
 
 
