@@ -269,3 +269,20 @@ def test_mnist1d_classifier_shapes(monkeypatch):
     assert data["y"].dtype == np.int32 and set(data["y"].tolist()) <= set(range(10))
     model = ConvClassifier(VisionConfig(dataset="mnist1d", channels=8))
     assert model(mx.array(data["x"][:3])).shape == (3, 10)
+
+
+def test_estimate_times_each_family_and_writes_its_csv(prepared, tmp_path):
+    from mlx_localnorm.study.estimate import COLUMNS, estimate
+
+    out = study_dir(prepared, tmp_path)
+    values = grid_values()
+    values["family"]["pre"]["learning_rates"] = [1e-3]
+    grid = parse_grid(values)
+    rows = estimate(grid, out, seeds=(0, 1), short=1, long=2)
+    (row,) = rows
+    assert (row["family"], row["runs"], row["steps"]) == ("pre", 2, 6)
+    assert row["cpu_family_s"] == pytest.approx(2 * row["cpu_run_s"])
+    assert row["cpu_run_s"] >= row["cpu_overhead_s"] >= 0
+    header = (out / "estimate.csv").read_text().splitlines()[0]
+    assert tuple(header.split(",")) == COLUMNS
+    assert not list(out.glob(".estimate-*"))  # the scratch runs are gone

@@ -1,37 +1,40 @@
-"""How long a grid will take, from a few timed steps of each family (``study --estimate``).
+"""How long a grid will take, from short timed runs of each family (``study --estimate``).
 
-For each family, one short run of its first configuration (``steps`` optimizer steps, one
-evaluation, the final checkpoint and export) is timed in a scratch directory. A full run is
-then ``overhead + steps x step + evaluations x evaluation``, with ``step`` the median
-wall-clock seconds of the timed steps after the first (compiling) one, ``evaluation`` one
-timed validation pass, and ``overhead`` what the short run spent outside its steps (model
-set-up, compiling, export). The process CPU seconds per step are reported beside it: on a
-machine that others load, wall-clock times grow but CPU seconds much less; on an idle
-machine a step takes between CPU/threads and CPU seconds of wall-clock time.
+Per family, its first configuration runs three times in a scratch directory: 1 step (to
+warm MLX's compile caches, as the study's earlier runs would), then ``short`` and ``long``
+steps, each with one evaluation, the final checkpoint and the export. From the process CPU
+seconds of the last two, ``step = (cpu_long - cpu_short) / (long - short)`` and
+``overhead = cpu_short - short x step`` (set-up, compiling, checkpoint, export). A full run
+is ``overhead + steps x step x (1 + evaluations x eval_batches / (3 x steps))`` (an
+evaluation batch is a forward pass, about a third of a training step).
+
+CPU seconds, not wall-clock: on a machine others load, wall-clock times grow with the load
+but a process's CPU seconds much less. On an idle machine a step's wall-clock time lies
+between its CPU seconds divided by the threads MLX and BLAS use (up to the core count) and
+its CPU seconds, so the CPU estimate is the upper end. The wall-clock estimate at the
+current load is reported beside it, with the load average.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from ..train import Pretrainer, read_metrics
+from ..train import Pretrainer
 from .grid import Family, Grid
 from .results import write_csv
-from .vision import VisionConfig, load_dataset, train_vision
+from .vision import load_dataset, train_vision
 
-COLUMNS = ("family", "kind", "runs", "steps", "step_s", "cpu_step_s", "eval_s", "evals",
-           "overhead_s", "run_s", "family_s", "family_cpu_s", "load_avg")
+COLUMNS = ("family", "kind", "runs", "steps", "cpu_step_s", "cpu_overhead_s", "cpu_run_s",
+           "cpu_family_s", "wall_step_s", "wall_family_s", "load_avg")
 
 
 def estimate(grid: Grid, out_dir: str | Path, seeds: tuple[int, ...] | None = None,
-             steps: int = 8) -> list[dict[str, Any]]:
+             short: int = 3, long: int = 9) -> list[dict[str, Any]]:
     """One row (``COLUMNS``) per family, also written to ``out_dir/estimate.csv``."""
     from tqdm.auto import tqdm
 
@@ -41,55 +44,53 @@ def estimate(grid: Grid, out_dir: str | Path, seeds: tuple[int, ...] | None = No
     rows = []
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".estimate-") as scratch:
         for family in tqdm(grid.families, desc="timing", unit="family"):
-            timed = _time_lm if family.kind == "lm" else _time_vision
-            row = timed(family, Path(scratch) / family.name, steps, out_dir)
-            runs = len(family.learning_rates) + len(seeds) - 1
-            row.update(family=family.name, kind=family.kind, runs=runs,
-                       run_s=row["overhead_s"] + row["steps"] * row["step_s"]
-                       + row["evals"] * row["eval_s"], load_avg=os.getloadavg()[0])
-            row["family_s"] = runs * row["run_s"]
-            row["family_cpu_s"] = runs * (row["overhead_s"] + row["steps"] * row["cpu_step_s"]
-                                          + row["evals"] * row["eval_s"])
-            rows.append(row)
+            rows.append(_family_row(family, Path(scratch) / family.name, out_dir, seeds,
+                                    short, long))
     write_csv(rows, out_dir / "estimate.csv", COLUMNS)
     return rows
 
 
-def _time_lm(family: Family, scratch: Path, steps: int, out_dir: Path) -> dict[str, Any]:
+def _family_row(family: Family, scratch: Path, out_dir: Path, seeds: tuple[int, ...],
+                short: int, long: int) -> dict[str, Any]:
+    full = family.config(scratch, family.learning_rates[0], seeds[0])
+    timed = _time_lm if family.kind == "lm" else _time_vision
+    timed(full, 1, scratch / "warm", out_dir)
+    (cpu_a, wall_a), (cpu_b, wall_b) = (timed(full, n, scratch / str(n), out_dir)
+                                        for n in (short, long))
+    step, wall_step = (cpu_b - cpu_a) / (long - short), (wall_b - wall_a) / (long - short)
+    overhead = max(0.0, cpu_a - short * step)
+    wall_overhead = max(0.0, wall_a - short * wall_step)
+    steps = full.total_steps if family.kind == "lm" else full.steps
+    evals = (steps // full.eval_every if full.eval_every else 1) * getattr(
+        full, "eval_batches", 3) / 3  # vision: the test set, about 3 batches' work
+    runs = len(family.learning_rates) + len(seeds) - 1
+    per_run = overhead + (steps + evals) * step
+    return {"family": family.name, "kind": family.kind, "runs": runs, "steps": steps,
+            "cpu_step_s": step, "cpu_overhead_s": overhead, "cpu_run_s": per_run,
+            "cpu_family_s": runs * per_run, "wall_step_s": wall_step,
+            "wall_family_s": runs * (wall_overhead + (steps + evals) * wall_step),
+            "load_avg": os.getloadavg()[0]}
+
+
+def _timed(fn) -> tuple[float, float]:
+    cpu, wall = time.process_time(), time.perf_counter()
+    fn()
+    return time.process_time() - cpu, time.perf_counter() - wall
+
+
+def _time_lm(full, steps: int, directory: Path, out_dir: Path) -> tuple[float, float]:
+    """(CPU, wall) seconds of a ``steps``-step run of ``full``'s configuration."""
     from .runner import link_shared_data
 
-    full = family.config(scratch, family.learning_rates[0], 0)
-    short = dataclasses.replace(full, steps=steps, tokens=0, eval_every=steps, save_every=0,
-                                warmup_steps=min(full.warmup_steps, steps))
-    scratch.mkdir(parents=True)
-    link_shared_data(out_dir, short, scratch)
-    start, cpu = time.perf_counter(), time.process_time()
-    trainer = Pretrainer(short)
-    trainer.run()
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    records = [r for r in read_metrics(scratch / "metrics.jsonl") if "tokens_per_s" in r]
-    seconds = [trainer.tokens_per_step / r["tokens_per_s"] for r in records]
-    start = time.perf_counter()
-    trainer.evaluate()
-    eval_s = time.perf_counter() - start
-    step_s = statistics.median(seconds[1:])
-    evals = full.total_steps // full.eval_every if full.eval_every else 1
-    return {"steps": full.total_steps, "step_s": step_s, "cpu_step_s": cpu / steps,
-            "eval_s": eval_s, "evals": evals,
-            "overhead_s": max(0.0, wall - sum(seconds[1:]) - len(seconds[:1]) * step_s)}
+    config = dataclasses.replace(full, out_dir=str(directory), steps=steps, tokens=0,
+                                 eval_every=steps, save_every=0,
+                                 warmup_steps=min(full.warmup_steps, steps))
+    directory.mkdir(parents=True)
+    link_shared_data(out_dir, config, directory)
+    return _timed(lambda: Pretrainer(config).run())
 
 
-def _time_vision(family: Family, scratch: Path, steps: int, out_dir: Path) -> dict[str, Any]:
-    full: VisionConfig = family.config(scratch, family.learning_rates[0], 0)
-    short = dataclasses.replace(full, steps=steps, eval_every=steps)
+def _time_vision(full, steps: int, directory: Path, out_dir: Path) -> tuple[float, float]:
+    config = dataclasses.replace(full, out_dir=str(directory), steps=steps, eval_every=steps)
     data = load_dataset(full.dataset)
-    start, cpu = time.perf_counter(), time.process_time()
-    train_vision(dataclasses.replace(short, steps=1), data)  # compile and set-up
-    once = time.perf_counter() - start
-    start = time.perf_counter()
-    train_vision(short, data)
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    step_s = wall / steps
-    return {"steps": full.steps, "step_s": step_s, "cpu_step_s": cpu / (steps + 1),
-            "eval_s": max(0.0, once - step_s), "evals": math.ceil(full.steps / full.eval_every),
-            "overhead_s": 0.0}
+    return _timed(lambda: train_vision(config, data))

@@ -72,6 +72,9 @@ class Study:
         return [{**row, "selected": "yes" if row["lr"] == best else "no"} for row in rows]
 
     def _run(self, family: Family, lr: float, seed: int) -> dict[str, Any]:
+        """A run's row: what ``summary.json`` recorded when it finished (whether it diverged,
+        its peak memory) and the measures of its metrics, computed again each time so that
+        a changed ``target_loss`` or ``spike_threshold`` applies to finished runs too."""
         directory = run_path(self.out_dir, family.name, lr, seed)
         done = directory / SUMMARY
         if not done.is_file():
@@ -80,15 +83,15 @@ class Study:
             directory.mkdir(parents=True, exist_ok=True)
             train = self._train_lm if family.kind == "lm" else self._train_vision
             diverged, peak_mb = train(config)
-            row = {"family": family.name, "group": family.group, "kind": family.kind,
-                   "config": family.describe(), "lr": lr, "seed": seed,
-                   "run_dir": str(directory.relative_to(self.out_dir)),
-                   "peak_memory_mb": peak_mb,
-                   **summarize(read_metrics(directory / "metrics.jsonl"), diverged,
-                               self.grid.target_loss, self.grid.spike_threshold)}
-            _write_json(done, row)
+            _write_json(done, {"diverged": diverged, "peak_memory_mb": peak_mb})
         self.bar.update(1)
-        return json.loads(done.read_text())
+        facts = json.loads(done.read_text())
+        return {"family": family.name, "group": family.group, "kind": family.kind,
+                "config": family.describe(), "lr": lr, "seed": seed,
+                "run_dir": str(directory.relative_to(self.out_dir)),
+                "peak_memory_mb": facts["peak_memory_mb"],
+                **summarize(read_metrics(directory / "metrics.jsonl"), facts["diverged"],
+                            self.grid.target_loss, self.grid.spike_threshold)}
 
     def _train_lm(self, config) -> tuple[bool, float]:
         """Train one LM run (resuming its checkpoint); ``(diverged, peak memory in MB)``."""
