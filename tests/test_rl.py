@@ -308,7 +308,7 @@ def test_one_update_moves_probability_toward_the_better_completion():
 # ---------------------------------------------------------------- shipped tasks
 
 
-@pytest.mark.parametrize("name", ["reverse", "add"])
+@pytest.mark.parametrize("name", ["reverse", "add", "add1"])
 def test_task_prompts_are_deterministic_from_the_seed(name):
     a = rl.tasks.make_prompts(name, 40, seed=1)
     assert a == rl.tasks.make_prompts(name, 40, seed=1)
@@ -323,11 +323,23 @@ def test_reverse_answers_are_the_reversed_word():
         assert record["answer"] == word[::-1]
 
 
-def test_add_answers_are_the_sum():
-    for record in rl.tasks.make_prompts("add", 50, seed=0):
+@pytest.mark.parametrize("name, largest", [("add", 99), ("add1", 9)])
+def test_add_answers_are_the_sum(name, largest):
+    operands = set()
+    for record in rl.tasks.make_prompts(name, 300, seed=0):
         a, b = record["prompt"].removesuffix("=").split("+")
-        assert 0 <= int(a) <= 99 and 0 <= int(b) <= 99
         assert record["answer"] == str(int(a) + int(b))
+        operands |= {int(a), int(b)}
+    assert min(operands) == 0 and max(operands) == largest
+
+
+def test_add1_holds_out_16_of_its_100_prompts():
+    # crc32 of the prompt, mod 10, is 0 for these (computed by hand with zlib).
+    held_out = {"0+0=", "0+8=", "1+7=", "2+1=", "2+3=", "2+7=", "3+0=", "3+8=", "4+1=", "4+3=",
+                "4+7=", "5+2=", "7+3=", "7+7=", "7+9=", "9+8="}
+    test = {r["prompt"] for r in rl.tasks.make_prompts("add1", 400, seed=0, split="test")}
+    train = {r["prompt"] for r in rl.tasks.make_prompts("add1", 2000, seed=0)}
+    assert test == held_out and len(train) == 84 and not train & test
 
 
 @pytest.mark.parametrize("name", ["reverse", "add"])
@@ -345,7 +357,7 @@ def test_answer_match_scores_the_first_line_by_position(completion, reward):
     assert rl.tasks.answer_match("reverse abcd =", completion, answer="dcba") == reward
 
 
-@pytest.mark.parametrize("name", ["reverse", "add"])
+@pytest.mark.parametrize("name", ["reverse", "add", "add1"])
 def test_a_demonstration_earns_the_full_reward(name):
     for record in rl.tasks.make_prompts(name, 10, seed=3):
         text = rl.tasks.demonstration(record)
@@ -356,7 +368,7 @@ def test_a_demonstration_earns_the_full_reward(name):
 
 
 @pytest.mark.parametrize("call, error, pattern", [
-    (lambda: rl.tasks.make_prompts("sort", 5), ValueError, r"task.*'reverse', 'add'.*'sort'"),
+    (lambda: rl.tasks.make_prompts("sort", 5), ValueError, r"task.*'reverse', 'add', 'add1'.*'sort'"),
     (lambda: rl.tasks.make_prompts("add", 0), ValueError, r"n must be a positive int.*got 0"),
     (lambda: rl.tasks.make_prompts("add", 5, split="val"), ValueError,
      r"split.*'train', 'test'.*'val'"),

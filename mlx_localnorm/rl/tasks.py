@@ -2,6 +2,8 @@
 
 - ``"reverse"``: ``"reverse abcd ="`` -> ``"dcba"`` (3 to 6 random lowercase letters).
 - ``"add"``: ``"23+45="`` -> ``"68"`` (two numbers 0-99).
+- ``"add1"``: ``"3+4="`` -> ``"7"`` (two 1-digit numbers: 100 prompts, 16 of them held out);
+  small enough for a tiny model to learn in minutes on a CPU (see docs/rl.md).
 
 Records are ``{"prompt": ..., "answer": ...}``, the same form as a prompts file
 (:func:`~mlx_localnorm.rl.load_prompts`), so :func:`answer_match` also scores your own
@@ -29,7 +31,12 @@ def _add(rng: random.Random) -> tuple[str, str]:
     return f"{a}+{b}=", str(a + b)
 
 
-TASKS = {"reverse": _reverse, "add": _add}
+def _add1(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return f"{a}+{b}=", str(a + b)
+
+
+TASKS = {"reverse": _reverse, "add": _add, "add1": _add1}
 
 
 def _split_of(prompt: str) -> str:
