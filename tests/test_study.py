@@ -202,6 +202,11 @@ def test_a_diverged_run_is_recorded_not_raised(prepared, tmp_path, monkeypatch):
     # The diagnostics of the selected run, grouped.
     for group in ("g", "h"):  # a family in two groups is in both plots
         assert (out / "diagnostics" / group / "diagnostics.png").stat().st_size > 0
+    copied = runner.publish(out, tmp_path / "docs")
+    names = {str(p.relative_to(tmp_path / "docs")) for p in copied}
+    assert {"results.csv", "table.md", "loss_curves.png", "final_val_loss.png",
+            "diagnostics/g/diagnostics.png", "diagnostics/h/diagnostics.csv"} <= names
+    assert not any(n.startswith(("runs", "data")) for n in names)
     assert (runner.run_path(out, "pre", 1e-3, 0) / "diagnostics.csv").is_file()
 
 

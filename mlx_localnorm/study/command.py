@@ -22,6 +22,9 @@ def build_parser() -> OneLineParser:
                         help="study directory: runs/, results.csv, plots (default: runs/study)")
     parser.add_argument("--seeds", type=int, nargs="+",
                         help="seeds to run instead of the grid's (e.g. --seeds 0)")
+    parser.add_argument("--publish", metavar="DIR",
+                        help="then copy the report (CSV, tables, plots, diagnostics; not the "
+                        "runs) to DIR, e.g. docs/study")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--estimate", action="store_true",
                         help="time a few steps of each family and estimate the grid's "
@@ -31,7 +34,7 @@ def build_parser() -> OneLineParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .grid import check_seeds, read_grid
-    from .runner import Study, StudyInterrupted
+    from .runner import Study, StudyInterrupted, publish
 
     args = build_parser().parse_args(argv)
     try:
@@ -47,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.estimate:
             return _estimate(grid, args)
         Study(grid, args.out, args.seeds, progress=not args.no_progress).run()
+        if args.publish:
+            publish(args.out, args.publish)
     except (ValueError, ImportError) as err:  # corpus, run directory, a missing extra
         return _fail(err, 1)
     except (StudyInterrupted, KeyboardInterrupt) as err:
@@ -54,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
               "continue", file=sys.stderr)
         return 130
     out = Path(args.out)
-    print(f"Results: {out / 'results.csv'}, table: {out / 'table.md'}, plots: {out}/*.png")
+    print(f"Results: {out / 'results.csv'}, table: {out / 'table.md'}, plots: {out}/*.png"
+          + (f"; copied to {args.publish}" if args.publish else ""))
     return 0
 
 

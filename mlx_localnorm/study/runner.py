@@ -174,6 +174,23 @@ def link_shared_data(out_dir: Path, config, directory: Path) -> None:
                 shutil.copy2(item, directory / item.name)
 
 
+def publish(out_dir: str | Path, dest: str | Path) -> list[Path]:
+    """Copy the study's report (CSV files, tables, plots, grouped diagnostics) from
+    ``out_dir`` to ``dest`` (e.g. ``docs/study``), without the runs themselves."""
+    out_dir, dest = Path(out_dir), Path(dest)
+    report = [p for pattern in ("*.csv", "*.md", "*.png", "diagnostics/*/diagnostics.*")
+              for p in sorted(out_dir.glob(pattern))]
+    copied = []
+    for path in report:
+        target = dest / path.relative_to(out_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+        copied.append(target)
+    return copied
+
+
 def _finite_or_inf(value: float) -> float:
     return value if math.isfinite(value) else math.inf
 
