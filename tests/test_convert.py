@@ -643,6 +643,13 @@ def test_calibration_leaves_an_exact_seednorm_swap_alone():
         np.testing.assert_array_equal(np.array(value), np.array(before[key]))
 
 
+@pytest.mark.parametrize("batches", [[], TOKENS, [TOKENS[0]], [TOKENS.astype(mx.float32)]])
+def test_calibration_needs_token_batches(batches):
+    source, target = swapped("gpt2", norm="dyt")
+    with pytest.raises(TypeError, match="batches must be a non-empty list of \\(B, L\\) integer"):
+        ln.convert.calibrate(source, target, batches)
+
+
 def test_calibration_refuses_a_source_that_is_not_pre_ln():
     source, target = swapped("llama_llama3", placement="peri")
     with pytest.raises(ValueError, match="source must be a Pre-LN model.*got placement 'peri'"):

@@ -214,6 +214,11 @@ def calibrate(source: Model, target: Model, batches: list[mx.array],
     Returns ``{target norm path: {"before": error, "after": error, "fitted": bool}}``, the
     relative RMS error of each norm's output before and after.
     """
+    if not isinstance(batches, (list, tuple)) or not batches or not all(
+            isinstance(b, mx.array) and b.ndim == 2 and mx.issubdtype(b.dtype, mx.integer)
+            for b in batches):
+        raise TypeError(f"calibrate: batches must be a non-empty list of (B, L) integer "
+                        f"token arrays, got {type(batches).__name__} {batches!r:.80}")
     sites = plan(source, target)
     recorded = record(source, batches, [site.source for site in sites])
     norms = dict(target.named_modules())
