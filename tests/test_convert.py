@@ -735,6 +735,20 @@ def test_export_hf_refuses_quantized_and_hypersphere_models(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_export_hf_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
+    from mlx_localnorm.convert.export import export_hf
+
+    model, tokenizer = ln.convert.from_hf(FIXTURES / "gpt2")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tokenizer._tokenizer, "save_pretrained", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        export_hf(model, tokenizer, tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []
+
+
 def export_cli(*argv) -> int:
     from mlx_localnorm.cli import main
 
