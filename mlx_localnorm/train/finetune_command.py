@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Any
 
 from .._argparse import OneLineParser
@@ -81,10 +82,11 @@ def report(config: FinetuneConfig, summary: dict[str, Any]) -> None:
               f"  mlx-localnorm finetune --out-dir {out} --resume")
         return
     val = summary["val_loss"]
+    fused = Path(out).with_name(Path(out).name + "-fused")
     print(f"\nDone: step {summary['step']}, train loss {summary['loss']:.3f}"
           + (f", validation loss {val:.3f}" if val is not None else ""))
     print(f"Adapter: {out}/adapter_config.json, {out}/adapters.safetensors; metrics: "
           f"{out}/metrics.jsonl, plot: {out}/loss.png")
     print(f"Generate with mlx-lm:\n  mlx_lm.generate --model {config.model} --adapter-path "
           f"{out} --trust-remote-code --prompt \"...\"\nFuse it:\n  mlx-localnorm fuse "
-          f"--model {config.model} --adapter-path {out} --out {out}/fused")
+          f"--model {config.model} --adapter-path {out} --out {fused}")
