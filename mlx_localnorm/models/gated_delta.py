@@ -84,8 +84,15 @@ class _Chunks:
         self.vector = vector
         self.G = mx.cumsum(log_g, axis=-2 if vector else -1)
         C = log_g.shape[-2] if vector else log_g.shape[-1]
-        self.inclusive = mx.tril(mx.ones((C, C), dtype=mx.bool_))
         self.strict = mx.tril(mx.ones((C, C), dtype=mx.bool_), k=-1)
+        inclusive = mx.tril(mx.ones((C, C), dtype=mx.bool_))
+        # lambda_t / lambda_s for s <= t (..., C, C[, Dk]); masked before exp: no overflow.
+        if vector:
+            diff = self.G[..., :, None, :] - self.G[..., None, :, :]
+            self.ratio = mx.exp(mx.where(inclusive[..., None], diff, -mx.inf))
+        else:
+            diff = self.G[..., :, None] - self.G[..., None, :]
+            self.ratio = mx.exp(mx.where(inclusive, diff, -mx.inf))
 
     def _expand(self, x: mx.array) -> mx.array:
         return x if self.vector else x[..., None]
@@ -107,11 +114,8 @@ class _Chunks:
     def scores(self, x: mx.array, y: mx.array) -> mx.array:
         """``sum_j x_tj y_sj lambda_tj / lambda_sj`` for s <= t, else 0 (..., C, C)."""
         if self.vector:
-            diff = self.G[..., :, None, :] - self.G[..., None, :, :]
-            decay = mx.exp(mx.where(self.inclusive[..., None], diff, -mx.inf))
-            return (x[..., :, None, :] * y[..., None, :, :] * decay).sum(axis=-1)
-        diff = self.G[..., :, None] - self.G[..., None, :]
-        return (x @ y.swapaxes(-1, -2)) * mx.exp(mx.where(self.inclusive, diff, -mx.inf))
+            return (x[..., :, None, :] * y[..., None, :, :] * self.ratio).sum(axis=-1)
+        return (x @ y.swapaxes(-1, -2)) * self.ratio
 
 
 def _to_chunks(x: mx.array, chunk: int, padded: int) -> mx.array:
