@@ -56,7 +56,9 @@ def _diagonal_blocks(a: mx.array, size: int) -> mx.array:
 
 
 def unit_lower_inverse(a: mx.array) -> mx.array:
-    r"""``(I + A)^{-1}`` for strictly lower-triangular ``A`` (..., C, C), C a power of two.
+    r"""``(I + tril(A, -1))^{-1}`` for ``A`` (..., C, C), C a power of two.
+
+    Only the strictly lower triangle of ``A`` is read.
 
     Block forward substitution, doubling the block size each level:
     :math:`\begin{pmatrix} X_1 & 0 \\ A_{21} & X_2 \end{pmatrix}^{-1}` has lower-left block
@@ -84,7 +86,6 @@ class _Chunks:
         self.vector = vector
         self.G = mx.cumsum(log_g, axis=-2 if vector else -1)
         C = log_g.shape[-2] if vector else log_g.shape[-1]
-        self.strict = mx.tril(mx.ones((C, C), dtype=mx.bool_), k=-1)
         inclusive = mx.tril(mx.ones((C, C), dtype=mx.bool_))
         # lambda_t / lambda_s for s <= t (..., C, C[, Dk]); masked before exp: no overflow.
         if vector:
@@ -165,7 +166,7 @@ def chunk_gated_delta(q: mx.array, k: mx.array, v: mx.array, log_g: mx.array,
     padded = -(-T // chunk) * chunk
     k_, v_, g_, b_ = (_to_chunks(x, chunk, padded) for x in (k, v, log_g, step_beta))
     decays = _Chunks(g_, vector)
-    a = mx.where(decays.strict, decays.scores(k_, k_), 0.0) * b_[..., None]
+    a = decays.scores(k_, k_) * b_[..., None]  # its diagonal and upper part are not read
     solve = unit_lower_inverse(a)
     w = solve @ (b_[..., None] * decays.decayed(k_))
     u_free = solve @ (b_[..., None] * v_)
