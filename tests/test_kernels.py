@@ -9,6 +9,7 @@ scale. The emulator's device-memory byte counts check the traffic targets.
 import importlib
 import itertools
 import math
+import types
 import warnings
 
 import mlx.core as mx
@@ -210,6 +211,27 @@ def test_seednorm_multi_head(heads, head_rms, dot_scale, dims, dtype):
     assert_close(y_emu, f64(y_ops), dtype, "y kernel vs ops twin", factor=2)
     for name, got, twin in zip(("dx", "dweight", "dalpha", "dbeta"), grads_emu, grads_ops):
         assert_close(got, f64(twin), dtype, f"{name} kernel vs ops twin", factor=2)
+
+
+@pytest.mark.parametrize("heads", [5, 7, 12, 13])
+def test_seednorm_head_counts_with_odd_heads_across_iterations(heads, monkeypatch):
+    """Head widths of 45 (odd: a thread's 4-column span crosses heads) under a 64-thread
+    pipeline limit, so each thread's tile has 3 iterations and meets several heads: the running
+    per-head sums and the per-head lookups, forward and backward, against the reference."""
+    from mlx_localnorm.emulate.kernel import MAX_THREADS_ENV
+
+    monkeypatch.setenv(MAX_THREADS_ENV, "64")
+    dims = 45 * heads
+    (x, w, a, b, g), (x64, w64, a64, b64, g64) = seed_inputs(7, dims, "float32", seed=heads)
+    head_rms = heads % 2 == 1
+    y_ref, grads_ref = ref_seednorm(x64, w64, a64, b64, heads=heads, head_rms=head_rms, g=g64)
+    with kernels.record_traffic() as launches:
+        (y,), grads = run_vjp(lambda *p: kernels.seednorm(*p, num_heads=heads, head_rms=head_rms,
+                                                           backend="emulate"), [x, w, a, b], [g])
+    assert launches and launches[0].threadgroup[0] == 64
+    assert_close(y, y_ref, "float32", "y")
+    for name, got, ref in zip(("dx", "dweight", "dalpha", "dbeta"), grads, grads_ref):
+        assert_close(got, ref, "float32", name)
 
 
 @pytest.mark.parametrize("backend", ["ops", "emulate"])
@@ -432,9 +454,14 @@ SCHEDULED = {
 }
 
 
+@pytest.mark.parametrize("order", ["forward", "reverse", "shuffle"])
 @pytest.mark.parametrize("case", list(SCHEDULED))
-def test_package_kernels_agree_under_several_thread_schedules(case, three_schedules):
-    """Forward and backward kernels, with several simdgroups and threadgroups per launch."""
+def test_package_kernels_agree_under_several_thread_schedules(case, order, three_schedules,
+                                                              monkeypatch):
+    """Forward and backward kernels, with several simdgroups and threadgroups per launch, with
+    the threads of each threadgroup run forward, reversed and shuffled between barriers (the
+    emulator's threadgroup-memory race check sees a different interleaving in each)."""
+    monkeypatch.setenv("MLX_LOCALNORM_EMULATE_ORDER", order)
     (x, w, a, b, _), _ = seed_inputs(8, 300, "float32", seed=21)
     results = {}
     for backend in ("emulate", "ops"):
@@ -448,6 +475,40 @@ def test_package_kernels_agree_under_several_thread_schedules(case, three_schedu
     for name, got, twin in zip(("y", "dx", "dweight", "dalpha", "dbeta"),
                                out_emu + grads_emu, out_ops + grads_ops):
         assert_close(got, f64(twin), "float32", f"{case}: {name} vs ops twin", factor=2)
+
+
+# Barriers of the multi-head forward, each removed in turn: the emulator's threadgroup-memory
+# race check must name the array the missing barrier protected.
+MISSING_BARRIERS = {
+    "partials cleared": ("common.h", "  threadgroup_barrier(mem_flags::mem_threadgroup);\n"
+                                     "  if (simd_lane == 0)", "  if (simd_lane == 0)", "partial"),
+    "per-head statistics": ("seednorm_fwd.metal", "  if (HEADS > 1) {\n    threadgroup_barrier("
+                            "mem_flags::mem_threadgroup);\n  }\n", "", "head_stats"),
+    "device flag only": ("common.h", "mem_flags::mem_threadgroup", "mem_flags::mem_device",
+                         "partial"),
+}
+
+
+@pytest.mark.parametrize("case", list(MISSING_BARRIERS))
+def test_a_missing_barrier_in_the_kernel_is_caught(case):
+    from mlx_localnorm.emulate import EmulatorError, metal_kernel
+
+    launch = importlib.import_module("mlx_localnorm.kernels._launch")
+    filename, old, new, array = MISSING_BARRIERS[case]
+    text = {name: launch._read(name) for name in ("common.h", "seednorm_fwd.metal")}
+    assert old in text[filename]
+    text[filename] = text[filename].replace(old, new)
+    kernel = metal_kernel(f"planted_{len(text['common.h'])}_{len(text['seednorm_fwd.metal'])}",
+                          ["x", "weight", "alpha", "beta", "consts"], ["y", "stats"],
+                          "#define DYNAMIC 1\n#define RESIDUAL 0\n" + text["seednorm_fwd.metal"],
+                          header=text["common.h"])
+    (x, w, a, b, _), _ = seed_inputs(6, 1000, "float32", seed=5)
+    template = [("T", mx.float32), ("TW", mx.float32), ("N_READS", 4), ("ITERS", 1),
+                ("HEADS", 4), ("HEAD_RMS", False)]
+    with pytest.raises(EmulatorError, match=rf"threadgroup memory race on '{array}'"):
+        kernel(inputs=[x, w, a, b, launch.consts(1e-6, 1.0)], template=template,
+               grid=(2 * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(6, 1000), (6, 8)],
+               output_dtypes=[mx.float32, mx.float32])
 
 
 # ----------------------------------------------------------------- pipeline thread limits
@@ -582,6 +643,33 @@ def test_ops_backend_is_the_ops_twin():
     assert mx.array_equal(y, norms.seednorm(x, w, a, b))
     h, y = kernels.seednorm(x, w, a, b, residual=x, backend="ops")
     assert mx.array_equal(h, x + x) and mx.array_equal(y, norms.seednorm(x + x, w, a, b))
+
+
+@pytest.mark.parametrize("backend", ["metal", "emulate"], ids=["gpu_geometry", "emulated"])
+def test_launch_geometry_never_asks_for_a_grid_over_int32(backend):
+    """MLX takes grid components as C++ ints (a larger one is a TypeError at the call): shapes
+    whose rows x threads would cross 2**31 - 1 are refused before any launch, by arithmetic on
+    the shape alone (nothing this large is allocated)."""
+    _launch, patchnorm, seednorm = (importlib.import_module(f"mlx_localnorm.kernels.{name}")
+                                    for name in ("_launch", "patchnorm", "seednorm"))
+
+    assert _launch.MAX_GRID == 2**31 - 1
+    # PatchNorm: one 32-thread threadgroup per position of 4 channels.
+    fits, over = (2**31 - 1) // 32, (2**31 - 1) // 32 + 1
+    assert _launch.row_launch(fits, 4, backend).grid == (fits * 32, 1, 1)
+    assert patchnorm._unsupported((fits, 4), mx.float32, 4, backend) is None
+    reason = patchnorm._unsupported((64, over // 64 + 1, 4), mx.float32, 4, backend)
+    assert reason and "over MLX's limit of 2**31 - 1" in reason
+    # The output width counts too: 4 channels in, 1024 out (256 threads per position).
+    assert "grid of" in patchnorm._unsupported((2**24, 4), mx.float32, 1024, backend)
+    with pytest.raises(ValueError, match=r"row_launch: .* need a grid of \d+ threads"):
+        _launch.row_launch(over, 4, backend)
+    # SeeDNorm blocks 64 rows per threadgroup: 2**31 rows of 4096 need 2**25 x 256 threads.
+    fake = types.SimpleNamespace(shape=(2**31, 4096), dtype=mx.float32, size=2**43)
+    params = [mx.ones((4096,))]
+    assert "over MLX's limit" in seednorm._unsupported(fake, params, 1, backend)
+    fake.shape = (2**28, 4096)
+    assert seednorm._unsupported(fake, params, 1, backend) is None
 
 
 def test_unsupported_shapes_fall_back_once_with_a_warning():

@@ -31,6 +31,8 @@ N_READS = 4  # elements per thread per iteration of the register tile (MLX's RMS
 # on every Apple GPU, so the register-tiled kernels never ask for more and loop over the row.
 TILE_THREADS = 256
 MAX_ITERS = 32  # register tile of at most 32 x 4 values per thread: rows up to 32768 wide
+# MLX's binding takes each grid component as a C++ int: a larger one is a TypeError at the call.
+MAX_GRID = 2**31 - 1
 
 
 def resolve_backend(backend: str) -> str:
@@ -149,12 +151,30 @@ def row_launch(rows: int, dims: int, backend: str, rows_per_group: int = 1) -> L
     ``ceil(D / (4 t))`` iterations of ``N_READS`` elements per thread, ``t`` the thread limit,
     and the fewest threads (a multiple of the 32-lane simdgroup) that cover the row with them.
     """
+    problem = launch_problem(rows, dims, backend, rows_per_group)
+    if problem:
+        raise ValueError(f"row_launch: {problem}")
+    return _geometry(rows, dims, backend, rows_per_group)
+
+
+def _geometry(rows: int, dims: int, backend: str, rows_per_group: int) -> Launch:
     iters = math.ceil(dims / (thread_limit(backend) * N_READS))
-    if iters > MAX_ITERS:
-        raise ValueError(f"row_launch: dims={dims} is wider than max_dims={max_dims(backend)}")
     threads = 32 * math.ceil(math.ceil(dims / (N_READS * iters)) / 32)
     groups = math.ceil(rows / rows_per_group)
     return Launch(iters, (groups * threads, 1, 1), (threads, 1, 1), groups)
+
+
+def launch_problem(rows: int, dims: int, backend: str, rows_per_group: int = 1) -> str | None:
+    """Why ``row_launch`` cannot launch ``rows`` rows of ``dims`` (a row wider than the register
+    tiles, or a grid over 2**31 - 1 threads), or None. Arithmetic only: shapes too large to
+    allocate can be checked."""
+    if dims > max_dims(backend):
+        return f"last axis {dims} is wider than {max_dims(backend)}"
+    grid = _geometry(rows, dims, backend, rows_per_group).grid[0]
+    if grid > MAX_GRID:
+        return (f"{rows} rows of {dims} need a grid of {grid} threads, over MLX's limit of "
+                f"2**31 - 1 per grid component")
+    return None
 
 
 def consts(*values: float) -> mx.array:

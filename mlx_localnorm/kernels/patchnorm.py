@@ -20,7 +20,7 @@ from ._launch import (
     N_READS,
     consts,
     kernel,
-    max_dims,
+    launch_problem,
     resolve_backend,
     row_launch,
     warn_fallback,
@@ -99,6 +99,23 @@ def _fused(eps: float, patch_size: int, patch_ndim: int, affine: bool, count: in
     return fused
 
 
+def _unsupported(shape: tuple[int, ...], dtype: mx.Dtype, out_dims: int,
+                 backend: str) -> str | None:
+    """Why the kernels cannot take an input of this shape and dtype, or None (shapes only, so
+    a shape too large to allocate can be checked)."""
+    if dtype not in KERNEL_DTYPES:
+        return f"input dtype {dtype} is not float32/float16/bfloat16"
+    if math.prod(shape) == 0:
+        return "the input is empty"
+    # One threadgroup per position: rows x threads must fit MLX's grid.
+    rows = math.prod(shape[:-1])
+    for dims in (shape[-1], out_dims):
+        problem = launch_problem(rows, dims, backend)
+        if problem:
+            return problem
+    return None
+
+
 def patchnorm(
     x: mx.array,
     weight: mx.array,
@@ -120,16 +137,9 @@ def patchnorm(
     dims = x.shape[-1]
 
     chosen = resolve_backend(backend)
-    reason = None
-    if chosen != "ops":
-        if x.dtype not in KERNEL_DTYPES:
-            reason = f"input dtype {x.dtype} is not float32/float16/bfloat16"
-        elif x.size == 0:
-            reason = "the input is empty"
-        elif max(dims, weight.shape[0]) > max_dims(chosen):
-            reason = f"a feature axis is wider than {max_dims(chosen)}"
-        if reason:
-            warn_fallback(owner, reason)
+    reason = None if chosen == "ops" else _unsupported(x.shape, x.dtype, weight.shape[0], chosen)
+    if reason:
+        warn_fallback(owner, reason)
     if chosen == "ops" or reason:
         return ops_patchnorm(x, weight, bias, eps, patch_size, patch_ndim, mode)
 

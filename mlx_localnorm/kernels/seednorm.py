@@ -21,7 +21,7 @@ from ._launch import (
     Launch,
     consts,
     kernel,
-    max_dims,
+    launch_problem,
     resolve_backend,
     row_launch,
     thread_limit,
@@ -36,11 +36,14 @@ MIN_GROUPS = 128  # but keeps enough threadgroups for every core of the largest 
 MIN_BACKWARD_ROWS_PER_GROUP = 16
 
 
-def _launch(rows: int, dims: int, backend: str, min_rows_per_group: int = 1) -> Launch:
+def _rows_per_group(rows: int, min_rows_per_group: int = 1) -> int:
     """Blocks of up to 64 rows, smaller (down to ``min_rows_per_group``) when that would leave
     fewer than 128 threadgroups."""
-    per_group = min(MAX_ROWS_PER_GROUP, max(min_rows_per_group, rows // MIN_GROUPS))
-    return row_launch(rows, dims, backend, max(1, per_group))
+    return max(1, min(MAX_ROWS_PER_GROUP, max(min_rows_per_group, rows // MIN_GROUPS)))
+
+
+def _launch(rows: int, dims: int, backend: str, min_rows_per_group: int = 1) -> Launch:
+    return row_launch(rows, dims, backend, _rows_per_group(rows, min_rows_per_group))
 
 
 def _unsupported(x: mx.array, params: list[mx.array], num_heads: int,
@@ -52,8 +55,10 @@ def _unsupported(x: mx.array, params: list[mx.array], num_heads: int,
         return f"parameter dtypes {[p.dtype for p in params]} differ or are not floating"
     if x.size == 0:
         return "the input is empty"
-    if x.shape[-1] > max_dims(backend):
-        return f"last axis {x.shape[-1]} is wider than {max_dims(backend)}"
+    rows = math.prod(x.shape[:-1])
+    problem = launch_problem(rows, x.shape[-1], backend, _rows_per_group(rows))
+    if problem:
+        return problem
     if num_heads > MAX_HEADS:
         return f"num_heads={num_heads} is more than {MAX_HEADS}"
     return None
