@@ -36,12 +36,12 @@ def load_localnorm(path: str | Path):
 
     config = Path(path) / "config.json"
     if not config.is_file():
-        raise ValueError(f"export-hf: {str(path)!r} has no config.json; expected a directory "
-                         "written by save_model, convert or pretrain")
+        raise ValueError(f"RUN_OR_MODEL_DIR {str(path)!r} has no config.json; expected a "
+                         "directory written by save_model, convert or pretrain")
     model_type = json.loads(config.read_text()).get("model_type")
     if model_type != "localnorm":
-        raise ValueError(f"export-hf: {str(config)!r} must have model_type 'localnorm', got "
-                         f"{model_type!r}")
+        raise ValueError(f"RUN_OR_MODEL_DIR: {str(config)!r} must have model_type "
+                         f"'localnorm', got {model_type!r}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return load(str(path), trust_remote_code=True)
