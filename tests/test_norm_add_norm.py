@@ -103,6 +103,19 @@ def test_values_and_gradients_match_float64(rows, dims, dtype, kind):
     check(rows, dims, dtype, kind)
 
 
+@pytest.mark.parametrize("kind", ["seednorm", "rmsnorm"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_h_adds_the_branch_norm_rounded_to_the_dtype(kind, dtype):
+    """h = x + y1 with y1 rounded to the dtype first, as the unfused modules return it: equal
+    to that rounded sum but for rare ties (adding the unrounded y1 changes about 28%)."""
+    primals, cots, p64, c64 = inputs(16, 1030, dtype, kind, seed=4)
+    n = (len(primals) - 2) // 2
+    (h_ref, _), _ = ref_norm_add_norm(p64[0], p64[1], p64[2:2 + n], p64[2 + n:], *c64)
+    expected = primals[1] + cast(h_ref - p64[1], dtype)  # x + y1, each rounded to the dtype
+    h, _ = fused_fn("emulate", n)(*primals)
+    assert (h == expected).astype(mx.float32).mean().item() >= 0.99
+
+
 @pytest.mark.parametrize("rows,dims,dtype", [(3, 33, "float32"), (20, 257, "bfloat16")])
 def test_seednorm_dot_scale(rows, dims, dtype):
     check(rows, dims, dtype, "seednorm", dot_scale="rsqrt_d", seed=5)
