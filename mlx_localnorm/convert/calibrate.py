@@ -38,12 +38,15 @@ class Site:
     module's input and should output the source module's output (a source norm);
     ``"output"``: it sees that module's output and should give it back (identity).
     ``scale`` multiplies the new norm's output in its block (LN-scaling's 1/sqrt(l)).
+    ``consumers``: the linear layers that read the norm's output, which take the shift a
+    norm without a bias cannot hold (GPT-2's LayerNorm bias, swapped to RMSNorm).
     """
 
     target: str
     source: str
     kind: str
     scale: float = 1.0
+    consumers: tuple[str, ...] = ()
 
 
 def plan(source: Model, target: Model) -> list[Site]:
@@ -55,16 +58,21 @@ def plan(source: Model, target: Model) -> list[Site]:
     sites = []
     for i, block in enumerate(target.layers):
         src, dst = f"model.layers.{i}", f"model.layers.{i}"
+        attn, mlp = _readers(block, "self_attn", _QKV), _readers(block, "mlp", _UP)
         if isinstance(block, PreLN):
-            sites += [Site(f"{dst}.{n}", f"{src}.{n}", "input", block.scale)
-                      for n in ("input_layernorm", "post_attention_layernorm")]
+            sites += [Site(f"{dst}.input_layernorm", f"{src}.input_layernorm", "input",
+                           block.scale, tuple(f"{dst}.{c}" for c in attn)),
+                      Site(f"{dst}.post_attention_layernorm", f"{src}.post_attention_layernorm",
+                           "input", block.scale, tuple(f"{dst}.{c}" for c in mlp))]
         elif isinstance(block, PeriLN):
             if "embed_layernorm" in block:
                 sites.append(Site(f"{dst}.embed_layernorm", f"{src}.input_layernorm", "embed"))
-            sites += [Site(f"{dst}.input_layernorm", f"{src}.input_layernorm", "input"),
+            sites += [Site(f"{dst}.input_layernorm", f"{src}.input_layernorm", "input",
+                           consumers=tuple(f"{dst}.{c}" for c in attn)),
                       Site(f"{dst}.post_attention_layernorm", f"{src}.self_attn", "output"),
                       Site(f"{dst}.pre_feedforward_layernorm",
-                           f"{src}.post_attention_layernorm", "input"),
+                           f"{src}.post_attention_layernorm", "input",
+                           consumers=tuple(f"{dst}.{c}" for c in mlp)),
                       Site(f"{dst}.post_feedforward_layernorm", f"{src}.mlp", "output")]
         if "q_norm" in block.self_attn and "q_norm" in source.layers[i].self_attn:
             sites += [Site(f"{dst}.self_attn.{n}", f"{src}.self_attn.{n}", "input")
@@ -72,6 +80,17 @@ def plan(source: Model, target: Model) -> list[Site]:
     if "norm" in target.model and "norm" in source.model:
         sites.append(Site("model.norm", "model.norm", "input"))
     return sites
+
+
+_QKV = ("q_proj", "k_proj", "v_proj")
+_UP = ("gate_proj", "up_proj")
+
+
+def _readers(block: nn.Module, branch: str, names: tuple[str, ...]) -> list[str]:
+    """The float linear layers with a bias that read a norm's output (others cannot shift)."""
+    module = block[branch]
+    return [f"{branch}.{n}" for n in names if n in module and isinstance(module[n], nn.Linear)
+            and "bias" in module[n]]
 
 
 class _Recorder(nn.Module):
@@ -174,30 +193,33 @@ def _unit_output(norm: nn.Module, x: mx.array) -> mx.array:
     return z
 
 
-def fit_norm(norm: nn.Module, x: mx.array, y: mx.array) -> bool:
+def fit_norm(norm: nn.Module, x: mx.array, y: mx.array, shift: bool = False):
     """Set ``norm``'s gain (and bias, DyT's alpha) so that ``norm(x)`` is closest to ``y``.
 
-    Norms whose gain is not a vector over the last axis (PatchNorm's full matrix, L2Norm
-    without a scale) are left as they are; returns whether ``norm`` was fitted.
+    ``shift``: fit a per-channel shift even if ``norm`` has no bias, and return it (for the
+    layers after the norm to add); else the fit has no shift without a bias. Returns False
+    for norms whose gain is not a vector over the last axis (PatchNorm's full matrix, L2Norm
+    without a scale), left as they are; else True, or the shift.
     """
     weight = norm.get("weight") if isinstance(norm, nn.Module) else None
     if not isinstance(weight, mx.array) or weight.shape != (x.shape[-1],):
         return False
-    intercept = "bias" in norm
+    intercept = "bias" in norm or shift
     if isinstance(norm, DyT):
         norm.alpha = mx.array([fit_dyt_alpha(x, y, intercept)], dtype=norm.alpha.dtype)
     w, b = _least_squares(_unit_output(norm, x), y, intercept)
     if getattr(norm, "zero_centered", False):
         w = w - 1
     norm.weight = w.astype(weight.dtype)
-    if intercept:
+    if "bias" in norm:
         norm.bias = b.astype(norm.bias.dtype)
-    return True
+        return True
+    return b if shift else True
 
 
-def _relative_error(norm: nn.Module, x: mx.array, y: mx.array) -> float:
-    return (mx.sqrt(((norm(x).astype(mx.float32) - y) ** 2).mean())
-            / mx.maximum(mx.sqrt((y * y).mean()), 1e-30)).item()
+def _relative_error(norm: nn.Module, x: mx.array, y: mx.array, shift=None) -> float:
+    out = norm(x).astype(mx.float32) + (0 if shift is None else shift)
+    return (mx.sqrt(((out - y) ** 2).mean()) / mx.maximum(mx.sqrt((y * y).mean()), 1e-30)).item()
 
 
 def calibrate(source: Model, target: Model, batches: list[mx.array],
@@ -232,10 +254,22 @@ def calibrate(source: Model, target: Model, batches: list[mx.array],
         if sequential:  # what the new norm sees once the norms before it are fitted
             x = record(target, batches, [site.target])[site.target][0]
         before, initial = _relative_error(norm, x, y), dict(norm.parameters())
-        fitted = before > EXACT and fit_norm(norm, x, y)
-        after = _relative_error(norm, x, y)
-        if fitted and after >= before:  # a form the fit does not capture: keep the init
+        fitted = before > EXACT and fit_norm(norm, x, y, shift=bool(site.consumers))
+        shift = fitted if isinstance(fitted, mx.array) else None
+        after = _relative_error(norm, x, y, shift)
+        if fitted is not False and after >= before:  # the fit does not help: keep the init
             norm.update(initial)
-            fitted, after = False, before
-        report[site.target] = {"before": before, "after": after, "fitted": fitted}
+            fitted, shift, after = False, None, before
+        if shift is not None:
+            _add_shift(norms, site.consumers, shift * site.scale)
+        report[site.target] = {"before": before, "after": after,
+                               "fitted": fitted is not False}
     return report
+
+
+def _add_shift(modules: dict, consumers: tuple[str, ...], shift: mx.array) -> None:
+    """``W (z + s) + b = W z + (b + W s)``: the readers of a norm take its missing shift."""
+    for path in consumers:
+        linear = modules[path]
+        linear.bias = linear.bias + (linear.weight @ shift.astype(linear.weight.dtype)
+                                     ).astype(linear.bias.dtype)
