@@ -6,7 +6,8 @@ in the same place, its new norm is fitted to ``x -> y``; a Peri-LN/Sandwich outp
 which has no counterpart, is fitted to the identity on the branch output it will see (its
 gain becomes about the branch output's RMS), and Peri-LN's embedding norm to the identity on
 the embeddings. Fits are per norm, closed form in the gain and bias (per-channel least
-squares on the norm's output at unit gain) and a 1-D search for DyT's ``alpha``.
+squares on the norm's output at unit gain) and a 1-D search for DyT's ``alpha``; the shift
+a bias-free norm cannot hold goes into the biases of the linear layers that read it.
 """
 
 from __future__ import annotations
