@@ -202,9 +202,8 @@ def test_diagnose_command_on_a_run_directory(run_dir, tmp_path):
         assert got == ({("hidden_rms", l) for l in range(3)} | {("cosine", l) for l in range(3)}
                        | {("speed", l) for l in (1, 2)} | {("grad_norm", l) for l in (1, 2)})
         assert len([r for r in rows if r["stage"] == stage and r["metric"] == "update_rms"]) == 14
-    init = {(r["metric"], r["layer"], r["matrix"]): r["value"] for r in rows if r["stage"] == "init"}
-    trained = {(r["metric"], r["layer"], r["matrix"]): r["value"] for r in rows
-               if r["stage"] == "trained"}
+    init, trained = ({(r["metric"], r["layer"], r["matrix"]): r["value"] for r in rows
+                      if r["stage"] == stage} for stage in dg.STAGES)
     assert init[("hidden_rms", 0, "")] != trained[("hidden_rms", 0, "")]  # embeddings trained
 
 

@@ -50,7 +50,7 @@ def test_grid_from_toml_and_json_are_the_same(tmp_path):
     (lambda g: g["study"].update(seed=[1]), r"\[study\] has unknown key 'seed'"),
     (lambda g: g["study"].update(seeds=[0, 0]), r"\[study\] seeds must be .* distinct"),
     (lambda g: g["study"].update(target_loss="low"), r"\[study\] target_loss must be a number"),
-    (lambda g: g["base"].update(seed=3), r"\[base\]: seed is set by the study"),
+    (lambda g: g["base"].update(seed=3), r"\[base\]: seed cannot be set here: the study sets it"),
     (lambda g: g["base"].update(hiden_size=3), r"\[family.pre\].*unknown config field.*hiden_size"),
     (lambda g: g["family"]["pre"].update(norm="rmsnrom"), r"\[family.pre\].*norm must be one of"),
     (lambda g: g["family"]["pre"].update(learning_rate=0.1), r"\[family.pre\]: learning_rate .*"

@@ -158,7 +158,8 @@ def _family(name: str, spec: Any, bases: dict[str, dict], seed: int, where: str)
                          f"got {rates!r}")
     overrides = {k: v for k, v in spec.items() if k not in FAMILY_KEYS}
     _check_no_run_keys(overrides, where)
-    family = Family(name, kind, GROUP_SEPARATOR.join(groups), tuple(float(r) for r in rates), overrides, bases[kind])
+    family = Family(name, kind, GROUP_SEPARATOR.join(groups), tuple(float(r) for r in rates),
+                    overrides, bases[kind])
     try:  # every field, range and name checked now, not hours into the study
         family.config("<check>", family.learning_rates[0], seed)
     except (ValueError, TypeError) as err:
@@ -169,8 +170,9 @@ def _family(name: str, spec: Any, bases: dict[str, dict], seed: int, where: str)
 def _check_no_run_keys(values: dict, where: str) -> None:
     for key in RUN_KEYS:
         if key in values:
-            hint = "learning_rates (a list)" if key == "learning_rate" else "the study"
-            raise ValueError(f"{where}: {key} is set by {hint}, not by this key")
+            hint = ("give the sweep as learning_rates = [...]" if key == "learning_rate"
+                    else "the study sets it for each run")
+            raise ValueError(f"{where}: {key} cannot be set here: {hint}")
 
 
 def _check_mapping(values: Any, where: str) -> None:
