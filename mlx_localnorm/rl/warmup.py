@@ -19,8 +19,8 @@ from .tasks import demonstration, make_prompts
 
 DEMONSTRATIONS = "demonstrations.jsonl"
 # A character-level model small enough to warm up in minutes on a CPU.
-WARMUP_DEFAULTS = {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "seq_len": 64,
-                   "batch_size": 32, "context_length": 128, "optimizer": "adamw",
+WARMUP_DEFAULTS = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "seq_len": 64,
+                   "batch_size": 16, "context_length": 128, "optimizer": "adamw",
                    "learning_rate": 3e-3, "warmup_steps": 20, "eval_every": 0,
                    "sample_tokens": 0, "demonstrations": 20000}
 # sentencepiece's special and byte pieces; then one piece per character, no merges: a
