@@ -5,6 +5,7 @@ The grid references are MLX's own ``mx.dequantize(*mx.quantize(...))`` (the thin
 reproduce); gradients and saturation are hand-built in float64 NumPy.
 """
 
+import csv
 import json
 
 import mlx.core as mx
@@ -432,9 +433,12 @@ def test_qat_command_writes_a_model_mlx_lm_runs_and_prints_the_table(tmp_path, c
     methods = [line.split()[1] for line in printed.splitlines()
                if line.split()[:1] in (["-"], ["3"])]
     assert methods == ["float", "ptq", "dwq", "qat"]
-    rows = (tmp_path / "qat.csv").read_text().splitlines()
-    assert rows[0].startswith("bits,group_size,mode,method,val_loss,val_ppl")
-    assert "failed" not in printed and "nan" not in rows[3]  # DWQ ran
+    with open(tmp_path / "qat.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == methods
+    assert all(float(r["val_ppl"]) > 1 for r in rows)  # DWQ ran too
+    assert rows[3]["gap_recovered_pct"] != "" or float(rows[1]["val_ppl"]) <= float(
+        rows[0]["val_ppl"])
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"] == {"group_size": 32, "bits": 3, "mode": "affine"}
     loaded, tokenizer = mlx_lm.load(str(out), trust_remote_code=True)
@@ -497,13 +501,42 @@ def test_distillation_loss_is_kl_teacher_to_student_in_float64():
 
     rng = np.random.default_rng(0)
     student, teacher = rng.normal(size=(2, 3, 7)) * 2, rng.normal(size=(2, 3, 7)) * 2
+    mask = np.array([[1, 1, 0], [0, 1, 1]], np.float32)  # e.g. prompt tokens and padding out
 
     def log_softmax(z):
         z = z - z.max(-1, keepdims=True)
         return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
     p, log_p, log_q = np.exp(log_softmax(teacher)), log_softmax(teacher), log_softmax(student)
-    want = (p * (log_p - log_q)).sum(-1).mean()
+    want = ((p * (log_p - log_q)).sum(-1) * mask).sum() / mask.sum()
     got = distillation(lambda x: mx.array(student, dtype=mx.float32), None,
-                       mx.array(teacher, dtype=mx.float32))
+                       mx.array(teacher, dtype=mx.float32), mx.array(mask))
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_qat_on_fine_tuning_jsonl_masks_prompts_in_the_held_out_loss(tmp_path, capsys):
+    from mlx_localnorm.quant.command import main
+    from mlx_localnorm.quant.train import QATData, held_out_loss
+
+    base, _ = qat_fixture(tmp_path)
+    data = tmp_path / "sft"
+    data.mkdir()
+    for split, n in (("train", 12), ("valid", 4)):
+        lines = [json.dumps({"prompt": f"w{i % 30} w{(i + 1) % 30}",
+                             "completion": f" w{(i + 2) % 30} w{(i + 3) % 30}"})
+                 for i in range(n)]
+        (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    model, tokenizer = mlx_lm.load(str(base), trust_remote_code=True)
+    held_out = QATData(str(data), tokenizer, batch_size=4, seq_len=16, seed=0)
+    inputs, targets, mask = next(held_out.held_out(1))
+    logits = np.array(model(inputs), np.float64)
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, np.array(targets)[..., None], -1)[..., 0]
+    m = np.array(mask, np.float64)
+    assert 0 < m.sum() < (np.array(targets) > 0).sum()  # prompts are masked out
+    np.testing.assert_allclose(held_out_loss(model, held_out, 1), (nll * m).sum() / m.sum(),
+                               rtol=1e-5)
+    assert main(["--model", str(base), "--data", str(data), "--out", str(tmp_path / "o"),
+                 "--total-steps", "2", *SMALL]) == 0
+    assert "not run here on fine-tuning JSONL" in capsys.readouterr().out

@@ -87,7 +87,7 @@ def configs_from(args: dict) -> tuple[list, bool]:
 
 def table(trainers: list, dwq: bool, dwq_lr: float) -> list[dict]:
     """Rows of the results table for the finished runs (the float row first)."""
-    from .compare import dwq_model, evaluate, ptq_model, row
+    from .compare import evaluate, ptq_model, row
     from .train import load_float_model
 
     first = trainers[0]
@@ -97,23 +97,29 @@ def table(trainers: list, dwq: bool, dwq_lr: float) -> list[dict]:
         config, data = trainer.config, trainer.data
         ptq_loss = evaluate(ptq_model(config), config, data)
         rows.append(row(config, "ptq", ptq_loss, float_loss, None, "mlx_lm quantize_model"))
-        if not dwq:
-            pass
-        elif config.mode != "affine":
-            rows.append(row(config, "dwq", float("nan"), None, None,
-                            "not run: DWQ learns affine scales only"))
-        else:
-            try:
-                model = dwq_model(config, data, dwq_lr, trainer.out_dir / "dwq.log")
-                rows.append(row(config, "dwq", evaluate(model, config, data), float_loss,
-                                ptq_loss, f"mlx_lm.quant.dwq, lr {dwq_lr:g}, same tokens"))
-            except Exception as err:  # a third-party trainer: report why, keep the table
-                rows.append(row(config, "dwq", float("nan"), None, None,
-                                f"failed here: {' '.join(str(err).split())[:80]}"))
+        if dwq:
+            rows.append(_dwq_row(trainer, dwq_lr, float_loss, ptq_loss))
         note = f"lr {config.learning_rate:g}, {'KL to float' if config.distill else 'CE'}"
         rows.append(row(config, "qat", evaluate(trainer.model, config, data), float_loss,
                         ptq_loss, note))
     return rows
+
+
+def _dwq_row(trainer, learning_rate: float, float_loss: float, ptq_loss: float) -> dict:
+    from .compare import dwq_model, evaluate, row
+
+    config = trainer.config
+    if config.mode != "affine":
+        return row(config, "dwq", None, None, None, "not run: DWQ learns affine scales only")
+    if trainer.data.fine_tuning:
+        return row(config, "dwq", None, None, None, "not run here on fine-tuning JSONL")
+    try:
+        model = dwq_model(config, trainer.data, learning_rate, trainer.out_dir / "dwq.log")
+    except Exception as err:  # a third-party trainer: say why in the table, keep the rest
+        return row(config, "dwq", None, None, None,
+                   f"failed here: {' '.join(str(err).split())[:80]}")
+    return row(config, "dwq", evaluate(model, config, trainer.data), float_loss, ptq_loss,
+               f"mlx_lm.quant.dwq, lr {learning_rate:g}, same sequences")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..data import Batches
-from .train import QATConfig, TokenData, held_out_loss, load_float_model
+from .train import QATConfig, QATData, held_out_loss, load_float_model
 
 COLUMNS = ["bits", "group_size", "mode", "method", "val_loss", "val_ppl", "vs_float_pct",
            "gap_recovered_pct", "steps", "batch_size", "seq_len", "eval_tokens", "note"]
@@ -30,21 +30,19 @@ def ptq_model(config: QATConfig):
     return model
 
 
-def dwq_model(config: QATConfig, data: TokenData, learning_rate: float, log: Path):
-    """mlx-lm's DWQ from the PTQ model: the same training sequences as QAT (steps x batch),
-    targets the float model's logits (temperature 2, its default), float32 throughout."""
+def dwq_model(config: QATConfig, data: QATData, learning_rate: float, log: Path):
+    """mlx-lm's DWQ from the PTQ model: the same training sequences as QAT (steps x batch,
+    same order), targets the float model's logits (temperature 2, its default), float32."""
     from mlx.optimizers import Adam
     from mlx_lm.quant.dwq import dwq_quantize
 
     teacher = load_float_model(config.model)[0]
     model = ptq_model(config)
-    batches = Batches(data.train, config.batch_size, config.seq_len, seed=config.seed)
+    batches = Batches(data.tokens.train, config.batch_size, config.seq_len, seed=config.seed)
     train = [(_sequence(next(batches), row), 0) for _ in range(config.total_steps)
              for row in range(config.batch_size)]
-    valid_batches = Batches(data.valid, config.batch_size, config.seq_len, shuffle=False)
-    valid = [(_sequence(batch, row), 0) for _, batch in
-             zip(range(config.eval_batches), valid_batches.epoch_batches())
-             for row in range(config.batch_size)]
+    valid = [(_sequence(batch, row), 0) for batch in data.held_out(config.eval_batches)
+             for row in range(batch[0].shape[0])]
     with open(log, "w") as out, contextlib.redirect_stdout(out):
         dwq_quantize(model, lambda batch, i, split: teacher(batch), Adam(learning_rate),
                      train, valid, config.batch_size, config.seq_len + 1, config.seed,
@@ -54,27 +52,30 @@ def dwq_model(config: QATConfig, data: TokenData, learning_rate: float, log: Pat
 
 
 def _sequence(batch, row: int) -> list[int]:
-    inputs, targets = batch
+    inputs, targets = batch[:2]
     return np.concatenate([np.array(inputs[row]), np.array(targets[row, -1:])]).tolist()
 
 
-def evaluate(model, config: QATConfig, data: TokenData) -> float:
-    return held_out_loss(model, data.valid, config.batch_size, config.seq_len,
-                         config.eval_batches)
+def evaluate(model, config: QATConfig, data: QATData) -> float:
+    return held_out_loss(model, data, config.eval_batches)
 
 
-def row(config: QATConfig, method: str, loss: float, float_loss: float | None,
+def row(config: QATConfig, method: str, loss: float | None, float_loss: float | None,
         ptq_loss: float | None, note: str = "") -> dict:
-    """One table row; ``gap_recovered_pct`` = (ppl_ptq - ppl) / (ppl_ptq - ppl_float)."""
-    ppl = math.exp(loss)
-    out = {"bits": config.bits, "group_size": config.group_size, "mode": config.mode,
-           "method": method, "val_loss": f"{loss:.4f}", "val_ppl": f"{ppl:.2f}",
+    """One table row (``loss`` None: not measured); ``gap_recovered_pct`` =
+    (ppl_ptq - ppl) / (ppl_ptq - ppl_float)."""
+    ppl = math.exp(loss) if loss is not None else None
+    quantized = method != "float"
+    out = {"bits": config.bits if quantized else "",
+           "group_size": config.group_size if quantized else "",
+           "mode": config.mode if quantized else "", "method": method, "val_loss": "" if ppl is None else f"{loss:.4f}",
+           "val_ppl": "" if ppl is None else f"{ppl:.2f}",
            "vs_float_pct": "", "gap_recovered_pct": "",
            "steps": config.total_steps if method in ("dwq", "qat") else 0,
            "batch_size": config.batch_size, "seq_len": config.seq_len,
            "eval_tokens": config.eval_batches * config.batch_size * config.seq_len,
            "note": note}
-    if float_loss is not None:
+    if ppl is not None and float_loss is not None:
         float_ppl = math.exp(float_loss)
         out["vs_float_pct"] = f"{100 * (ppl / float_ppl - 1):+.2f}"
         if ptq_loss is not None and method in ("dwq", "qat"):
@@ -87,8 +88,8 @@ def row(config: QATConfig, method: str, loss: float, float_loss: float | None,
 def format_table(rows: list[dict]) -> str:
     shown = ["bits", "method", "val_ppl", "vs_float_pct", "gap_recovered_pct", "note"]
     heads = ["bits", "method", "perplexity", "vs float %", "PTQ gap recovered %", "note"]
-    cells = [heads] + [[str(r[k]) if k != "bits" or r["method"] != "float" else "-"
-                        for k in shown] for r in rows]
+    cells = [heads] + [[str(r[k]) or "-" if k == "bits" else str(r[k]) for k in shown]
+                       for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(heads) - 1)]
     lines = ["  ".join(c[i].ljust(w) for i, w in enumerate(widths)) + "  " + c[-1]
              for c in cells]

@@ -14,6 +14,8 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -21,7 +23,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
-from ..data import Batches, Corpus, load_corpus
+from ..data import Batches, Corpus, SFTBatches, load_corpus, load_sft, masked_cross_entropy
+from ..data.sft import read_jsonl
 from ..models import Model
 from ..train.loop import TrainLoop
 from ..train.model_dir import load_model_dir
@@ -52,7 +55,9 @@ class QATConfig:
     distill: bool = field(default=False, metadata={
         "help": "loss: KL(float model || QAT model) on the logits instead of cross-entropy"})
     data: str | None = field(default=None, metadata={
-        "help": "text corpus (load_corpus: .txt/.jsonl file or folder); None: Shakespeare"})
+        "help": "None: Shakespeare; a text corpus (.txt/.jsonl of 'text' or a folder); or "
+        "mlx-lm fine-tuning JSONL (completions/chat file, or a folder with train.jsonl and "
+        "valid.jsonl; prompts masked out)"})
     batch_size: int = field(default=8, metadata={"help": "sequences per step"})
     seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
     total_steps: int = field(default=200, metadata={"help": "optimizer steps"})
@@ -125,28 +130,77 @@ def load_float_model(path: str) -> tuple[nn.Module, Any, dict]:
     return model, tokenizer, config
 
 
-def cross_entropy(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.array:
-    logits = model(inputs).astype(mx.float32)
-    return nn.losses.cross_entropy(logits, targets, reduction="mean")
+def _is_fine_tuning_data(source: str | None) -> bool:
+    """mlx-lm's layout (a folder with train.jsonl) or a JSONL of completions/chat records."""
+    if source is None:
+        return False
+    path = Path(source)
+    if (path / "train.jsonl").is_file():
+        return True
+    return path.suffix == ".jsonl" and path.is_file() and read_jsonl(path)[0] != "text"
 
 
-def distillation(model: nn.Module, inputs: mx.array, teacher_logits: mx.array) -> mx.array:
-    """Mean over tokens of ``KL(p_teacher || p_student) = sum p_t (log p_t - log p_s)``."""
+def _with_mask(batch: tuple) -> tuple[mx.array, mx.array, mx.array]:
+    if len(batch) == 3:
+        return batch
+    inputs, targets = batch
+    return inputs, targets, mx.ones(targets.shape, dtype=mx.float32)
+
+
+class QATData:
+    """Training and fixed held-out batches ``(inputs, targets, mask)``: a text corpus in the
+    model's tokenizer (mask all ones), or mlx-lm fine-tuning JSONL (``ln.data.load_sft``:
+    prompt tokens masked out, one example per row)."""
+
+    def __init__(self, source: str | None, tokenizer, batch_size: int, seq_len: int,
+                 seed: int):
+        self.fine_tuning = _is_fine_tuning_data(source)
+        if self.fine_tuning:
+            sft = load_sft(source, tokenizer)
+            if not sft.valid:
+                raise ValueError(f"qat: data {source} has no valid.jsonl; held-out perplexity "
+                                 "needs one")
+            self.tokens = None
+            self.train = SFTBatches(sft.train, batch_size, seq_len, seed=seed)
+            self.valid = SFTBatches(sft.valid, batch_size, seq_len, shuffle=False)
+        else:
+            self.tokens = tokenize(source, tokenizer)
+            self.train = Batches(self.tokens.train, batch_size, seq_len, seed=seed)
+            sequences = (len(self.tokens.valid) - 1) // seq_len
+            self.valid = Batches(self.tokens.valid, max(1, min(batch_size, sequences)),
+                                 seq_len, shuffle=False)
+
+    def next_batch(self) -> tuple[mx.array, mx.array, mx.array]:
+        return _with_mask(next(self.train))
+
+    def held_out(self, batches: int):
+        """The first ``batches`` validation batches, always the same."""
+        return (_with_mask(b) for b in islice(self.valid.epoch_batches(), batches))
+
+
+def cross_entropy(model: nn.Module, inputs: mx.array, targets: mx.array,
+                  mask: mx.array) -> mx.array:
+    return masked_cross_entropy(model(inputs).astype(mx.float32), targets, mask)
+
+
+def distillation(model: nn.Module, inputs: mx.array, teacher_logits: mx.array,
+                 mask: mx.array) -> mx.array:
+    """Mean over the masked tokens of ``KL(p_teacher || p_student) = sum p_t (log p_t -
+    log p_s)``."""
     student = nn.log_softmax(model(inputs).astype(mx.float32), axis=-1)
     teacher = nn.log_softmax(teacher_logits.astype(mx.float32), axis=-1)
-    return (mx.exp(teacher) * (teacher - student)).sum(-1).mean()
+    kl = (mx.exp(teacher) * (teacher - student)).sum(-1)
+    return (kl * mask).sum() / mx.maximum(mask.sum(), 1.0)
 
 
-def held_out_loss(model: nn.Module, valid: np.ndarray, batch_size: int, seq_len: int,
-                  batches: int) -> float:
-    """Mean cross-entropy over the first ``batches`` fixed-order validation batches."""
-    data = Batches(valid, min(batch_size, (len(valid) - 1) // seq_len), seq_len, shuffle=False)
-    losses = []
-    for i, (inputs, targets) in enumerate(data.epoch_batches()):
-        if i == batches:
-            break
-        losses.append(cross_entropy(model, inputs, targets).item())
-    return float(np.mean(losses))
+def held_out_loss(model: nn.Module, data: QATData, batches: int) -> float:
+    """Cross-entropy per target token over the first ``batches`` held-out batches."""
+    total, count = 0.0, 0.0
+    for inputs, targets, mask in data.held_out(batches):
+        tokens = mask.sum().item()
+        total += cross_entropy(model, inputs, targets, mask).item() * tokens
+        count += tokens
+    return total / max(count, 1.0)
 
 
 class QATTrainer(TrainLoop):
@@ -156,7 +210,8 @@ class QATTrainer(TrainLoop):
         super().__init__(config, resume)
         self.model, self.tokenizer, self.model_config = load_float_model(config.model)
         self.teacher = load_float_model(config.model)[0] if config.distill else None
-        self.data = tokenize(config.data, self.tokenizer)
+        self.data = QATData(config.data, self.tokenizer, config.batch_size, config.seq_len,
+                            config.seed)
         self.tokens_per_step = config.batch_size * config.seq_len
         prepare_qat(self.model, config.bits, config.group_size, config.mode,
                     embeddings=config.embeddings, learn_scales=config.learn_scales,
@@ -164,8 +219,6 @@ class QATTrainer(TrainLoop):
         schedule = lr_schedule(config.learning_rate, config.total_steps, config.warmup_steps)
         self.optimizer = optim.Adam(learning_rate=schedule)
         self.optimizer.init(self.model.trainable_parameters())
-        self.batches = Batches(self.data.train, config.batch_size, config.seq_len,
-                               seed=config.seed)
         self._start()
         self._train_step = self._compile_step()
 
@@ -176,32 +229,30 @@ class QATTrainer(TrainLoop):
                                           cross_entropy)
 
         @partial(mx.compile, inputs=state, outputs=state)
-        def step(inputs, targets):
-            loss, grads = loss_and_grad(model, inputs, targets)
+        def step(inputs, targets, mask):
+            loss, grads = loss_and_grad(model, inputs, targets, mask)
             optimizer.update(model, grads)
             return loss
 
         return step
 
     def train_step(self) -> dict[str, float]:
-        inputs, targets = next(self.batches)
+        inputs, targets, mask = self.data.next_batch()
         if self.teacher is not None:  # the float model's logits are the targets
             targets = mx.stop_gradient(self.teacher(inputs))
-        loss = self._train_step(inputs, targets)
+        loss = self._train_step(inputs, targets, mask)
         mx.eval(loss, self.model.state, self.optimizer.state)
         return {"loss": loss.item(), "tokens": self.tokens_per_step}
 
     def eval_metrics(self) -> dict[str, float]:
-        c = self.config
-        loss = held_out_loss(self.model, self.data.valid, c.batch_size, c.seq_len,
-                             c.eval_batches)
+        loss = held_out_loss(self.model, self.data, self.config.eval_batches)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"data": self.batches.state_dict()}
+        return {"data": self.data.train.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.batches.load_state_dict(state["data"])
+        self.data.train.load_state_dict(state["data"])
 
     def finish(self) -> None:
         """Export the real quantized model and write it into ``out_dir``."""
