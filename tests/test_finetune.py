@@ -515,3 +515,20 @@ def test_norms_adapter_size_on_the_demo_model():
     total = counts["all"][1]
     assert counts["gains"][0] == (8 * 4 + 2) * 256 and counts["all"][0] == 3 * 34 * 256
     assert counts["gains"][0] / total < 0.001 < counts["all"][0] / total
+
+
+def test_finetune_command_runs_and_resumes_with_more_steps(setup, tmp_path, capsys):
+    common = ["--model", setup / "base", "--data", setup / "data", "--no-progress",
+              "--out", tmp_path / "run", "--eval-batches", 1]
+    proc = run_in_process(capsys, "finetune", *common, "--mode", "norms", "--steps", 2)
+    assert proc.returncode == 0, proc.stderr
+    assert "norms: training" in proc.stdout and "mlx-localnorm fuse" in proc.stdout
+    proc = run_in_process(capsys, "finetune", "--out-dir", tmp_path / "run", "--resume",
+                          "--steps", 3, "--mode", "lora")
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "mode cannot change in a resumed run")
+    proc = run_in_process(capsys, "finetune", "--out-dir", tmp_path / "run", "--resume",
+                          "--steps", 3)
+    assert proc.returncode == 0, proc.stderr
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert steps == [1, 2, 3]
