@@ -274,6 +274,24 @@ def test_traffic_near_the_minimum_and_below_the_unfused_sequence(kind, dtype):
     assert bwd <= 0.70 * moved["unfused"][1], f"backward {bwd / moved['unfused'][1]:.3f}x"
 
 
+def test_bench_rows_compare_fused_and_unfused():
+    from mlx_localnorm.bench.kernels import norm_add_norm_rows
+
+    rows = {(r["kernel"], r["pass"]): r for r in norm_add_norm_rows(128, 64, "float32")}
+    assert len(rows) == 8
+    for kind in ("seednorm", "rms_norm"):
+        for pass_name, tensors in (("forward", (4, 7)), ("backward", (6, 9))):
+            fused = rows[(f"{kind} add norm (fused)", pass_name)]
+            unfused = rows[(f"{kind} add norm (unfused)", pass_name)]
+            assert fused["min_bytes_per_element"] == unfused["min_bytes_per_element"]
+            assert fused["ratio"] >= 1.0
+            # float32 tensors of the fused op, and of the unfused passes (adds included)
+            assert fused["min_bytes_per_element"] >= 4 * tensors[0]
+            assert unfused["bytes_per_element"] >= 4 * tensors[1]
+    assert rows[("seednorm add norm (fused)", "forward")]["launches"] == 1
+    assert rows[("seednorm add norm (unfused)", "backward")]["launches"] == 4
+
+
 # ----------------------------------------------------------------- the Peri-LN model
 
 TINY = dict(vocab_size=32, hidden_size=40, num_hidden_layers=2, num_attention_heads=4,
