@@ -532,3 +532,38 @@ def test_finetune_command_runs_and_resumes_with_more_steps(setup, tmp_path, caps
     assert proc.returncode == 0, proc.stderr
     steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert steps == [1, 2, 3]
+
+
+def masked_nll64(logits, targets, mask) -> tuple[float, float]:
+    """(sum of -log p(target) over mask == 1, number of such tokens), in float64 NumPy."""
+    z = np.array(logits, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    picked = np.take_along_axis(logp, np.array(targets)[..., None], -1)[..., 0]
+    m = np.array(mask, np.float64)
+    return float(-(picked * m).sum()), float(m.sum())
+
+
+def test_step_and_validation_losses_are_masked_means(setup, tmp_path):
+    """The first step's loss and the validation loss, against float64 NumPy: the mean of
+    -log p over the unmasked (completion) tokens only, validation weighted by tokens."""
+    from mlx_localnorm.data.sft import SFTBatches, load_sft
+
+    config = run_config(setup, tmp_path / "run", mode="norms", eval_batches=100)
+    trainer = Finetuner(config)
+    data = load_sft(config.data, trainer.tokenizer)
+    inputs, targets, mask = next(SFTBatches(data.train, config.batch_size,
+                                            config.max_seq_len, seed=config.seed))
+    assert 0 < float(mask.sum()) < float((inputs != 0).sum())  # prompts are masked out
+    trainer.model.eval()
+    total, count = masked_nll64(trainer.model(inputs), targets, mask)
+    trainer.model.train()
+    record = trainer.train_step()
+    assert record["tokens"] == count
+    assert abs(record["loss"] - total / count) < 1e-5 * total / count
+
+    valid = SFTBatches(data.valid, min(config.batch_size, len(data.valid)),
+                       config.max_seq_len, shuffle=False)
+    sums = [masked_nll64(trainer.model(x), y, m) for x, y, m in valid.epoch_batches()]
+    want = sum(s for s, _ in sums) / sum(n for _, n in sums)
+    assert abs(trainer.eval_metrics()["val_loss"] - want) < 1e-5 * want
