@@ -567,3 +567,18 @@ def test_step_and_validation_losses_are_masked_means(setup, tmp_path):
     sums = [masked_nll64(trainer.model(x), y, m) for x, y, m in valid.epoch_batches()]
     want = sum(s for s, _ in sums) / sum(n for _, n in sums)
     assert abs(trainer.eval_metrics()["val_loss"] - want) < 1e-5 * want
+
+
+def test_full_finetune_of_ngpt_keeps_weights_on_the_sphere(setup, tmp_path):
+    """nGPT (arXiv 2410.01131): after full fine-tuning steps every embedding row and every
+    q_proj row (over the residual axis) still has unit norm."""
+    base = saved_localnorm(tmp_path, "ngpt", **NORM_MODELS["ngpt"])
+    trainer = Finetuner(run_config(setup, tmp_path / "run", model=str(base), mode="full",
+                                   steps=2, eval_every=0))
+    trainer.run()
+    weights = numpy_params(trainer.model)
+    assert not np.array_equal(weights["model.embed_tokens.weight"],
+                              numpy_params(load(base))["model.embed_tokens.weight"])
+    for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight"):
+        norms = np.linalg.norm(weights[name].astype(np.float64), axis=-1)
+        np.testing.assert_allclose(norms, 1.0, atol=1e-5)
