@@ -12,11 +12,11 @@ import importlib
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx import nn
 from mlx.utils import tree_flatten
-from test_kernels import TOL, assert_close, cast, f64, ref_seednorm, run_vjp
+from test_kernels import assert_close, cast, f64, ref_seednorm, run_vjp
 
 import mlx_localnorm  # noqa: F401  (first: swaps MLX's CPU BLAS before mlx.core loads)
 from mlx_localnorm import kernels, placements
@@ -60,6 +60,11 @@ def inputs(rows, dims, dtype, kind, seed=0):
     return primals, cotangents, [f64(v) for v in primals], [f64(v) for v in cotangents]
 
 
+def flat(result):
+    """outputs + gradients of run_vjp, as one list."""
+    return result[0] + result[1]
+
+
 def fused_fn(backend, n, out_eps=EPS_OUT, in_eps=EPS_IN, **kw):
     def fn(b, x, *p):
         return kernels.norm_add_norm(b, x, p[:n], p[n:], out_eps, in_eps, backend=backend, **kw)
@@ -83,8 +88,8 @@ def check(rows, dims, dtype, kind, dot_scale="none", seed=0):
         for name, got, ref in zip(["h", "y"] + NAMES[n], outs + grads, outs_ref + grads_ref):
             assert got.dtype == primals[0 if name in ("h", "y", "db", "dx") else 2].dtype
             assert_close(got, ref, dtype, f"{kind} {name} ({backend})")
-    for name, got, twin in zip(["h", "y"] + NAMES[n], sum(results["emulate"], []),
-                               sum(results["ops"], [])):
+    for name, got, twin in zip(["h", "y"] + NAMES[n], flat(results["emulate"]),
+                               flat(results["ops"])):
         assert_close(got, f64(twin), dtype, f"{kind} {name} kernel vs ops twin", factor=2)
 
 
@@ -108,7 +113,7 @@ def test_values_and_gradients_match_float64(rows, dims, dtype, kind):
 def test_h_adds_the_branch_norm_rounded_to_the_dtype(kind, dtype):
     """h = x + y1 with y1 rounded to the dtype first, as the unfused modules return it: equal
     to that rounded sum but for rare ties (adding the unrounded y1 changes about 28%)."""
-    primals, cots, p64, c64 = inputs(16, 1030, dtype, kind, seed=4)
+    primals, _, p64, c64 = inputs(16, 1030, dtype, kind, seed=4)
     n = (len(primals) - 2) // 2
     (h_ref, _), _ = ref_norm_add_norm(p64[0], p64[1], p64[2:2 + n], p64[2 + n:], *c64)
     expected = primals[1] + cast(h_ref - p64[1], dtype)  # x + y1, each rounded to the dtype
@@ -140,25 +145,25 @@ def test_frozen_parameters_get_zero_gradients_and_no_partials(kind, dims, dtype,
     assert all(buf.name != "param_partials" for s in launches for buf in s.buffers)
 
 
-def test_second_order_gradients_match_the_ops_twin():
+def second_order(primals, c, backend):
+    """d/dprimals of |d<(h, y), c>/d(b, x)|^2."""
+    fn = fused_fn(backend, (len(primals) - 2) // 2)
+
+    def first(*p):
+        return mx.grad(lambda b, x: sum((o * c).sum() for o in fn(b, x, *p[2:])),
+                       argnums=(0, 1))(*p[:2])
+
+    return mx.grad(lambda *p: sum((g * g).sum() for g in first(*p)),
+                   argnums=tuple(range(len(primals))))(*primals)
+
+
+@pytest.mark.parametrize("kind", ["seednorm", "rmsnorm"])
+def test_second_order_gradients_match_the_ops_twin(kind):
     """The backward kernel's own VJP differentiates the ops twin's VJP."""
-    for kind in ("seednorm", "rmsnorm"):
-        primals, cots, _, _ = inputs(5, 40, "float32", kind, seed=9)
-        n = (len(primals) - 2) // 2
-        c = mx.random.normal(primals[0].shape, key=mx.random.key(1))
-
-        def second(backend):
-            fn = fused_fn(backend, n)
-
-            def first(*p):
-                return mx.grad(lambda b, x: sum(((o * c).sum() for o in fn(b, x, *p[2:]))),
-                               argnums=(0, 1))(*p[:2])
-
-            return mx.grad(lambda *p: sum((g * g).sum() for g in first(*p)),
-                           argnums=tuple(range(len(primals))))(*primals)
-
-        for got, twin in zip(second("emulate"), second("ops")):
-            assert_close(got, f64(twin), "float32", f"{kind} second order", factor=5)
+    primals, _, _, _ = inputs(5, 40, "float32", kind, seed=9)
+    c = mx.random.normal(primals[0].shape, key=mx.random.key(1))
+    for got, twin in zip(second_order(primals, c, "emulate"), second_order(primals, c, "ops")):
+        assert_close(got, f64(twin), "float32", f"{kind} second order", factor=5)
 
 
 def test_ops_backend_is_the_unfused_sequence():
@@ -196,9 +201,9 @@ def test_too_wide_rows_fall_back_to_the_ops_twin_once_with_a_warning(monkeypatch
 
     monkeypatch.setenv(MAX_THREADS_ENV, "64")  # register tiles of 64 threads cover 8192
     primals, _, p64, _ = inputs(2, 8196, "float32", "rmsnorm")
-    with pytest.warns(UserWarning, match="norm_add_norm: last axis 8196 is wider than 8192"):
-        with kernels.record_traffic() as launches:
-            h, y = fused_fn("emulate", 1)(*primals)
+    with pytest.warns(UserWarning, match="norm_add_norm: last axis 8196 is wider than 8192"), \
+            kernels.record_traffic() as launches:
+        _, y = fused_fn("emulate", 1)(*primals)
     assert not launches
     zero = np.zeros((2, 8196))
     outs_ref, _ = ref_norm_add_norm(*p64[:2], p64[2:3], p64[3:], zero, zero)
@@ -230,7 +235,7 @@ def test_kernels_agree_under_several_thread_schedules(kind, three_schedules):
     n = (len(primals) - 2) // 2
     emu = run_vjp(fused_fn("emulate", n), primals, cots)
     ops = run_vjp(fused_fn("ops", n), primals, cots)
-    for got, twin in zip(sum(emu, []), sum(ops, [])):
+    for got, twin in zip(flat(emu), flat(ops)):
         assert_close(got, f64(twin), "float32", kind, factor=2)
 
 
@@ -245,7 +250,7 @@ def test_traffic_near_the_minimum_and_below_the_unfused_sequence(kind, dtype):
     the add of h's two cotangents, N_out's backward), 0.667x; asserted <= 0.70x."""
     rows, dims = 8192, 256
     primals, cots, _, _ = inputs(rows, dims, dtype, kind)
-    b, x, *p = primals
+    b, _, *p = primals
     n = len(p) // 2
     t, vec = b.nbytes, p[0].nbytes
 
@@ -294,8 +299,8 @@ def test_bench_rows_compare_fused_and_unfused():
 
 # ----------------------------------------------------------------- the Peri-LN model
 
-TINY = dict(vocab_size=32, hidden_size=40, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, intermediate_size=64)
+TINY = {"vocab_size": 32, "hidden_size": 40, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 64}
 
 
 def perturbed_model(placement, norm, options):
