@@ -171,6 +171,7 @@ def test_full_mode_trains_everything():
     (dict(mode="norms", num_layers=1), "apply to lora and dora only"),
     (dict(mode="full", lora_parameters={"rank": 4}), "apply to lora and dora only"),
     (dict(mode="norms", norm_params="alpha"), "norm_params must be one of"),
+    (dict(mode="lora", norm_params="gains"), "norm_params applies to mode 'norms' only"),
 ])
 def test_bad_mode_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -109,6 +109,9 @@ def apply_mode(model: nn.Module, mode: str, num_layers: int | None = None,
     if mode not in ("lora", "dora") and (num_layers is not None or lora_parameters):
         raise ValueError(f"num_layers and the LoRA parameters apply to lora and dora only, "
                          f"got them for mode {mode!r}")
+    if mode != "norms" and norm_params != "all":
+        raise ValueError(f"norm_params applies to mode 'norms' only, got {norm_params!r} for "
+                         f"mode {mode!r}")
     if num_layers is None:
         num_layers = blocks
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not (
