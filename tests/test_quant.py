@@ -445,6 +445,14 @@ def test_qat_command_writes_a_model_mlx_lm_runs_and_prints_the_table(tmp_path, c
     assert type(loaded.model.embed_tokens) is nn.QuantizedEmbedding
     assert len(mlx_lm.generate(loaded, tokenizer, prompt="w1", max_tokens=3).split()) == 3
     assert (out / "loss.png").is_file() and (out / "metrics.jsonl").is_file()
+    # a finished run resumed: nothing to train, the same model exported again
+    before = (out / "model.safetensors").read_bytes()
+    assert main(["--out", str(out), "--resume", "--no-compare"]) == 0
+    assert (out / "model.safetensors").read_bytes() == before
+    assert main(["--out", str(tmp_path / "nothing"), "--resume"]) == 2
+    assert "train_config.json does not exist" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "x")]) == 2
+    assert "--model is required" in capsys.readouterr().err
 
 
 def test_qat_resume_continues_exactly(tmp_path):

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kind = _optional_str if f.type == "str | None" else _TYPES[f.type]
             parser.add_argument(*flags, dest=f.name, type=kind, help=help_text,
-                                required=f.name == "model", metavar=f.name.upper())
+                                metavar=f.name.upper())
     parser.add_argument("--resume", action="store_true", help="continue the run(s) in --out "
                         "from the newest checkpoint (with their saved settings)")
     parser.add_argument("--quick", action="store_true", help="a small setting to check the "

@@ -1,6 +1,6 @@
 """Quantization-aware fine-tuning: ``QATTrainer(config).run()`` loads a float model,
-swaps in fake-quantized layers (``prepare_qat``), trains them on held-out-split text with
-cross-entropy or distillation from the float model's logits, and writes the exported
+swaps in fake-quantized layers (``prepare_qat``), trains them on a text corpus or mlx-lm
+fine-tuning JSONL with cross-entropy or distillation from the float model's logits, and writes the exported
 quantized model into ``out_dir`` (``mlx_lm.load`` reads it). It runs in the shared
 :class:`~mlx_localnorm.train.loop.TrainLoop`: progress bar, metrics, loss plot, Ctrl-C
 checkpoint and exact resume.
@@ -86,7 +86,8 @@ class QATConfig:
         for name in ("warmup_steps", "eval_every", "save_every", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"qat: {name} must be >= 0, got {getattr(self, name)}")
-        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0
+        if isinstance(self.learning_rate, bool) or not (
+                isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0
                 and math.isfinite(self.learning_rate)):
             raise ValueError(f"qat: learning_rate must be a positive number, got "
                              f"{self.learning_rate!r}")
