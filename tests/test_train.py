@@ -591,6 +591,13 @@ def test_run_directory_rules(prepared, tmp_path):
         resume_config(tmp_path / "nowhere")
 
 
+def test_metrics_file_is_readable_by_others_like_any_result(tmp_path):
+    from mlx_localnorm.train.metrics import MetricsLog
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.log({"step": 1, "loss": 2.0})
+    assert (tmp_path / "metrics.jsonl").stat().st_mode & 0o044 == 0o044
+
+
 def test_a_failed_metrics_rewrite_leaves_no_temporary_file(tmp_path, monkeypatch):
     from mlx_localnorm.train.metrics import MetricsLog
     path = tmp_path / "metrics.jsonl"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from ..data._io import atomic_open
 
 
 class MetricsLog:
@@ -24,15 +25,9 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def _rewrite(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.records)
-            os.replace(tmp, self.path)
-        except BaseException:
-            os.unlink(tmp)  # a full disk or Ctrl-C leaves the old file and no stray copy
-            raise
+        # A full disk or Ctrl-C leaves the old file and no stray copy.
+        with atomic_open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.records)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
