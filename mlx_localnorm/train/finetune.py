@@ -13,7 +13,6 @@ end ``out_dir`` holds ``adapter_config.json`` and ``adapters.safetensors``:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,7 +28,7 @@ from mlx.optimizers import clip_grad_norm
 
 from ..data.sft import INSTRUCT_DIR, SFTBatches, load_sft, masked_cross_entropy
 from .adapters import MODES, NORM_PARAMS, apply_mode, parameter_counts, save_adapter
-from .loop import CONFIG_FILE, TrainLoop
+from .loop import TrainLoop, saved_config
 from .model_dir import load_model_dir
 from .schedule import lr_schedule
 
@@ -182,19 +181,7 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
 def resume_config(out_dir: str | Path, overrides: dict[str, Any] | None = None
                   ) -> FinetuneConfig:
     """The saved config of the run in ``out_dir``, with the allowed ``overrides`` applied."""
-    path = Path(out_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: {path} does not exist; is {out_dir} a fine-tuning "
-                                "run directory? Start a run without --resume first")
-    saved = json.loads(path.read_text())
-    saved["out_dir"] = str(out_dir)
-    for key, value in (overrides or {}).items():
-        if key in saved and saved[key] != value and key not in RESUMABLE_CHANGES:
-            raise ValueError(f"--resume: {key} cannot change in a resumed run (saved "
-                             f"{saved[key]!r}, given {value!r}); only "
-                             f"{', '.join(RESUMABLE_CHANGES)} can")
-        saved[key] = value
-    return FinetuneConfig.from_dict(saved, where=str(path))
+    return saved_config(FinetuneConfig, out_dir, overrides, RESUMABLE_CHANGES)
 
 
 def _loss(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array) -> mx.array:

@@ -34,6 +34,25 @@ from .metrics import MetricsLog, plot_metrics
 CONFIG_FILE = "train_config.json"
 
 
+def saved_config(config_cls: type, out_dir: str | Path, overrides: dict[str, Any] | None,
+                 resumable: tuple[str, ...]):
+    """The config a run saved in ``out_dir`` (a ``config_cls``), with ``overrides`` applied;
+    only the fields in ``resumable`` may differ from the saved values."""
+    path = Path(out_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} does not exist; is {out_dir} a run "
+                                "directory? Start a run without --resume first")
+    saved = json.loads(path.read_text())
+    saved["out_dir"] = str(out_dir)
+    for key, value in (overrides or {}).items():
+        if key in saved and saved[key] != value and key not in resumable:
+            raise ValueError(f"--resume: {key} cannot change in a resumed run (saved "
+                             f"{saved[key]!r}, given {value!r}); only "
+                             f"{', '.join(resumable)} can")
+        saved[key] = value
+    return config_cls.from_dict(saved, where=str(path))
+
+
 class TrainLoop:
     """One training run's loop (see the module docstring)."""
 

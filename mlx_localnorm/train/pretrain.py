@@ -11,7 +11,6 @@ processes and gradients are averaged (data parallel); rank 0 writes all files.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from functools import partial
@@ -28,7 +27,7 @@ from ..data import Batches, prepare_data
 from ..models import Model, save_model
 from ..optim import make_optimizer
 from .config import RESUMABLE_CHANGES, PretrainConfig
-from .loop import CONFIG_FILE, TrainLoop
+from .loop import TrainLoop, saved_config
 from .schedule import lr_schedule
 
 # Peak learning rates when the config leaves it unset.
@@ -39,19 +38,7 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 def resume_config(out_dir: str | Path, overrides: dict[str, Any] | None = None) -> PretrainConfig:
     """The saved config of the run in ``out_dir``, with the allowed ``overrides`` applied."""
-    path = Path(out_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: {path} does not exist; is {out_dir} a run "
-                                "directory? Start a run without --resume first")
-    saved = json.loads(path.read_text())
-    saved["out_dir"] = str(out_dir)
-    for key, value in (overrides or {}).items():
-        if key in saved and saved[key] != value and key not in RESUMABLE_CHANGES:
-            raise ValueError(f"--resume: {key} cannot change in a resumed run (saved "
-                             f"{saved[key]!r}, given {value!r}); only "
-                             f"{', '.join(RESUMABLE_CHANGES)} can")
-        saved[key] = value
-    return PretrainConfig.from_dict(saved, where=str(path))
+    return saved_config(PretrainConfig, out_dir, overrides, RESUMABLE_CHANGES)
 
 
 def make_training_optimizer(config: PretrainConfig, model: nn.Module):
