@@ -58,6 +58,8 @@ def _family_row(family: Family, scratch: Path, out_dir: Path, seeds: tuple[int, 
     (cpu_a, wall_a), (cpu_b, wall_b) = (timed(full, n, scratch / str(n), out_dir)
                                         for n in (short, long))
     step, wall_step = (cpu_b - cpu_a) / (long - short), (wall_b - wall_a) / (long - short)
+    if step <= 0:  # timing noise larger than the extra steps: count the whole run as steps
+        step, wall_step = cpu_b / long, wall_b / long
     overhead = max(0.0, cpu_a - short * step)
     wall_overhead = max(0.0, wall_a - short * wall_step)
     steps = full.total_steps if family.kind == "lm" else full.steps
