@@ -492,7 +492,9 @@ def test_bench_kernels(bench):
     traffic = {(r["kernel"], r["pass"]): r for r in tables["kernels_traffic.csv"]}
     assert {k for k, _ in traffic} == {"seednorm", "seednorm, 8 heads", "seednorm, frozen",
                                        "seednorm + residual", "rms_norm",
-                                       "patchnorm k=4 (fused division)"}
+                                       "patchnorm k=4 (fused division)"} | {
+        f"{norm} add norm ({how})" for norm in ("seednorm", "rms_norm")
+        for how in ("fused", "unfused")}
     # rms_norm forward must read x (4 bytes), write y (4 bytes) and read the 64 weights once.
     assert float(traffic["rms_norm", "forward"]["min_bytes_per_element"]) == pytest.approx(
         (2 * 4 * 64 * 4 + 64 * 4) / (4 * 64))
