@@ -291,3 +291,11 @@ def test_estimate_times_each_family_and_writes_its_csv(prepared, tmp_path):
     header = (out / "estimate.csv").read_text().splitlines()[0]
     assert tuple(header.split(",")) == COLUMNS
     assert not list(out.glob(".estimate-*"))  # the scratch runs are gone
+
+
+def test_estimate_splits_step_and_fixed_seconds():
+    from mlx_localnorm.study.estimate import _split
+
+    assert _split(2.0, 5.0, 3, 9) == pytest.approx((0.5, 0.5))
+    step, fixed = _split(5.0, 4.0, 3, 9)  # noise: the longer run was faster
+    assert step == pytest.approx(4.0 / 9) and fixed == pytest.approx(5.0 - 3 * 4.0 / 9)

@@ -57,11 +57,8 @@ def _family_row(family: Family, scratch: Path, out_dir: Path, seeds: tuple[int, 
     timed(full, 1, scratch / "warm", out_dir)
     (cpu_a, wall_a), (cpu_b, wall_b) = (timed(full, n, scratch / str(n), out_dir)
                                         for n in (short, long))
-    step, wall_step = (cpu_b - cpu_a) / (long - short), (wall_b - wall_a) / (long - short)
-    if step <= 0:  # timing noise larger than the extra steps: count the whole run as steps
-        step, wall_step = cpu_b / long, wall_b / long
-    overhead = max(0.0, cpu_a - short * step)
-    wall_overhead = max(0.0, wall_a - short * wall_step)
+    step, overhead = _split(cpu_a, cpu_b, short, long)
+    wall_step, wall_overhead = _split(wall_a, wall_b, short, long)
     steps = full.total_steps if family.kind == "lm" else full.steps
     evals = (steps // full.eval_every if full.eval_every else 1) * getattr(
         full, "eval_batches", 3) / 3  # vision: the test set, about 3 batches' work
@@ -72,6 +69,15 @@ def _family_row(family: Family, scratch: Path, out_dir: Path, seeds: tuple[int, 
             "cpu_family_s": runs * per_run, "wall_step_s": wall_step,
             "wall_family_s": runs * (wall_overhead + (steps + evals) * wall_step),
             "load_avg": os.getloadavg()[0]}
+
+
+def _split(seconds_short: float, seconds_long: float, short: int, long: int
+           ) -> tuple[float, float]:
+    """(seconds per step, fixed seconds per run) from runs of ``short`` and ``long`` steps."""
+    step = (seconds_long - seconds_short) / (long - short)
+    if step <= 0:  # timing noise larger than the extra steps: count the whole run as steps
+        step = seconds_long / long
+    return step, max(0.0, seconds_short - short * step)
 
 
 def _timed(fn) -> tuple[float, float]:
