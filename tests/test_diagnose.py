@@ -1,7 +1,9 @@
 """Per-layer diagnostics: each statistic against float64 NumPy on hand-made cases, and the
 hooks read the hidden states where the docs say (blocks replaced by known maps)."""
 
+import json
 import math
+import shutil
 
 import mlx_localnorm as ln
 import mlx.core as mx
@@ -211,7 +213,7 @@ def test_the_init_model_is_the_runs_step_zero_model(run_dir):
     subject = dg.load_subject(run_dir)
     mx.random.seed(3)  # the run's seed, then the model, as the trainer does
     config = ln.train.PretrainConfig.from_dict(
-        {**__import__("json").loads((run_dir / "train_config.json").read_text())})
+        json.loads((run_dir / "train_config.json").read_text()))
     fresh = ln.Model(config.model_args(512))
     for (k, a), (_, b) in zip(tree_flatten(subject.models["init"].parameters()),
                               tree_flatten(fresh.parameters())):
@@ -226,3 +228,16 @@ def test_diagnose_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "neither a run directory" in err
     assert main(["diagnose", str(tmp_path), "--seq-len", "1"]) == 2
     assert "--seq-len must be >= 2" in capsys.readouterr().err
+
+
+def test_diagnose_an_mlx_lm_model_directory(run_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for path in run_dir.iterdir():  # the exported model without the run's files
+        if path.is_file() and (path.name.startswith(("config", "model", "tokenizer"))
+                               or path.suffix == ".py"):
+            shutil.copy(path, model_dir / path.name)
+    rows = dg.diagnose_dir(model_dir, batch_size=2, seq_len=16)
+    assert {r["stage"] for r in rows} == set(dg.STAGES)
+    assert {r["label"] for r in rows} == {"model"}
+    assert len([r for r in rows if r["metric"] == "speed"]) == 2 * 2
