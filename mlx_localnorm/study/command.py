@@ -16,7 +16,8 @@ PROG = "mlx-localnorm study"
 
 
 def build_parser() -> OneLineParser:
-    parser = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog=PROG, description="Run a grid of pre-training (and conv "
+                           "classifier) runs, resumably; write results.csv, tables and plots.")
     parser.add_argument("--grid", required=True, help="grid file (TOML or JSON)")
     parser.add_argument("--out", default="runs/study",
                         help="study directory: runs/, results.csv, plots (default: runs/study)")
