@@ -56,7 +56,9 @@ def test_grid_from_toml_and_json_are_the_same(tmp_path):
     (lambda g: g["family"]["pre"].update(learning_rate=0.1), r"\[family.pre\]: learning_rate .*"
                                                                r"learning_rates"),
     (lambda g: g["family"]["pre"].update(learning_rates=[0.1, 0]),
-     r"\[family.pre\]: learning_rates must be a non-empty list of numbers > 0"),
+     r"\[family.pre\]: learning_rates must be a non-empty list of distinct numbers > 0"),
+    (lambda g: g["family"]["pre"].update(learning_rates=[0.1, 0.1]),
+     r"\[family.pre\]: learning_rates must be .*distinct"),
     (lambda g: g["family"]["pre"].pop("learning_rates"), r"\[family.pre\]: learning_rates"),
     (lambda g: g["family"]["pre"].update(kind="audio"), r"\[family.pre\]: kind must be one of"),
     (lambda g: g["family"]["pre"].update(kind="vision"), r"\[family.pre\]: VisionConfig: unknown"),

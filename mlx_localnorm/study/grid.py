@@ -153,9 +153,9 @@ def _family(name: str, spec: Any, bases: dict[str, dict], seed: int, where: str)
     rates = spec.get("learning_rates")
     if (not isinstance(rates, list) or not rates or not all(
             isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r)
-            and r > 0 for r in rates)):
-        raise ValueError(f"{where}: learning_rates must be a non-empty list of numbers > 0, "
-                         f"got {rates!r}")
+            and r > 0 for r in rates) or len(set(rates)) != len(rates)):
+        raise ValueError(f"{where}: learning_rates must be a non-empty list of distinct "
+                         f"numbers > 0, got {rates!r}")
     overrides = {k: v for k, v in spec.items() if k not in FAMILY_KEYS}
     _check_no_run_keys(overrides, where)
     family = Family(name, kind, GROUP_SEPARATOR.join(groups), tuple(float(r) for r in rates),
