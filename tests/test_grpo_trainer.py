@@ -97,6 +97,16 @@ def test_lora_leaves_the_reference_unchanged(base, tmp_path):
         np.testing.assert_array_equal(logits(trainer.model), logits(base_model))
 
 
+def test_full_weights_take_the_kl_to_a_frozen_copy(base, tmp_path):
+    trainer = GRPOTrainer(config(base, tmp_path / "run", mode="full", beta=0.1))
+    trainer.run()
+    base_model, _ = load(str(base), trust_remote_code=True)
+    assert np.abs(logits(trainer.model) - logits(base_model)).max() > 1e-4
+    np.testing.assert_array_equal(logits(trainer.reference), logits(base_model))
+    kls = [r["kl"] for r in trainer.metrics.records if "kl" in r]
+    assert len(kls) == 3 and kls[0] == 0.0 and kls[-1] > 0.0
+
+
 # ---------------------------------------------------------------- exact resume
 
 
@@ -127,6 +137,21 @@ def test_each_step_has_its_own_prompts_and_seed(base, tmp_path):
     assert all(r["prompt"].endswith("=") for r in trainer.batch(3))
     seeds = {step_seed(seed, step) for seed in range(3) for step in range(50)}
     assert len(seeds) == 150  # seed + step would collide (seed 1, step 0 = seed 0, step 1)
+
+
+def test_step_s_trains_on_the_prompts_of_seed_s(base, tmp_path, monkeypatch):
+    from mlx_localnorm.rl import trainer as module
+
+    seen, original = [], module.grpo_step
+
+    def spy(model, optimizer, tokenizer, records, *args, **kwargs):
+        seen.append([r["prompt"] for r in records])
+        return original(model, optimizer, tokenizer, records, *args, **kwargs)
+
+    monkeypatch.setattr(module, "grpo_step", spy)
+    GRPOTrainer(config(base, tmp_path / "run", seed=7)).run()
+    assert seen == [[r["prompt"] for r in rl.tasks.make_prompts("add", 2, seed=step_seed(7, s))]
+                    for s in range(3)]
 
 
 def test_prompt_batches_go_through_each_epoch_in_a_seeded_order():
