@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._argparse import OneLineParser
-from ..train.command import _fail, _io_error, _parser_for
-from ..train.loop import CONFIG_FILE
+from ..train.command import fail, flag_type, io_error
+from ..train.loop import saved_config
 from .config import RESUMABLE_CHANGES, GRPOConfig
 from .rewards import RewardError
 
@@ -43,25 +43,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=_parser_for(f.type), help=help_text,
+            parser.add_argument(flag, dest=f.name, type=flag_type(f.type), help=help_text,
                                 metavar=f.name.upper())
     return parser
 
 
 def resume_config(out_dir: str | Path, overrides: dict[str, Any]) -> GRPOConfig:
     """The saved config of the run in ``out_dir`` with the allowed ``overrides``."""
-    path = Path(out_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: {path} does not exist; is {out_dir} a grpo run "
-                                "directory? Start a run without --resume first")
-    saved = {**json.loads(path.read_text()), "out_dir": str(out_dir)}
-    changed = sorted(k for k, v in overrides.items()
-                     if k in saved and saved[k] != v and k not in RESUMABLE_CHANGES)
-    if changed:
-        raise ValueError(f"--resume: {changed[0]} cannot change in a resumed run (saved "
-                         f"{saved[changed[0]]!r}, given {overrides[changed[0]]!r}); only "
-                         f"{', '.join(RESUMABLE_CHANGES)} can")
-    return GRPOConfig.from_dict({**saved, **overrides}, where=str(path))
+    return saved_config(GRPOConfig, out_dir, overrides, RESUMABLE_CHANGES)
 
 
 def parse_config(argv: list[str] | None) -> tuple[GRPOConfig, bool]:
@@ -106,19 +95,19 @@ def main(argv: list[str] | None = None) -> int:
         config, resume = parse_config(argv)
         reward = make_reward(config)
     except (ValueError, TypeError, OSError) as err:  # flags, saved config, reward spec
-        return _fail(PROG, err, status=2)
+        return fail(PROG, err, status=2)
     try:
         trainer = GRPOTrainer(config, resume=resume, reward=reward)
     except KeyboardInterrupt as stop:  # during the warm-up, which says how to go on
         print(f"{PROG}: {stop}", file=sys.stderr)
         return 130
     except (ValueError, TypeError) as err:  # prompts, model, run directory, checkpoint
-        return _fail(PROG, err)
+        return fail(PROG, err)
     except (OSError, RuntimeError) as err:
-        return _fail(PROG, _io_error(err, config.out_dir))
+        return fail(PROG, io_error(err, config.out_dir))
     try:
         return run(trainer)
     except (RewardError, FloatingPointError) as err:
-        return _fail(PROG, err)
+        return fail(PROG, err)
     except (OSError, RuntimeError) as err:
-        return _fail(PROG, _io_error(err, config.out_dir))
+        return fail(PROG, io_error(err, config.out_dir))

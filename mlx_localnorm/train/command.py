@@ -28,7 +28,7 @@ _SCALARS = {"int": int, "float": float, "str": str}
 _MLX_WRITE_ERRORS = ("[write]", "[save")
 
 
-def _parser_for(annotation: str):
+def flag_type(annotation: str):
     """An argparse ``type`` for a field annotation such as ``int``, ``float | None`` or ``dict``."""
     base, optional = field_type(annotation)
 
@@ -64,7 +64,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=_parser_for(f.type), help=help_text,
+            parser.add_argument(flag, dest=f.name, type=flag_type(f.type), help=help_text,
                                 metavar=f.name.upper())
     return parser
 
@@ -125,22 +125,22 @@ def main(argv: list[str] | None = None, defaults: dict[str, Any] | None = None,
                   f"{config.out_dir} to start over)")
             config, resume = parse_config([*argv, "--resume"], defaults, prog)
     except (ValueError, TypeError, OSError) as err:  # flags, config file, run to resume
-        return _fail(prog, err, status=2)
+        return fail(prog, err, status=2)
     try:
         trainer = Pretrainer(config, resume=resume)
     except (ValueError, TypeError) as err:  # corpus, run directory or checkpoint
-        return _fail(prog, err)
+        return fail(prog, err)
     except (OSError, RuntimeError) as err:
-        return _fail(prog, _io_error(err, config.out_dir))
+        return fail(prog, io_error(err, config.out_dir))
     try:
         return run(trainer)
     except FloatingPointError as err:  # a diverged loss; the message says what to change
-        return _fail(prog, err)
+        return fail(prog, err)
     except (OSError, RuntimeError) as err:
-        return _fail(prog, _io_error(err, config.out_dir))
+        return fail(prog, io_error(err, config.out_dir))
 
 
-def _io_error(err: OSError | RuntimeError, out_dir: str) -> str:
+def io_error(err: OSError | RuntimeError, out_dir: str) -> str:
     """A failed read or write in one line, naming the run directory if the error names no
     file; any other RuntimeError is a bug and is raised again."""
     if isinstance(err, RuntimeError):
@@ -152,6 +152,6 @@ def _io_error(err: OSError | RuntimeError, out_dir: str) -> str:
     return f"writing into {out_dir} failed: {err.strerror}"
 
 
-def _fail(prog: str, error: BaseException | str, status: int = 1) -> int:
+def fail(prog: str, error: BaseException | str, status: int = 1) -> int:
     print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
     return status

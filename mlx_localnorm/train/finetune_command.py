@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .._argparse import OneLineParser
-from .command import _fail, _io_error, _parser_for
+from .command import fail, flag_type, io_error
 from .finetune import FinetuneConfig, resume_config
 
 PROG = "mlx-localnorm finetune"
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
                                 help=help_text)
         else:
-            parser.add_argument(*flags, dest=f.name, type=_parser_for(f.type), help=help_text,
+            parser.add_argument(*flags, dest=f.name, type=flag_type(f.type), help=help_text,
                                 metavar=f.name.upper())
     return parser
 
@@ -54,22 +54,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, resume = parse_config(argv)
     except (ValueError, TypeError, OSError) as err:  # flags, saved config of a resumed run
-        return _fail(PROG, err, status=2)
+        return fail(PROG, err, status=2)
     try:
         trainer = Finetuner(config, resume=resume)
     except (ValueError, TypeError) as err:  # model, data, adapter, run directory, checkpoint
-        return _fail(PROG, err)
+        return fail(PROG, err)
     except (OSError, RuntimeError) as err:
-        return _fail(PROG, _io_error(err, config.out_dir))
+        return fail(PROG, io_error(err, config.out_dir))
     if trainer.is_main:
         print(f"{config.mode}: training {trainer.trainable:,} of {trainer.total:,} parameters "
               f"({100 * trainer.trainable / trainer.total:.3g}%)")
     try:
         summary = trainer.run()
     except FloatingPointError as err:
-        return _fail(PROG, err)
+        return fail(PROG, err)
     except (OSError, RuntimeError) as err:
-        return _fail(PROG, _io_error(err, config.out_dir))
+        return fail(PROG, io_error(err, config.out_dir))
     if trainer.is_main:
         report(config, summary)
     return 0
