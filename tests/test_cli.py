@@ -163,7 +163,7 @@ def test_config_is_validated_in_the_api_too():
         PretrainConfig(learning_rate=0)
     with pytest.raises(TypeError, match=r"norm must be a string, got 3"):
         PretrainConfig(norm=3)
-    with pytest.raises(TypeError, match=r"progress must be a bool, got 'yes'"):
+    with pytest.raises(TypeError, match=r"progress must be True or False, got 'yes'"):
         PretrainConfig(progress="yes")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..train.adapters import MODES
-from ..train.config import field_type
+from ..train.config import check_field_types
 from ..train.schedule import lr_schedule
 from .step import PRESETS, GRPOOptions
 from .tasks import TASKS
@@ -22,8 +22,6 @@ OPTION_OVERRIDES = ("advantage", "ratio", "normalize", "eps_low", "eps_high", "b
 # Fields a resumed run may change; everything else must match the saved config.
 RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "keep_checkpoints", "log_every",
                      "progress")
-_TYPES = {"int": (int, "an int"), "float": ((int, float), "a number"), "str": (str, "a string"),
-          "bool": (bool, "True or False"), "dict": (dict, "a JSON object")}
 
 
 def _help(text: str, **kw) -> Any:
@@ -125,17 +123,7 @@ class GRPOConfig:
         self.options()  # GRPOOptions checks the algorithm's fields
 
     def _check_types(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            base, optional = field_type(f.type)
-            if value is None and optional:
-                continue
-            if isinstance(value, bool) != (base == "bool") or not isinstance(
-                    value, _TYPES[base][0]):
-                expected = _TYPES[base][1] + (" or None" if optional else "")
-                raise TypeError(f"GRPOConfig: {f.name} must be {expected}, got {value!r}")
-            if base == "float" and not math.isfinite(value):
-                raise ValueError(f"GRPOConfig: {f.name} must be a finite number, got {value!r}")
+        check_field_types(self, "GRPOConfig")
 
     def _check_sources(self) -> None:
         owner = "GRPOConfig"

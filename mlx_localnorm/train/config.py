@@ -32,11 +32,28 @@ RESUMABLE_CHANGES = ("steps", "tokens", "eval_every", "save_every", "keep_checkp
 
 # A field's annotation -> (accepted types, how an error message names them).
 _TYPES = {"int": (int, "an int"), "float": ((int, float), "a number"), "str": (str, "a string"),
-          "bool": (bool, "a bool"), "dict": (dict, "a JSON object")}
+          "bool": (bool, "True or False"), "dict": (dict, "a JSON object")}
 
 
 def _help(text: str, **kw) -> Any:
     return field(metadata={"help": text}, **kw)
+
+
+def check_field_types(config: Any, owner: str) -> None:
+    """``TypeError`` unless every field of the dataclass ``config`` holds its annotated type
+    (``X | None`` may be None); ``ValueError`` for a float field that is not finite."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        base, optional = field_type(f.type)
+        if value is None and optional:
+            continue
+        # bool is an int to isinstance, but True is no step count
+        if isinstance(value, bool) != (base == "bool") or not isinstance(value, _TYPES[base][0]):
+            expected = _TYPES[base][1] + (" or None" if optional else "")
+            raise TypeError(f"{owner}: {f.name} must be {expected}, got {value!r} "
+                            f"({type(value).__name__})")
+        if base == "float" and not math.isfinite(value):
+            raise ValueError(f"{owner}: {f.name} must be a finite number, got {value!r}")
 
 
 def field_type(annotation: str) -> tuple[str, bool]:
@@ -163,20 +180,7 @@ class PretrainConfig:
             raise type(err)(f"PretrainConfig: the model settings do not fit: {err}") from None
 
     def _check_types(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            base, optional = field_type(f.type)
-            if value is None and optional:
-                continue
-            # bool is an int to isinstance, but True is no step count
-            if isinstance(value, bool) != (base == "bool") or not isinstance(
-                    value, _TYPES[base][0]):
-                expected = _TYPES[base][1] + (" or None" if optional else "")
-                raise TypeError(f"PretrainConfig: {f.name} must be {expected}, got {value!r} "
-                                f"({type(value).__name__})")
-            if base == "float" and not math.isfinite(value):
-                raise ValueError(f"PretrainConfig: {f.name} must be a finite number, got "
-                                 f"{value!r}")
+        check_field_types(self, "PretrainConfig")
 
     def _check_optimization(self) -> None:
         for name in ("learning_rate", "adamw_learning_rate"):

@@ -23,11 +23,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.nn.utils import average_gradients
-from mlx.optimizers import clip_grad_norm
 
 from ..data.sft import INSTRUCT_DIR, SFTBatches, load_sft, masked_cross_entropy
 from .adapters import MODES, NORM_PARAMS, apply_mode, parameter_counts, save_adapter
+from .config import check_field_types
 from .loop import TrainLoop, saved_config
 from .model_dir import load_model_dir
 from .schedule import lr_schedule
@@ -113,8 +112,7 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         """Check every field before any work (types, ranges, names)."""
-        for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type)
+        check_field_types(self, "FinetuneConfig")
         if not self.model:
             raise ValueError("FinetuneConfig: model must name a model directory (--model)")
         for name, choices in (("mode", MODES), ("norm_params", NORM_PARAMS),
@@ -161,21 +159,6 @@ class FinetuneConfig:
         if unknown:
             raise ValueError(f"{where}: unknown config field(s) {unknown}")
         return cls(**values)
-
-
-_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
-
-
-def _check_type(name: str, value: Any, annotation: str) -> None:
-    base, *rest = [p.strip() for p in annotation.split("|")]
-    if value is None and rest:
-        return
-    # bool is an int to isinstance, but True is no step count
-    if isinstance(value, bool) != (base == "bool") or not isinstance(value, _TYPES[base]):
-        raise TypeError(f"FinetuneConfig: {name} must be {base}{' or None' if rest else ''}, "
-                        f"got {value!r} ({type(value).__name__})")
-    if base == "float" and not math.isfinite(value):
-        raise ValueError(f"FinetuneConfig: {name} must be a finite number, got {value!r}")
 
 
 def resume_config(out_dir: str | Path, overrides: dict[str, Any] | None = None
@@ -225,13 +208,7 @@ class Finetuner(TrainLoop):
         @partial(mx.compile, inputs=state, outputs=state)
         def step(inputs, targets, mask):
             loss, grads = loss_and_grad(model, inputs, targets, mask)
-            if self.world > 1:
-                grads = average_gradients(grads, group=self.group)
-                loss = mx.distributed.all_sum(loss, group=self.group) / self.world
-            if config.grad_clip > 0:
-                grads, _ = clip_grad_norm(grads, config.grad_clip)
-            optimizer.update(model, grads)
-            return loss
+            return self.apply_gradients(loss, grads, config.grad_clip)
 
         return step
 

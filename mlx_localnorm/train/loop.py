@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from mlx.nn.utils import average_gradients
+from mlx.optimizers import clip_grad_norm
 from mlx.utils import tree_flatten
 
 from .checkpoint import (CheckpointError, list_checkpoints, load_checkpoint,
@@ -183,6 +185,17 @@ class TrainLoop:
         return shown
 
     # ------------------------------------------------------------------ helpers
+    def apply_gradients(self, loss: mx.array, grads: dict, grad_clip: float) -> mx.array:
+        """Average ``loss`` and ``grads`` over the processes, clip the gradient norm to
+        ``grad_clip`` (0: no clipping) and update the model: the end of a compiled step."""
+        if self.world > 1:
+            grads = average_gradients(grads, group=self.group)
+            loss = mx.distributed.all_sum(loss, group=self.group) / self.world
+        if grad_clip > 0:
+            grads, _ = clip_grad_norm(grads, grad_clip)
+        self.optimizer.update(self.model, grads)
+        return loss
+
     def _write_config(self) -> None:
         path = self.out_dir / CONFIG_FILE
         path.parent.mkdir(parents=True, exist_ok=True)

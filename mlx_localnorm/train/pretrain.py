@@ -19,8 +19,6 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.nn.utils import average_gradients
-from mlx.optimizers import clip_grad_norm
 from mlx.utils import tree_map
 
 from ..data import Batches, prepare_data
@@ -133,14 +131,7 @@ class Pretrainer(TrainLoop):
         loss_and_grad = nn.value_and_grad(model, _cross_entropy)
         micro = config.batch_size // self.world // config.grad_accum
 
-        def finish(loss, grads):
-            if self.world > 1:
-                grads = average_gradients(grads, group=self.group)
-                loss = mx.distributed.all_sum(loss, group=self.group) / self.world
-            if config.grad_clip > 0:
-                grads, _ = clip_grad_norm(grads, config.grad_clip)
-            optimizer.update(model, grads)
-            return loss
+        finish = partial(self.apply_gradients, grad_clip=config.grad_clip)
 
         if config.grad_accum == 1:
             @partial(mx.compile, inputs=state, outputs=state)
