@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..train.metrics import save_figure
 
 
 def _band(ax, records: list[dict[str, Any]], key: str, label: str) -> None:
@@ -49,9 +50,4 @@ def plot_rewards(records: list[dict[str, Any]], path: str | Path, title: str = "
             ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..train import read_metrics
+from ..train.metrics import save_figure
 from .grid import GROUP_SEPARATOR
 from .results import family_stats
 
@@ -22,17 +22,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    """Save a figure as PNG atomically and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    _pyplot().close(fig)
-    os.replace(tmp, path)
-    return path
 
 
 def _grouped(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[dict]]]:

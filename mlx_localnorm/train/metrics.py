@@ -70,7 +70,15 @@ def plot_metrics(records: list[dict[str, Any]], path: str | Path, title: str = "
     ax_speed.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Save a matplotlib figure as PNG atomically (no half-written plot) and close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
