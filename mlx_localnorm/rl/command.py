@@ -10,14 +10,13 @@ written. Other exceptions are bugs and keep their traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._argparse import OneLineParser
-from ..train.command import fail, flag_type, io_error
+from ..train.command import add_config_flags, fail, io_error
 from ..train.loop import saved_config
 from .config import RESUMABLE_CHANGES, GRPOConfig
 from .rewards import RewardError
@@ -35,16 +34,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS)
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out-dir from its newest checkpoint")
-    for f in dataclasses.fields(GRPOConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {default!r})"
-        if f.type.startswith("bool"):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, type=flag_type(f.type), help=help_text,
-                                metavar=f.name.upper())
+    add_config_flags(parser, GRPOConfig)
     return parser
 
 

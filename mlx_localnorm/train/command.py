@@ -56,17 +56,23 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser.add_argument("--config", help="JSON or YAML file of config fields")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out-dir from its newest checkpoint")
-    for f in dataclasses.fields(PretrainConfig):
+    add_config_flags(parser, PretrainConfig)
+    return parser
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One ``--field-name`` flag per field of the dataclass ``config_cls``, with its help and
+    default; bool fields (also ``bool | None``) get ``--flag/--no-flag``."""
+    for f in dataclasses.fields(config_cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {default!r})"
-        if f.type == "bool":
+        if field_type(f.type)[0] == "bool":
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, type=flag_type(f.type), help=help_text,
                                 metavar=f.name.upper())
-    return parser
 
 
 def parse_config(argv: list[str] | None, defaults: dict[str, Any] | None = None,
