@@ -248,7 +248,7 @@ def test_vision_config_errors_name_the_field():
         VisionConfig(dataset="cifar")
     with pytest.raises(ValueError, match="groups=3 must divide channels=8"):
         VisionConfig(norm="groupnorm", channels=8, groups=3)
-    with pytest.raises(TypeError, match="steps must be int"):
+    with pytest.raises(TypeError, match="steps must be an int, got 2.5"):
         VisionConfig(steps=2.5)
 
 

@@ -25,6 +25,7 @@ import mlx.optimizers as optim
 import numpy as np
 
 from ..norms import PatchNormConv1d, PatchNormConv2d, make_norm
+from ..train.config import check_field_types
 
 DATASETS = {"digits": ("scikit-learn", 2), "mnist1d": ("mnist1d", 1)}  # pip name, conv dims
 NORMS = ("patchnorm", "layernorm", "rmsnorm", "groupnorm", "none")
@@ -51,11 +52,7 @@ class VisionConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            want = {"int": int, "float": (int, float), "str": str}[f.type]
-            if isinstance(value, bool) or not isinstance(value, want):
-                raise TypeError(f"VisionConfig: {f.name} must be {f.type}, got {value!r}")
+        check_field_types(self, "VisionConfig")
         for name, choices in (("dataset", list(DATASETS)), ("norm", NORMS),
                               ("patchnorm_mode", PATCHNORM_MODES)):
             if getattr(self, name) not in choices:
