@@ -9,11 +9,10 @@ per document (``<s> prompt answer\\n </s>``), so the policy learns to stop after
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..data._io import atomic_open
 from ..train import PretrainConfig, Pretrainer, list_checkpoints, resume_config
 from .tasks import demonstration, make_prompts
 
@@ -33,15 +32,8 @@ def write_demonstrations(task: str, path: Path, n: int, seed: int) -> int:
     return the character-level vocabulary size of their text."""
     records = make_prompts(task, n, seed=seed, split="train")
     texts = [demonstration(r) for r in records]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_open(path, "w") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
     # "\n" is a byte piece; sentencepiece writes " " as its own piece.
     chars = set("".join(texts)) - {"\n"}
     return _FIXED_PIECES + len(chars)

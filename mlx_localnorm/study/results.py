@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import statistics
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from ..data._io import atomic_open
 
 # Columns of results.csv (language-model runs) and vision_results.csv.
 LM_COLUMNS = ("family", "group", "config", "lr", "seed", "selected", "final_val_loss",
@@ -63,16 +63,10 @@ def summarize(records: list[dict[str, Any]], diverged: bool, target_loss: float,
 def write_csv(rows: list[dict[str, Any]], path: str | Path, columns: Sequence[str]) -> Path:
     """Write ``rows`` (missing columns empty) to ``path`` atomically."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows({k: _cell(row.get(k)) for k in columns} for row in rows)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_open(path, "w") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: _cell(row.get(k)) for k in columns} for row in rows)
     return path
 
 

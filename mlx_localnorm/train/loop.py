@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -29,6 +28,7 @@ from mlx.nn.utils import average_gradients
 from mlx.optimizers import clip_grad_norm
 from mlx.utils import tree_flatten
 
+from ..data._io import atomic_open
 from .checkpoint import (CheckpointError, list_checkpoints, load_checkpoint,
                          remove_leftovers, save_checkpoint)
 from .metrics import MetricsLog, plot_metrics
@@ -197,11 +197,8 @@ class TrainLoop:
         return loss
 
     def _write_config(self) -> None:
-        path = self.out_dir / CONFIG_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.config.to_dict(), indent=1))
-        os.replace(tmp, path)
+        with atomic_open(self.out_dir / CONFIG_FILE, "w") as f:
+            f.write(json.dumps(self.config.to_dict(), indent=1))
 
     def _checkpoint(self) -> None:
         """Save the current step unless it is already saved (e.g. Ctrl-C right after a save)."""

@@ -2,7 +2,8 @@
 
 ``Pretrainer(config).run()`` prepares the data (tokenizer + token files in ``out_dir``),
 builds the model and optimizer, and runs a compiled training step in the shared
-:class:`~.loop.TrainLoop` (validation, metrics, checkpoints, a progress bar). Ctrl-C checkpoints and exits cleanly;
+:class:`~.loop.TrainLoop` (validation, metrics, checkpoints, a progress bar). Ctrl-C
+checkpoints and exits cleanly;
 ``Pretrainer(config, resume=True)`` continues from the newest checkpoint so that every later
 loss equals the uninterrupted run's. Under ``mlx.launch`` the batch is split over the
 processes and gradients are averaged (data parallel); rank 0 writes all files.
