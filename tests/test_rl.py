@@ -1,6 +1,8 @@
 """GRPO family (ln.rl) against float64 NumPy references written here from SPEC.md."""
 
 import itertools
+import re
+from collections import Counter
 
 import mlx.core as mx
 import mlx.optimizers as mlx_optim
@@ -308,12 +310,14 @@ def test_one_update_moves_probability_toward_the_better_completion():
 # ---------------------------------------------------------------- shipped tasks
 
 
-@pytest.mark.parametrize("name", ["reverse", "add", "add1"])
-def test_task_prompts_are_deterministic_from_the_seed(name):
+@pytest.mark.parametrize("name, fields", [
+    ("reverse", {"prompt", "answer"}), ("add", {"prompt", "answer"}),
+    ("add1", {"prompt", "answer"}), ("bookends", {"prompt", "first", "last"})])
+def test_task_prompts_are_deterministic_from_the_seed(name, fields):
     a = rl.tasks.make_prompts(name, 40, seed=1)
     assert a == rl.tasks.make_prompts(name, 40, seed=1)
     assert a != rl.tasks.make_prompts(name, 40, seed=2)
-    assert len(a) == 40 and all(set(r) == {"prompt", "answer"} for r in a)
+    assert len(a) == 40 and all(set(r) == fields for r in a)
 
 
 def test_reverse_answers_are_the_reversed_word():
@@ -342,11 +346,11 @@ def test_add1_holds_out_16_of_its_100_prompts():
     assert test == held_out and len(train) == 84 and not train & test
 
 
-@pytest.mark.parametrize("name", ["reverse", "add"])
+@pytest.mark.parametrize("name", ["reverse", "add", "bookends"])
 def test_train_and_test_prompts_are_disjoint(name):
     train = {r["prompt"] for r in rl.tasks.make_prompts(name, 300, seed=0, split="train")}
     test = {r["prompt"] for r in rl.tasks.make_prompts(name, 300, seed=0, split="test")}
-    assert len(test) > 100 and not train & test
+    assert len(test) > (10 if name == "bookends" else 100) and not train & test
 
 
 @pytest.mark.parametrize("completion, reward", [
@@ -367,7 +371,84 @@ def test_a_demonstration_earns_the_full_reward(name):
         assert reward == 1.0
 
 
+def test_demonstrations_of_answer_tasks_are_their_answers():
+    records = rl.tasks.make_prompts("add", 20, seed=4)
+    assert rl.tasks.demonstrations("add", 20, seed=4) == [
+        f"{r['prompt']} {r['answer']}\n" for r in records]
+
+
+# ---------------------------------------------------------------- bookends
+
+
+def corpus_word_counts():
+    from mlx_localnorm.data.corpus import load_corpus
+    return Counter(w for text in load_corpus().train for w in re.findall(r"[A-Za-z]+", text)
+                   if w.islower())
+
+
+def test_bookends_words_are_frequent_lowercase_words_of_3_to_7_letters():
+    words = rl.tasks.word_list()
+    counts = corpus_word_counts()
+    assert list(words) == sorted(set(words)) and len(words) > 1000
+    assert all(w.isalpha() and w.islower() and 3 <= len(w) <= 7 for w in words)
+    assert all(counts[w] >= 30 for w in words)
+    # every word written in lowercase that often is in (none dropped), names are not
+    assert {w for w, c in counts.items() if c >= 30 and 3 <= len(w) <= 7} == set(words)
+    assert {"love", "sweet", "king", "night"} <= set(words)
+    assert not {"romeo", "hamlet", "falstaff", "of", "o"} & set(words)
+
+
+def test_bookends_asks_only_for_letter_pairs_with_two_or_more_words():
+    words = rl.tasks.word_list()
+    pairs = {(r["first"], r["last"]) for r in rl.tasks.make_prompts("bookends", 3000, seed=0)}
+    assert pairs <= set(rl.tasks.bookend_pairs())
+    assert len(pairs) > 150
+    for first, last in rl.tasks.bookend_pairs():
+        assert sum(w[0] == first and w[-1] == last for w in words) >= 2
+    for r in rl.tasks.make_prompts("bookends", 20, seed=1):
+        assert r["prompt"] == f"word {r['first']}-{r['last']} ="
+
+
+@pytest.mark.parametrize("completion, first, last, reward", [
+    (" sweet", "s", "t", 1.0), (" spirit\nword a-b = x", "s", "t", 1.0), ("  sweet \n", "s", "t", 1.0),
+    (" sweet", "s", "x", 0.5), (" heart", "s", "t", 0.5), (" love", "s", "t", 0.0),
+    (" sxxxt", "s", "t", 0.0), (" Sweet", "s", "t", 0.0), (" sweet sweet", "s", "t", 0.0),
+    ("", "s", "t", 0.0), ("\nsweet", "s", "t", 0.0),
+])
+def test_bookends_match_gives_half_a_point_per_letter_of_a_list_word(completion, first, last,
+                                                                      reward):
+    assert rl.tasks.bookends_match("word s-t =", completion, first=first, last=last) == reward
+
+
+@pytest.mark.parametrize("first, last", [("st", "t"), ("S", "t"), ("s", 1), ("s", "")])
+def test_bookends_match_rejects_letters_that_are_not_one_lowercase_letter(first, last):
+    with pytest.raises(TypeError, match=r"bookends_match: (first|last) must be one lowercase"):
+        rl.tasks.bookends_match("word s-t =", " sweet", first=first, last=last)
+
+
+def test_bookends_warmup_words_carry_no_information_about_the_letters():
+    words = set(rl.tasks.word_list())
+    texts = rl.tasks.demonstrations("bookends", 3000, seed=0)
+    records = rl.tasks.make_prompts("bookends", 3000, seed=0)
+    hits = 0
+    for text, r in zip(texts, records):
+        prompt, _, word = text.rstrip("\n").rpartition(" ")
+        assert prompt == r["prompt"] and word in words and text.endswith("\n")
+        hits += word[0] == r["first"]
+    # A random list word starts with the asked letter about 1 time in 15; a fitting one always.
+    assert hits / len(texts) < 0.15
+    assert texts == rl.tasks.demonstrations("bookends", 3000, seed=0)
+
+
+@pytest.mark.parametrize("task, reward", [("reverse", "answer_match"), ("add", "answer_match"),
+                                          ("add1", "answer_match"),
+                                          ("bookends", "bookends_match")])
+def test_each_task_has_its_reward(task, reward):
+    assert rl.tasks.task_reward(task) is getattr(rl.tasks, reward)
+
+
 @pytest.mark.parametrize("call, error, pattern", [
+    (lambda: rl.tasks.task_reward("sort"), ValueError, r"task.*'bookends'.*'sort'"),
     (lambda: rl.tasks.make_prompts("sort", 5), ValueError, r"task.*'reverse', 'add', 'add1'.*'sort'"),
     (lambda: rl.tasks.make_prompts("add", 0), ValueError, r"n must be a positive int.*got 0"),
     (lambda: rl.tasks.make_prompts("add", 5, split="val"), ValueError,

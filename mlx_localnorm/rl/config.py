@@ -45,7 +45,8 @@ class GRPOConfig:
                                      "its test split; none: no held-out evaluation)",
                                      default=None)
     reward: str | None = _help("MODULE:FUNCTION or FILE.py:FUNCTION, several comma-separated "
-                               "(default with --task: rl.tasks.answer_match)", default=None)
+                               "(default with --task: the task's, rl.tasks.task_reward)",
+                               default=None)
     reward_weights: str | None = _help("comma-separated weights, one per reward (default 1)",
                                        default=None)
     trust_remote_code: bool = _help("let mlx_lm.load run the model directory's own code",

@@ -2,41 +2,82 @@
 
 - ``"reverse"``: ``"reverse abcd ="`` -> ``"dcba"`` (3 to 6 random lowercase letters).
 - ``"add"``: ``"23+45="`` -> ``"68"`` (two numbers 0-99).
-- ``"add1"``: ``"3+4="`` -> ``"7"`` (two 1-digit numbers: 100 prompts, 16 of them held out);
-  small enough for a tiny model to learn in minutes on a CPU (see docs/rl.md).
+- ``"add1"``: ``"3+4="`` -> ``"7"`` (two 1-digit numbers: 100 prompts, 16 of them held out).
+- ``"bookends"``: ``"word s-t ="`` -> any word of :func:`word_list` that starts with ``s``
+  and ends with ``t`` (``"sweet"``, ``"spirit"``, ...); 232 letter pairs, 17 held out.
+  Its warm-up pairs each prompt with a random list word, so the letters are learned from
+  the reward alone: the task on which GRPO visibly learns in minutes on a CPU (docs/rl.md).
 
-Records are ``{"prompt": ..., "answer": ...}``, the same form as a prompts file
-(:func:`~mlx_localnorm.rl.load_prompts`), so :func:`answer_match` also scores your own
-prompts that carry an ``answer`` field.
+Records are ``{"prompt": ..., fields}``, the same form as a prompts file
+(:func:`~mlx_localnorm.rl.load_prompts`): ``answer`` for the first three (scored by
+:func:`answer_match`, which also scores your own prompts that carry an ``answer``),
+``first`` and ``last`` for ``bookends`` (:func:`bookends_match`). :func:`task_reward` gives
+each task's reward.
 """
 
 from __future__ import annotations
 
+import functools
 import random
+import re
 import string
 import zlib
+from collections import Counter
 
+from ..data.corpus import load_corpus
 from ..ops._checks import check_choice, check_size
 
 SPLITS = ("train", "test")
+# bookends' words: lowercase words of 3-7 letters written at least 30 times (in lowercase,
+# so names and speaker tags are out) in the training works of the embedded Shakespeare.
+WORD_LENGTHS = (3, 7)
+WORD_MIN_COUNT = 30
 
 
-def _reverse(rng: random.Random) -> tuple[str, str]:
+def _reverse(rng: random.Random) -> dict:
     word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
-    return f"reverse {word} =", word[::-1]
+    return {"prompt": f"reverse {word} =", "answer": word[::-1]}
 
 
-def _add(rng: random.Random) -> tuple[str, str]:
+def _add(rng: random.Random) -> dict:
     a, b = rng.randint(0, 99), rng.randint(0, 99)
-    return f"{a}+{b}=", str(a + b)
+    return {"prompt": f"{a}+{b}=", "answer": str(a + b)}
 
 
-def _add1(rng: random.Random) -> tuple[str, str]:
+def _add1(rng: random.Random) -> dict:
     a, b = rng.randint(0, 9), rng.randint(0, 9)
-    return f"{a}+{b}=", str(a + b)
+    return {"prompt": f"{a}+{b}=", "answer": str(a + b)}
 
 
-TASKS = {"reverse": _reverse, "add": _add, "add1": _add1}
+@functools.lru_cache(maxsize=1)
+def word_list() -> tuple[str, ...]:
+    """The ``bookends`` vocabulary, sorted: 1,749 words (``WORD_LENGTHS``, ``WORD_MIN_COUNT``)."""
+    counts = Counter(w for text in load_corpus().train for w in re.findall(r"[A-Za-z]+", text)
+                     if w.islower())
+    low, high = WORD_LENGTHS
+    return tuple(sorted(w for w, c in counts.items()
+                        if c >= WORD_MIN_COUNT and low <= len(w) <= high))
+
+
+@functools.lru_cache(maxsize=1)
+def _word_set() -> frozenset[str]:
+    return frozenset(word_list())
+
+
+@functools.lru_cache(maxsize=1)
+def bookend_pairs() -> tuple[tuple[str, str], ...]:
+    """The (first, last) letter pairs ``bookends`` asks for: those of two or more list words,
+    so every prompt has a choice of right answers."""
+    pairs = Counter((w[0], w[-1]) for w in word_list())
+    return tuple(sorted(p for p, n in pairs.items() if n >= 2))
+
+
+def _bookends(rng: random.Random) -> dict:
+    first, last = rng.choice(bookend_pairs())
+    return {"prompt": f"word {first}-{last} =", "first": first, "last": last}
+
+
+TASKS = {"reverse": _reverse, "add": _add, "add1": _add1, "bookends": _bookends}
 
 
 def _split_of(prompt: str) -> str:
@@ -58,9 +99,9 @@ def make_prompts(task: str, n: int, seed: int = 0, split: str = "train") -> list
     rng = random.Random(seed)
     records = []
     while len(records) < n:
-        prompt, answer = TASKS[task](rng)
-        if _split_of(prompt) == split:
-            records.append({"prompt": prompt, "answer": answer})
+        record = TASKS[task](rng)
+        if _split_of(record["prompt"]) == split:
+            records.append(record)
     return records
 
 
@@ -79,6 +120,48 @@ def answer_match(prompt: str, completion: str, answer: str, **fields) -> float:
     return matches / max(len(got), len(answer))
 
 
+def bookends_match(prompt: str, completion: str, first: str, last: str, **fields) -> float:
+    r"""Half a point for each bookend letter of a list word; nothing for any other text.
+
+    .. math:: r = [w \in W]\,\big(\tfrac12 [w_1 = f] + \tfrac12 [w_{|w|} = l]\big)
+
+    with :math:`w` the completion's first line stripped of spaces and :math:`W` the
+    :func:`word_list`.
+    """
+    for name, letter in (("first", first), ("last", last)):
+        if not (isinstance(letter, str) and len(letter) == 1 and letter.islower()):
+            raise TypeError(f"bookends_match: {name} must be one lowercase letter, got "
+                            f"{letter!r}")
+    word = completion.split("\n", 1)[0].strip()
+    if word not in _word_set():
+        return 0.0
+    return 0.5 * (word[0] == first) + 0.5 * (word[-1] == last)
+
+
+TASK_REWARDS = {"reverse": answer_match, "add": answer_match, "add1": answer_match,
+                "bookends": bookends_match}
+
+
+def task_reward(task: str):
+    """The reward function of a shipped task."""
+    check_choice(task, tuple(TASKS), "task", "task_reward")
+    return TASK_REWARDS[task]
+
+
 def demonstration(record: dict) -> str:
     """The text of a correct completion: prompt, answer, newline (for a supervised warm-up)."""
     return f"{record['prompt']} {record['answer']}\n"
+
+
+def demonstrations(task: str, n: int, seed: int = 0) -> list[str]:
+    """``n`` warm-up documents from ``task``'s train split: prompt, completion, newline.
+
+    The completion is the answer, except for ``bookends``: a list word drawn at random,
+    independently of the prompt's letters, so the warm-up teaches the format and the words
+    and only the reward can teach the letters.
+    """
+    records = make_prompts(task, n, seed=seed, split="train")
+    if task != "bookends":
+        return [demonstration(r) for r in records]
+    words, rng = word_list(), random.Random(f"bookends-words-{seed}")
+    return [f"{r['prompt']} {rng.choice(words)}\n" for r in records]

@@ -24,7 +24,7 @@ from .config import GRPOConfig
 from .plot import plot_rewards
 from .rewards import RewardFn, combine_rewards, load_prompts, load_reward
 from .step import evaluate, grpo_step
-from .tasks import answer_match, make_prompts
+from .tasks import make_prompts, task_reward
 from .warmup import warmup
 
 ADAPTERS, MODEL = "adapters", "model"
@@ -37,9 +37,9 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def make_reward(config: GRPOConfig) -> RewardFn:
-    """The run's reward: its specs loaded (and weighted), or the task's answer match."""
+    """The run's reward: its specs loaded (and weighted), or the task's own."""
     if config.reward is None:
-        return answer_match
+        return task_reward(config.task)
     functions = [load_reward(spec.strip()) for spec in config.reward.split(",")]
     weights = config.reward_weight_list()
     if len(functions) == 1 and weights is None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..data._io import atomic_open
 from ..train import PretrainConfig, Pretrainer, list_checkpoints, resume_config
-from .tasks import demonstration, make_prompts
+from .tasks import demonstrations
 
 DEMONSTRATIONS = "demonstrations.jsonl"
 # A character-level model small enough to warm up in minutes on a CPU.
@@ -30,8 +30,7 @@ _FIXED_PIECES = 260
 def write_demonstrations(task: str, path: Path, n: int, seed: int) -> int:
     """Write ``n`` training demonstrations of ``task`` as JSONL documents (atomically);
     return the character-level vocabulary size of their text."""
-    records = make_prompts(task, n, seed=seed, split="train")
-    texts = [demonstration(r) for r in records]
+    texts = demonstrations(task, n, seed)
     with atomic_open(path, "w") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
     # "\n" is a byte piece; sentencepiece writes " " as its own piece.
