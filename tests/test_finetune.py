@@ -364,6 +364,20 @@ def test_resume_equals_uninterrupted(setup, tmp_path, mode):
     assert all(np.array_equal(np.array(want[k]), np.array(got[k])) for k in want)
 
 
+@pytest.mark.parametrize("until", [2, 4])
+def test_an_interrupted_run_leaves_the_adapter_of_its_last_step(setup, tmp_path, until):
+    """Stopped (as Ctrl-C does) after step 2 (no periodic save yet) or 4 (after the step-3
+    save): the out dir already loads with mlx_lm.load(adapter_path=...) and gives the model
+    of the stopped step, not of an earlier checkpoint."""
+    trainer = Finetuner(run_config(setup, tmp_path / "run", mode="lora",
+                                   **MODE_OPTIONS["lora"]))
+    assert trainer.run(until=until)["interrupted"]
+    trainer.model.eval()
+    adapted = load(setup / "base", tmp_path / "run")
+    assert np.array_equal(np.array(adapted(TOKENS)), np.array(trainer.model(TOKENS)))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == []
+
+
 # ---- the commands' bad input ----------------------------------------------------------------
 
 @pytest.fixture

@@ -232,6 +232,20 @@ def test_sigint_checkpoints_and_exits_cleanly(prepared, tmp_path):
     assert [c.name for c in list_checkpoints(out)] == [f"step_{last:07d}"]
 
 
+def test_on_checkpoint_runs_after_each_checkpoint_is_on_disk(prepared, tmp_path):
+    """The hook sees every periodic checkpoint and the one a stop (Ctrl-C) writes, each
+    already listed on disk, and nothing else."""
+    out = run_dir(prepared, tmp_path)
+    seen = []
+
+    class Hooked(Pretrainer):
+        def on_checkpoint(self, step):
+            seen.append((step, list_checkpoints(self.out_dir)[-1].name))
+
+    Hooked(config(out, eval_every=0, save_every=2)).run(until=5)
+    assert seen == [(2, "step_0000002"), (4, "step_0000004"), (5, "step_0000005")]
+
+
 # ----------------------------------------------------------------------------- distributed
 def test_two_processes_match_one_process_with_the_combined_batch(prepared, tmp_path,
                                                                  full_run):

@@ -4,8 +4,9 @@
 parameters of ``config.mode`` trainable (:mod:`.adapters`), and trains them on
 ``config.data`` (mlx-lm's ``text``/``completions``/``chat`` JSONL, prompt tokens masked out of
 the loss, :mod:`mlx_localnorm.data.sft`) with AdamW, in the shared loop (progress bar,
-metrics, loss plot, validation on ``valid.jsonl``, Ctrl-C checkpoint, exact resume). At the
-end ``out_dir`` holds ``adapter_config.json`` and ``adapters.safetensors``:
+metrics, loss plot, validation on ``valid.jsonl``, Ctrl-C checkpoint, exact resume). With
+every checkpoint (the last step's and a Ctrl-C's too) ``out_dir`` gets ``adapter_config.json``
+and ``adapters.safetensors`` of that step:
 ``mlx_lm.load(config.model, adapter_path=out_dir)`` runs the fine-tuned model and
 ``mlx-localnorm fuse`` bakes it in.
 """
@@ -249,8 +250,9 @@ class Finetuner(TrainLoop):
         high, low = state["random_key"]
         mx.random.seed((high << 32) | low)  # sets the key to [high, low]
 
-    def finish(self) -> None:
-        """Write the adapter into ``out_dir``."""
+    def on_checkpoint(self, step: int) -> None:
+        """Write the adapter into ``out_dir`` with each checkpoint (the last step's, a
+        Ctrl-C's): a stopped run's ``out_dir`` loads like a finished one's."""
         save_adapter(self.model, self.adapter_config, self.out_dir)
 
     def description(self) -> str:

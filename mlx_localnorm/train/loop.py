@@ -6,7 +6,8 @@ resume)``, builds ``self.model`` and ``self.optimizer``, then calls ``self._star
 restores the newest checkpoint when resuming. It implements :meth:`train_step` (one
 optimizer step) and, as it needs them, :meth:`eval_metrics`, :meth:`state_dict` /
 :meth:`load_state_dict` (what a resumed run needs besides weights and optimizer state, e.g.
-the data position) and :meth:`finish` (what to write once the last step is done).
+the data position), :meth:`on_checkpoint` (what to write next to each checkpoint) and
+:meth:`finish` (what to write once the last step is done).
 
 ``config`` is a dataclass with ``to_dict()`` and the fields ``out_dir``, ``total_steps``,
 ``eval_every``, ``log_every``, ``save_every``, ``keep_checkpoints`` and ``progress``.
@@ -107,6 +108,10 @@ class TrainLoop:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (``state`` is the whole checkpoint state)."""
+
+    def on_checkpoint(self, step: int) -> None:
+        """Called on rank 0 after each checkpoint is on disk, including the one a Ctrl-C
+        writes, e.g. to keep a loadable artifact next to it."""
 
     def finish(self) -> None:
         """Called on rank 0 after the last step's checkpoint, e.g. to export the model."""
@@ -209,6 +214,7 @@ class TrainLoop:
         save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state,
                         keep=self.config.keep_checkpoints)
         self._saved_step = self.step
+        self.on_checkpoint(self.step)
 
     def _should_stop(self) -> bool:
         """A Ctrl-C on any process stops every process after the same step."""
