@@ -476,6 +476,40 @@ def test_qat_resume_continues_exactly(tmp_path):
         np.testing.assert_array_equal(np.array(got[key]), np.array(value), err_msg=key)
 
 
+@pytest.mark.parametrize("ratio", [1.0, 1e-30])
+def test_learned_scales_train_at_their_own_learning_rate(tmp_path, ratio):
+    """scale_lr_ratio scales the learning rate of the learned scales and biases only: at
+    1e-30 they keep MLX's initial values exactly while the weights move; at 1 they move too."""
+    from mlx_localnorm.quant.train import QATConfig, QATTrainer
+
+    base, data = qat_fixture(tmp_path)
+    trainer = QATTrainer(QATConfig(
+        model=str(base), data=str(data), bits=2, group_size=32, batch_size=2, seq_len=16,
+        total_steps=2, warmup_steps=0, learning_rate=1e-2, eval_every=0, save_every=0,
+        progress=False, learn_scales=True, scale_lr_ratio=ratio, out_dir=str(tmp_path / "r")))
+    before = {k: np.array(v) for k, v in tree_flatten(trainer.model.parameters())}
+    trainer.run()
+    after = {k: np.array(v) for k, v in tree_flatten(trainer.model.parameters())}
+    grid = [k for k in before if k.endswith((".scales", ".biases"))]
+    weights = [k for k in before if k.endswith(".weight") and k.rsplit(".", 1)[0] + ".scales"
+               in before]
+    assert grid and weights
+    assert all(not np.array_equal(before[k], after[k]) for k in weights)
+    moved = [k for k in grid if not np.array_equal(before[k], after[k])]
+    assert (moved == []) if ratio < 1 else moved
+
+
+def test_scale_lr_ratio_needs_learned_scales_and_a_positive_value(tmp_path):
+    from mlx_localnorm.quant.train import QATConfig
+
+    with pytest.raises(ValueError, match="scale_lr_ratio applies with learn_scales only"):
+        QATConfig(model="m", scale_lr_ratio=0.1)
+    for bad in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match=f"scale_lr_ratio must be a positive number, got "
+                           f"{bad!r}"):
+            QATConfig(model="m", learn_scales=True, scale_lr_ratio=bad)
+
+
 @pytest.mark.parametrize("argv,status,message", [
     (["--bits", "7"], 2, "bits must be one of [1, 2, 3, 4, 5, 6, 8] for mode='affine', got 7"),
     (["--mode", "mxfp4", "--group-size", "64"], 2, "group_size must be one of [32]"),

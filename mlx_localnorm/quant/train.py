@@ -48,6 +48,9 @@ class QATConfig:
         "help": "quantize the embedding (and a tied head) too, as mlx_lm's quantize_model"})
     learn_scales: bool = field(default=False, metadata={
         "help": "learn each group's scale and bias (LSQ+, affine only)"})
+    scale_lr_ratio: float = field(default=1.0, metadata={
+        "help": "learn_scales: the scales' and biases' learning rate as a fraction of "
+        "learning_rate"})
     clip: bool = field(default=False, metadata={
         "help": "straight-through gradient zero where the grid saturates"})
     train_others: bool = field(default=True, metadata={
@@ -91,6 +94,13 @@ class QATConfig:
                 and math.isfinite(self.learning_rate)):
             raise ValueError(f"qat: learning_rate must be a positive number, got "
                              f"{self.learning_rate!r}")
+        ratio = self.scale_lr_ratio
+        if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and ratio > 0
+                                           and math.isfinite(ratio)):
+            raise ValueError(f"qat: scale_lr_ratio must be a positive number, got {ratio!r}")
+        if ratio != 1.0 and not self.learn_scales:
+            raise ValueError(f"qat: scale_lr_ratio applies with learn_scales only, got "
+                             f"{ratio!r} without it")
         if self.learn_scales and self.mode != "affine":
             raise ValueError(f"qat: learn_scales needs mode='affine', got {self.mode!r}")
         if not self.model:
@@ -204,6 +214,21 @@ def held_out_loss(model: nn.Module, data: QATData, batches: int) -> float:
     return total / max(count, 1.0)
 
 
+def make_optimizer(config: QATConfig) -> optim.Optimizer:
+    """Adam on the warm-up + cosine schedule; with learned scales, a second Adam moves their
+    ``scales`` and ``biases`` at ``scale_lr_ratio`` times the rate (LSQ steps the scales
+    with their own size in mind, arXiv 1902.08153)."""
+    def adam(peak: float) -> optim.Adam:
+        return optim.Adam(learning_rate=lr_schedule(peak, config.total_steps,
+                                                    config.warmup_steps))
+
+    if not config.learn_scales:
+        return adam(config.learning_rate)
+    return optim.MultiOptimizer(
+        [adam(config.learning_rate), adam(config.learning_rate * config.scale_lr_ratio)],
+        [lambda path, _: not path.endswith((".scales", ".biases"))])
+
+
 class QATTrainer(TrainLoop):
     """One QAT run (see the module docstring)."""
 
@@ -217,8 +242,7 @@ class QATTrainer(TrainLoop):
         prepare_qat(self.model, config.bits, config.group_size, config.mode,
                     embeddings=config.embeddings, learn_scales=config.learn_scales,
                     clip=config.clip, train_others=config.train_others)
-        schedule = lr_schedule(config.learning_rate, config.total_steps, config.warmup_steps)
-        self.optimizer = optim.Adam(learning_rate=schedule)
+        self.optimizer = make_optimizer(config)
         self.optimizer.init(self.model.trainable_parameters())
         self._start()
         self._train_step = self._compile_step()
