@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
 def report(config: FinetuneConfig, summary: dict[str, Any]) -> None:
     out = config.out_dir
     if summary["interrupted"]:
-        print(f"\nStopped at step {summary['step']}; checkpoint written. Continue with:\n"
-              f"  mlx-localnorm finetune --out-dir {out} --resume")
+        print(f"\nStopped at step {summary['step']}; checkpoint and adapter of this step "
+              f"written ({out}). Continue with:\n  mlx-localnorm finetune --out-dir {out} "
+              "--resume")
         return
     val = summary["val_loss"]
     fused = Path(out).with_name(Path(out).name + "-fused")
