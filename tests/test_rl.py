@@ -406,17 +406,18 @@ def test_bookends_asks_only_for_letter_pairs_with_two_or_more_words():
     for first, last in rl.tasks.bookend_pairs():
         assert sum(w[0] == first and w[-1] == last for w in words) >= 2
     for r in rl.tasks.make_prompts("bookends", 20, seed=1):
-        assert r["prompt"] == f"word {r['first']}-{r['last']} ="
+        assert r["prompt"] == f"{r['first']}..{r['last']} ="
 
 
 @pytest.mark.parametrize("completion, first, last, reward", [
     (" sweet", "s", "t", 1.0), (" spirit\nword a-b = x", "s", "t", 1.0), ("  sweet \n", "s", "t", 1.0),
-    (" sweet", "s", "x", 0.5), (" heart", "s", "t", 0.5), (" love", "s", "t", 0.0),
+    (" sweet", "s", "x", 0.5), (" sorrow", "s", "t", 0.5), (" heart", "s", "t", 0.0),
+    (" love", "s", "t", 0.0), (" heart", "h", "t", 1.0),
     (" sxxxt", "s", "t", 0.0), (" Sweet", "s", "t", 0.0), (" sweet sweet", "s", "t", 0.0),
     ("", "s", "t", 0.0), ("\nsweet", "s", "t", 0.0),
 ])
-def test_bookends_match_gives_half_a_point_per_letter_of_a_list_word(completion, first, last,
-                                                                      reward):
+def test_bookends_match_needs_a_list_word_with_the_first_letter(completion, first, last,
+                                                                 reward):
     assert rl.tasks.bookends_match("word s-t =", completion, first=first, last=last) == reward
 
 
@@ -836,7 +837,7 @@ def test_grpo_step_metrics():
                      rl.GRPOOptions(group_size=4, max_tokens=4))
     assert set(m) == {"reward_mean", "reward_std", "completion_length",
                       "completion_length_std", "generated_tokens", "tokens_per_second",
-                      "groups_kept", "loss", "clip_fraction", "ratio_mean"}
+                      "groups_kept", "loss", "clip_fraction", "ratio_mean", "grad_norm"}
     assert m["groups_kept"] == 4 and 1 <= m["completion_length"] <= 4
     mx.random.seed(1)  # the same draws again: the step's rollout comes first
     lengths = [len(c) for c in rl.rollout(
@@ -860,6 +861,28 @@ def test_grpo_step_scores_the_text_without_the_stop_token():
                  CHAR_RECORDS, spy, rl.GRPOOptions(group_size=4, max_tokens=6))
     assert len(seen) == 16 and all("\n" not in text and len(text) <= 6 for text in seen)
     assert any(len(text) < 6 for text in seen)  # some completions stopped
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1e-3, 1e6])
+def test_grpo_step_clips_the_update_to_grad_clip_and_logs_the_norm_before(grad_clip):
+    def step(clip):
+        model = char_model()
+        before = params_of(model)
+        mx.random.seed(4)
+        m = rl.grpo_step(model, mlx_optim.SGD(learning_rate=1.0), CharTokenizer(), CHAR_RECORDS,
+                         share_of_a, rl.GRPOOptions(group_size=4, max_tokens=4, grad_clip=clip))
+        after = params_of(model)
+        # With SGD at rate 1 the parameters move by exactly the (clipped) gradient.
+        delta = np.concatenate([(before[k] - after[k]).astype(np.float64).ravel()
+                                for k in sorted(before)])
+        return m, delta
+
+    free, free_delta = step(0.0)
+    m, delta = step(grad_clip)
+    full_norm = np.linalg.norm(free_delta)
+    assert full_norm > 1e-2 and m["grad_norm"] == pytest.approx(full_norm, rel=1e-4)
+    expected = free_delta * min(1.0, grad_clip / full_norm) if grad_clip else free_delta
+    np.testing.assert_allclose(delta, expected, rtol=1e-3, atol=1e-7)
 
 
 def test_dapo_step_skips_groups_with_equal_rewards():
@@ -1000,6 +1023,7 @@ def test_presets_follow_the_papers():
     (dict(eps_high=-1.0), ValueError, r"eps_high.*>= 0.*got -1.0"),
     (dict(beta=float("nan")), ValueError, r"beta.*>= 0.*got nan"),
     (dict(updates=0), ValueError, r"updates.*positive int.*got 0"),
+    (dict(grad_clip=-1.0), ValueError, r"grad_clip.*>= 0.*got -1.0"),
     (dict(drop_equal_groups="yes"), TypeError, r"drop_equal_groups.*True or False.*'yes'"),
 ])
 def test_grpo_options_bad_input(kwargs, error, pattern):

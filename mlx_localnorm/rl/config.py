@@ -85,6 +85,8 @@ class GRPOConfig:
                                            "the preset's)", default=None)
     # Optimizer (AdamW)
     learning_rate: float = _help("peak learning rate", default=1e-5)
+    grad_clip: float = _help("clip each update's global gradient norm to this; 0 = off",
+                             default=1.0)
     lr_warmup: int = _help("linear learning-rate warm-up steps", default=0)
     weight_decay: float = _help("AdamW's decoupled weight decay", default=0.0)
     # Budget, evaluation, checkpoints
@@ -167,7 +169,7 @@ class GRPOConfig:
         given = {k: getattr(self, k) for k in OPTION_OVERRIDES if getattr(self, k) is not None}
         return GRPOOptions.preset(self.algorithm, group_size=self.group_size,
                                   max_tokens=self.max_tokens, temperature=self.temperature,
-                                  **given)
+                                  grad_clip=self.grad_clip, **given)
 
     def lr_schedule(self):
         return lr_schedule(self.learning_rate, self.steps, self.lr_warmup, "constant")

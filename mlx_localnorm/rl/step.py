@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from math import inf
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 from mlx import nn
+from mlx.optimizers import clip_grad_norm
 from mlx_lm.sample_utils import make_sampler
 
 from ..ops._checks import check_choice, check_flag, check_number, check_size
@@ -42,6 +44,8 @@ class GRPOOptions:
     updates: int = _help("policy-gradient updates per rollout (old log-probs kept)", default=1)
     drop_equal_groups: bool = _help("DAPO: skip groups whose rewards are all equal",
                                     default=False)
+    grad_clip: float = _help("clip each update's global gradient norm to this; 0 = off",
+                             default=0.0)
 
     def __post_init__(self):
         owner = "GRPOOptions"
@@ -57,6 +61,7 @@ class GRPOOptions:
         check_number(self.beta, "beta", owner, "non_negative")
         check_size(self.updates, "updates", owner)
         check_flag(self.drop_equal_groups, "drop_equal_groups", owner)
+        check_number(self.grad_clip, "grad_clip", owner, "non_negative")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> GRPOOptions:
@@ -117,7 +122,8 @@ def grpo_step(model: nn.Module, optimizer, tokenizer, records: Sequence[dict],
     Returns floats: ``reward_mean``, ``reward_std``, ``completion_length`` (and its std),
     ``groups_kept`` (all unless DAPO drops some), ``generated_tokens``,
     ``tokens_per_second`` (of the rollout), and, when an update ran, the means over the
-    updates of ``loss``, ``clip_fraction``, ``ratio_mean`` and ``kl`` (with ``beta > 0``).
+    updates of ``loss``, ``clip_fraction``, ``ratio_mean``, ``grad_norm`` (before
+    ``options.grad_clip``) and ``kl`` (with ``beta > 0``).
     """
     _check_records(records, "grpo_step")
     if not isinstance(options, GRPOOptions):
@@ -188,9 +194,11 @@ def _step(model, optimizer, tokenizer, records, reward, options, reference, stop
     with _mode(model, training=True):
         for _ in range(options.updates):
             (loss, step_metrics), grads = loss_and_grad(model)
+            # The norm before clipping: one rare success in a batch can make it spike.
+            grads, step_metrics["grad_norm"] = clip_grad_norm(grads, options.grad_clip or inf)
             optimizer.update(model, grads)
             mx.eval(model.parameters(), optimizer.state, loss, step_metrics)
-            for name in ("clip_fraction", "ratio_mean", "kl"):
+            for name in ("clip_fraction", "ratio_mean", "kl", "grad_norm"):
                 if name in step_metrics:
                     totals[name] = totals.get(name, 0.0) + step_metrics[name].item()
             totals["loss"] = totals.get("loss", 0.0) + loss.item()

@@ -3,8 +3,8 @@
 - ``"reverse"``: ``"reverse abcd ="`` -> ``"dcba"`` (3 to 6 random lowercase letters).
 - ``"add"``: ``"23+45="`` -> ``"68"`` (two numbers 0-99).
 - ``"add1"``: ``"3+4="`` -> ``"7"`` (two 1-digit numbers: 100 prompts, 16 of them held out).
-- ``"bookends"``: ``"word s-t ="`` -> any word of :func:`word_list` that starts with ``s``
-  and ends with ``t`` (``"sweet"``, ``"spirit"``, ...); 232 letter pairs, 17 held out.
+- ``"bookends"``: ``"s..t ="`` -> any word of :func:`word_list` that starts with ``s``
+  and ends with ``t`` (``"sweet"``, ``"spirit"``, ...); 232 letter pairs, 27 held out.
   Its warm-up pairs each prompt with a random list word, so the letters are learned from
   the reward alone: the task on which GRPO visibly learns in minutes on a CPU (docs/rl.md).
 
@@ -74,7 +74,7 @@ def bookend_pairs() -> tuple[tuple[str, str], ...]:
 
 def _bookends(rng: random.Random) -> dict:
     first, last = rng.choice(bookend_pairs())
-    return {"prompt": f"word {first}-{last} =", "first": first, "last": last}
+    return {"prompt": f"{first}..{last} =", "first": first, "last": last}
 
 
 TASKS = {"reverse": _reverse, "add": _add, "add1": _add1, "bookends": _bookends}
@@ -121,21 +121,22 @@ def answer_match(prompt: str, completion: str, answer: str, **fields) -> float:
 
 
 def bookends_match(prompt: str, completion: str, first: str, last: str, **fields) -> float:
-    r"""Half a point for each bookend letter of a list word; nothing for any other text.
+    r"""1 for a list word with both letters right, 1/2 with only the first, else 0.
 
-    .. math:: r = [w \in W]\,\big(\tfrac12 [w_1 = f] + \tfrac12 [w_{|w|} = l]\big)
+    .. math:: r = [w \in W]\,[w_1 = f]\,\big(\tfrac12 + \tfrac12 [w_{|w|} = l]\big)
 
     with :math:`w` the completion's first line stripped of spaces and :math:`W` the
-    :func:`word_list`.
+    :func:`word_list`. The first letter gates the reward, so one safe word said to every
+    prompt earns little (a policy that ignores the prompt cannot settle on it).
     """
     for name, letter in (("first", first), ("last", last)):
         if not (isinstance(letter, str) and len(letter) == 1 and letter.islower()):
             raise TypeError(f"bookends_match: {name} must be one lowercase letter, got "
                             f"{letter!r}")
     word = completion.split("\n", 1)[0].strip()
-    if word not in _word_set():
+    if word not in _word_set() or word[0] != first:
         return 0.0
-    return 0.5 * (word[0] == first) + 0.5 * (word[-1] == last)
+    return 0.5 + 0.5 * (word[-1] == last)
 
 
 TASK_REWARDS = {"reverse": answer_match, "add": answer_match, "add1": answer_match,
