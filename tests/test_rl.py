@@ -406,19 +406,18 @@ def test_bookends_asks_only_for_letter_pairs_with_two_or_more_words():
     for first, last in rl.tasks.bookend_pairs():
         assert sum(w[0] == first and w[-1] == last for w in words) >= 2
     for r in rl.tasks.make_prompts("bookends", 20, seed=1):
-        assert r["prompt"] == f"{r['first']}..{r['last']} ="
+        assert r["prompt"] == f"{r['first']}..{r['last']} = {r['first']}"
 
 
 @pytest.mark.parametrize("completion, first, last, reward", [
-    (" sweet", "s", "t", 1.0), (" spirit\nword a-b = x", "s", "t", 1.0), ("  sweet \n", "s", "t", 1.0),
-    (" sweet", "s", "x", 0.5), (" sorrow", "s", "t", 0.5), (" heart", "s", "t", 0.0),
-    (" love", "s", "t", 0.0), (" heart", "h", "t", 1.0),
-    (" sxxxt", "s", "t", 0.0), (" Sweet", "s", "t", 0.0), (" sweet sweet", "s", "t", 0.0),
-    ("", "s", "t", 0.0), ("\nsweet", "s", "t", 0.0),
+    ("weet", "s", "t", 1.0), ("pirit\ns..t = sweet", "s", "t", 1.0), ("weet  \n", "s", "t", 1.0),
+    ("eart", "h", "t", 1.0), ("weet", "s", "x", 0.0), ("orrow", "s", "t", 0.0),
+    (" weet", "s", "t", 0.0), ("xxxt", "s", "t", 0.0), ("Weet", "s", "t", 0.0),
+    ("weet weet", "s", "t", 0.0), ("", "s", "t", 0.0), ("\nweet", "s", "t", 0.0),
 ])
-def test_bookends_match_needs_a_list_word_with_the_first_letter(completion, first, last,
-                                                                 reward):
-    assert rl.tasks.bookends_match("word s-t =", completion, first=first, last=last) == reward
+def test_bookends_match_needs_a_list_word_with_the_last_letter(completion, first, last, reward):
+    assert rl.tasks.bookends_match(f"{first}..{last} = {first}", completion, first=first,
+                                   last=last) == reward
 
 
 @pytest.mark.parametrize("first, last", [("st", "t"), ("S", "t"), ("s", 1), ("s", "")])
@@ -427,17 +426,19 @@ def test_bookends_match_rejects_letters_that_are_not_one_lowercase_letter(first,
         rl.tasks.bookends_match("word s-t =", " sweet", first=first, last=last)
 
 
-def test_bookends_warmup_words_carry_no_information_about_the_letters():
+def test_bookends_warmup_words_carry_no_information_about_the_last_letter():
     words = set(rl.tasks.word_list())
     texts = rl.tasks.demonstrations("bookends", 3000, seed=0)
     records = rl.tasks.make_prompts("bookends", 3000, seed=0)
     hits = 0
     for text, r in zip(texts, records):
-        prompt, _, word = text.rstrip("\n").rpartition(" ")
-        assert prompt == r["prompt"] and word in words and text.endswith("\n")
-        hits += word[0] == r["first"]
-    # A random list word starts with the asked letter about 1 time in 15; a fitting one always.
-    assert hits / len(texts) < 0.15
+        assert text.startswith(r["prompt"]) and text.endswith("\n")
+        word = r["first"] + text[len(r["prompt"]):-1]
+        assert word in words
+        hits += word[-1] == r["last"]
+    # A random list word of that first letter ends as asked about 1 time in 8; a fitting one
+    # always.
+    assert hits / len(texts) < 0.3
     assert texts == rl.tasks.demonstrations("bookends", 3000, seed=0)
 
 

@@ -3,10 +3,10 @@
 - ``"reverse"``: ``"reverse abcd ="`` -> ``"dcba"`` (3 to 6 random lowercase letters).
 - ``"add"``: ``"23+45="`` -> ``"68"`` (two numbers 0-99).
 - ``"add1"``: ``"3+4="`` -> ``"7"`` (two 1-digit numbers: 100 prompts, 16 of them held out).
-- ``"bookends"``: ``"s..t ="`` -> any word of :func:`word_list` that starts with ``s``
-  and ends with ``t`` (``"sweet"``, ``"spirit"``, ...); 232 letter pairs, 27 held out.
-  Its warm-up pairs each prompt with a random list word, so the letters are learned from
-  the reward alone: the task on which GRPO visibly learns in minutes on a CPU (docs/rl.md).
+- ``"bookends"``: ``"s..t = s"`` -> the rest of any word of :func:`word_list` that starts
+  with ``s`` and ends with ``t`` (``"weet"``, ``"pirit"``, ...); 232 letter pairs, 30 held
+  out. Its warm-up completes each prompt with a random list word of that first letter, so
+  the endings are learned from the reward alone (docs/rl.md).
 
 Records are ``{"prompt": ..., fields}``, the same form as a prompts file
 (:func:`~mlx_localnorm.rl.load_prompts`): ``answer`` for the first three (scored by
@@ -74,7 +74,7 @@ def bookend_pairs() -> tuple[tuple[str, str], ...]:
 
 def _bookends(rng: random.Random) -> dict:
     first, last = rng.choice(bookend_pairs())
-    return {"prompt": f"{first}..{last} =", "first": first, "last": last}
+    return {"prompt": f"{first}..{last} = {first}", "first": first, "last": last}
 
 
 TASKS = {"reverse": _reverse, "add": _add, "add1": _add1, "bookends": _bookends}
@@ -121,22 +121,19 @@ def answer_match(prompt: str, completion: str, answer: str, **fields) -> float:
 
 
 def bookends_match(prompt: str, completion: str, first: str, last: str, **fields) -> float:
-    r"""1 for a list word with both letters right, 1/2 with only the first, else 0.
+    r"""1 if the prompt's first letter and the completion make a list word ending in ``last``.
 
-    .. math:: r = [w \in W]\,[w_1 = f]\,\big(\tfrac12 + \tfrac12 [w_{|w|} = l]\big)
+    .. math:: r = [w \in W]\,[w_{|w|} = l], \qquad w = f \,\|\, c
 
-    with :math:`w` the completion's first line stripped of spaces and :math:`W` the
-    :func:`word_list`. The first letter gates the reward, so one safe word said to every
-    prompt earns little (a policy that ignores the prompt cannot settle on it).
+    with :math:`c` the completion's first line (trailing spaces stripped; a leading space
+    breaks the word) and :math:`W` the :func:`word_list`.
     """
     for name, letter in (("first", first), ("last", last)):
         if not (isinstance(letter, str) and len(letter) == 1 and letter.islower()):
             raise TypeError(f"bookends_match: {name} must be one lowercase letter, got "
                             f"{letter!r}")
-    word = completion.split("\n", 1)[0].strip()
-    if word not in _word_set() or word[0] != first:
-        return 0.0
-    return 0.5 + 0.5 * (word[-1] == last)
+    word = first + completion.split("\n", 1)[0].rstrip()
+    return float(word in _word_set() and word[-1] == last)
 
 
 TASK_REWARDS = {"reverse": answer_match, "add": answer_match, "add1": answer_match,
@@ -157,12 +154,15 @@ def demonstration(record: dict) -> str:
 def demonstrations(task: str, n: int, seed: int = 0) -> list[str]:
     """``n`` warm-up documents from ``task``'s train split: prompt, completion, newline.
 
-    The completion is the answer, except for ``bookends``: a list word drawn at random,
-    independently of the prompt's letters, so the warm-up teaches the format and the words
-    and only the reward can teach the letters.
+    The completion is the answer, except for ``bookends``: the rest of a list word with the
+    prompt's first letter, drawn at random whatever the last letter asked, so the warm-up
+    teaches the format and the words and only the reward can teach the endings.
     """
     records = make_prompts(task, n, seed=seed, split="train")
     if task != "bookends":
         return [demonstration(r) for r in records]
-    words, rng = word_list(), random.Random(f"bookends-words-{seed}")
-    return [f"{r['prompt']} {rng.choice(words)}\n" for r in records]
+    rng = random.Random(f"bookends-words-{seed}")
+    by_first = {}
+    for w in word_list():
+        by_first.setdefault(w[0], []).append(w)
+    return [f"{r['prompt']}{rng.choice(by_first[r['first']])[1:]}\n" for r in records]
