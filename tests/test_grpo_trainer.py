@@ -51,13 +51,32 @@ def logits(model):
 # ---------------------------------------------------------------- the run's files
 
 
+@pytest.mark.parametrize("temperature, same", [(1e-4, True), (20.0, False)])
+def test_the_sampled_held_out_reward_samples_at_the_rollout_temperature(base, tmp_path,
+                                                                        temperature, same):
+    seen = []
+
+    def spy(prompt, completion, **fields):
+        seen.append(completion)
+        return float(len(completion))
+
+    # The step-0 evaluation: first the greedy completions, then the sampled ones. Near zero
+    # temperature they are the greedy ones; at a high one, near uniform noise.
+    trainer = GRPOTrainer(config(base, tmp_path / "run", temperature=temperature,
+                                 eval_size=8), reward=spy)
+    greedy, sampled = seen[:8], seen[8:]
+    assert len(sampled) == 8 and (greedy == sampled) == same
+    record = trainer.metrics.records[0]
+    assert record["eval_reward_sampled"] == np.mean([len(c) for c in sampled])
+
+
 def test_a_run_writes_metrics_plot_checkpoints_and_adapters(base, tmp_path):
     trainer = GRPOTrainer(config(base, tmp_path / "run", beta=0.1))
     summary = trainer.run()
     assert summary["step"] == 3 and not summary["interrupted"]
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()]
     assert [r["step"] for r in records] == [0, 1, 2, 3]
-    assert set(records[0]) == {"step", "eval_reward", "eval_reward_std"}
+    assert set(records[0]) == {"step", "eval_reward", "eval_reward_std", "eval_reward_sampled"}
     for r in records[1:]:
         for key in ("reward_mean", "reward_std", "kl", "clip_fraction", "completion_length",
                     "completion_length_std", "tokens_per_s", "rollout_tokens_per_s", "loss"):

@@ -37,6 +37,9 @@ def plot_rewards(records: list[dict[str, Any]], path: str | Path, title: str = "
     if held_out:
         ax_reward.plot([r["step"] for r in held_out], [r["eval_reward"] for r in held_out],
                        "o-", label="held-out (greedy)")
+        sampled = [r for r in held_out if "eval_reward_sampled" in r]
+        ax_reward.plot([r["step"] for r in sampled], [r["eval_reward_sampled"] for r in sampled],
+                       "s--", label="held-out (sampled)")
     ax_reward.set_ylabel("reward")
     for key in ("kl", "clip_fraction"):
         _band(ax_policy, records, key, key.replace("_", " "))

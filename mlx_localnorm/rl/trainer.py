@@ -1,11 +1,12 @@
 """``GRPOTrainer``: GRPO-family training of any mlx-lm model on the shared training loop.
 
 Each step samples ``group_size`` completions of ``prompts_per_step`` prompts, scores them and
-updates the policy (:func:`~.step.grpo_step`); held-out prompts are scored greedily every
-``eval_every`` steps (and before the first step). The prompts of step ``s`` and its sampling
-noise come from ``(seed, s)`` alone, so a run resumed from a checkpoint repeats the
-uninterrupted run exactly. The end result is an mlx-lm adapter directory (``lora``, ``dora``,
-``norms``) or model directory (``full``) in ``out_dir``.
+updates the policy (:func:`~.step.grpo_step`); held-out prompts are scored every
+``eval_every`` steps (and before the first step), greedily and with one sampled completion
+each. The prompts of step ``s`` and its sampling noise come from ``(seed, s)`` alone, so a
+run resumed from a checkpoint repeats the uninterrupted run exactly. The end result is an
+mlx-lm adapter directory (``lora``, ``dora``, ``norms``) or model directory (``full``) in
+``out_dir``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
+from mlx_lm.sample_utils import make_sampler
 
 from ..train.adapters import apply_mode, save_adapter
 from ..train.loop import TrainLoop
@@ -30,10 +32,11 @@ from .warmup import warmup
 ADAPTERS, MODEL = "adapters", "model"
 
 
-def step_seed(seed: int, step: int) -> int:
+def step_seed(seed: int, step: int, *stream: int) -> int:
     """A 32-bit seed for step ``step`` of a run seeded ``seed`` (distinct pairs, distinct
-    streams: ``seed + step`` would give seed 1 step 0 the stream of seed 0 step 1)."""
-    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+    streams: ``seed + step`` would give seed 1 step 0 the stream of seed 0 step 1); a
+    ``stream`` number gives the step another independent stream (the held-out sampling)."""
+    return int(np.random.SeedSequence([seed, step, *stream]).generate_state(1)[0])
 
 
 def make_reward(config: GRPOConfig) -> RewardFn:
@@ -132,9 +135,16 @@ class GRPOTrainer(TrainLoop):
         if not self.eval_records:
             return {}
         config = self.config
-        got = evaluate(self.model, self.tokenizer, self.eval_records, self.reward,
-                       max_tokens=config.eval_tokens or config.max_tokens)
-        return {"eval_reward": got["reward_mean"], "eval_reward_std": got["reward_std"]}
+        max_tokens = config.eval_tokens or config.max_tokens
+        greedy = evaluate(self.model, self.tokenizer, self.eval_records, self.reward,
+                          max_tokens=max_tokens)
+        # The policy's own expected reward: one completion per prompt at the rollout
+        # temperature, from a stream fixed by (seed, step) so a resumed run repeats it.
+        mx.random.seed(step_seed(config.seed, self.step, 1))
+        sampled = evaluate(self.model, self.tokenizer, self.eval_records, self.reward,
+                           max_tokens=max_tokens, sampler=make_sampler(temp=config.temperature))
+        return {"eval_reward": greedy["reward_mean"], "eval_reward_std": greedy["reward_std"],
+                "eval_reward_sampled": sampled["reward_mean"]}
 
     def finish(self) -> None:
         """Write the adapters (or the whole model) where ``mlx_lm.load`` reads them."""
