@@ -406,17 +406,19 @@ def test_bookends_asks_only_for_letter_pairs_with_two_or_more_words():
     for first, last in rl.tasks.bookend_pairs():
         assert sum(w[0] == first and w[-1] == last for w in words) >= 2
     for r in rl.tasks.make_prompts("bookends", 20, seed=1):
-        assert r["prompt"] == f"{r['first']}..{r['last']} = {r['first']}"
+        assert r["prompt"] == f"{r['first']}..{r['last']} ="
 
 
 @pytest.mark.parametrize("completion, first, last, reward", [
-    ("weet", "s", "t", 1.0), ("pirit\ns..t = sweet", "s", "t", 1.0), ("weet  \n", "s", "t", 1.0),
-    ("eart", "h", "t", 1.0), ("weet", "s", "x", 0.0), ("orrow", "s", "t", 0.0),
-    (" weet", "s", "t", 0.0), ("xxxt", "s", "t", 0.0), ("Weet", "s", "t", 0.0),
-    ("weet weet", "s", "t", 0.0), ("", "s", "t", 0.0), ("\nweet", "s", "t", 0.0),
+    (" sweet", "s", "t", 1.0), (" spirit\ns..t = sweet", "s", "t", 1.0), ("  sweet \n", "s", "t", 1.0),
+    (" heart", "h", "t", 1.0), (" sweet", "s", "x", 0.75), (" sorrow", "s", "t", 0.75),
+    (" sxxxt", "s", "t", 0.5), (" s", "s", "t", 0.5), (" sweet sweet", "s", "t", 0.5),
+    (" heart", "s", "t", 0.0), (" Sweet", "s", "t", 0.0), ("", "s", "t", 0.0),
+    ("\nsweet", "s", "t", 0.0),
 ])
-def test_bookends_match_needs_a_list_word_with_the_last_letter(completion, first, last, reward):
-    assert rl.tasks.bookends_match(f"{first}..{last} = {first}", completion, first=first,
+def test_bookends_match_gates_on_the_first_letter_then_the_word_then_the_last(
+        completion, first, last, reward):
+    assert rl.tasks.bookends_match(f"{first}..{last} =", completion, first=first,
                                    last=last) == reward
 
 
@@ -426,20 +428,20 @@ def test_bookends_match_rejects_letters_that_are_not_one_lowercase_letter(first,
         rl.tasks.bookends_match("word s-t =", " sweet", first=first, last=last)
 
 
-def test_bookends_warmup_words_carry_no_information_about_the_last_letter():
+def test_one_bookends_warmup_word_in_five_fits_the_rest_are_random_list_words():
     words = set(rl.tasks.word_list())
-    texts = rl.tasks.demonstrations("bookends", 3000, seed=0)
-    records = rl.tasks.make_prompts("bookends", 3000, seed=0)
-    hits = 0
+    texts = rl.tasks.demonstrations("bookends", 4000, seed=0)
+    records = rl.tasks.make_prompts("bookends", 4000, seed=0)
+    fits = firsts = 0
     for text, r in zip(texts, records):
-        assert text.startswith(r["prompt"]) and text.endswith("\n")
-        word = r["first"] + text[len(r["prompt"]):-1]
-        assert word in words
-        hits += word[-1] == r["last"]
-    # A random list word of that first letter ends as asked about 1 time in 8; a fitting one
-    # always.
-    assert hits / len(texts) < 0.3
-    assert texts == rl.tasks.demonstrations("bookends", 3000, seed=0)
+        prompt, _, word = text.rstrip("\n").rpartition(" ")
+        assert prompt == r["prompt"] and word in words and text.endswith("\n")
+        fits += word[0] == r["first"] and word[-1] == r["last"]
+        firsts += word[0] == r["first"]
+    # 0.2 fit by design; a random list word fits both letters about 1 time in 200 and the
+    # first one about 1 time in 15 (sd of the shares at n = 4000: under 0.007).
+    assert 0.18 < fits / len(texts) < 0.23 and 0.22 < firsts / len(texts) < 0.28
+    assert texts == rl.tasks.demonstrations("bookends", 4000, seed=0)
 
 
 @pytest.mark.parametrize("task, reward", [("reverse", "answer_match"), ("add", "answer_match"),

@@ -3,10 +3,10 @@
 - ``"reverse"``: ``"reverse abcd ="`` -> ``"dcba"`` (3 to 6 random lowercase letters).
 - ``"add"``: ``"23+45="`` -> ``"68"`` (two numbers 0-99).
 - ``"add1"``: ``"3+4="`` -> ``"7"`` (two 1-digit numbers: 100 prompts, 16 of them held out).
-- ``"bookends"``: ``"s..t = s"`` -> the rest of any word of :func:`word_list` that starts
-  with ``s`` and ends with ``t`` (``"weet"``, ``"pirit"``, ...); 232 letter pairs, 30 held
-  out. Its warm-up completes each prompt with a random list word of that first letter, so
-  the endings are learned from the reward alone (docs/rl.md).
+- ``"bookends"``: ``"s..t ="`` -> a word of :func:`word_list` that starts with ``s`` and
+  ends with ``t`` (``"sweet"``, ``"spirit"``, ...; :func:`bookends_match` gives partial
+  credit); 232 letter pairs, 27 held out. Its warm-up completes one prompt in five with a
+  fitting word and the rest with random list words, so GRPO has most of it to learn.
 
 Records are ``{"prompt": ..., fields}``, the same form as a prompts file
 (:func:`~mlx_localnorm.rl.load_prompts`): ``answer`` for the first three (scored by
@@ -32,6 +32,8 @@ SPLITS = ("train", "test")
 # so names and speaker tags are out) in the training works of the embedded Shakespeare.
 WORD_LENGTHS = (3, 7)
 WORD_MIN_COUNT = 30
+# Share of bookends warm-up demonstrations whose word fits the prompt (the rest are random).
+BOOKENDS_FIT = 0.2
 
 
 def _reverse(rng: random.Random) -> dict:
@@ -74,7 +76,7 @@ def bookend_pairs() -> tuple[tuple[str, str], ...]:
 
 def _bookends(rng: random.Random) -> dict:
     first, last = rng.choice(bookend_pairs())
-    return {"prompt": f"{first}..{last} = {first}", "first": first, "last": last}
+    return {"prompt": f"{first}..{last} =", "first": first, "last": last}
 
 
 TASKS = {"reverse": _reverse, "add": _add, "add1": _add1, "bookends": _bookends}
@@ -121,19 +123,26 @@ def answer_match(prompt: str, completion: str, answer: str, **fields) -> float:
 
 
 def bookends_match(prompt: str, completion: str, first: str, last: str, **fields) -> float:
-    r"""1 if the prompt's first letter and the completion make a list word ending in ``last``.
+    r"""1/2 for the right first letter, 1/4 more if it begins a list word, 1/4 more if that
+    word also ends in the right letter.
 
-    .. math:: r = [w \in W]\,[w_{|w|} = l], \qquad w = f \,\|\, c
+    .. math:: r = [w_1 = f]\,\big(\tfrac12 + \tfrac14 [w \in W]
+              + \tfrac14 [w \in W]\,[w_{|w|} = l]\big)
 
-    with :math:`c` the completion's first line (trailing spaces stripped; a leading space
-    breaks the word) and :math:`W` the :func:`word_list`.
+    with :math:`w` the completion's first line stripped of spaces and :math:`W` the
+    :func:`word_list`. The first letter gates the rest, so one word said to every prompt
+    earns little; a non-word earns less than a word.
     """
     for name, letter in (("first", first), ("last", last)):
         if not (isinstance(letter, str) and len(letter) == 1 and letter.islower()):
             raise TypeError(f"bookends_match: {name} must be one lowercase letter, got "
                             f"{letter!r}")
-    word = first + completion.split("\n", 1)[0].rstrip()
-    return float(word in _word_set() and word[-1] == last)
+    word = completion.split("\n", 1)[0].strip()
+    if not word.startswith(first):
+        return 0.0
+    if word not in _word_set():
+        return 0.5
+    return 0.75 + 0.25 * (word[-1] == last)
 
 
 TASK_REWARDS = {"reverse": answer_match, "add": answer_match, "add1": answer_match,
@@ -154,15 +163,21 @@ def demonstration(record: dict) -> str:
 def demonstrations(task: str, n: int, seed: int = 0) -> list[str]:
     """``n`` warm-up documents from ``task``'s train split: prompt, completion, newline.
 
-    The completion is the answer, except for ``bookends``: the rest of a list word with the
-    prompt's first letter, drawn at random whatever the last letter asked, so the warm-up
-    teaches the format and the words and only the reward can teach the endings.
+    The completion is the answer, except for ``bookends``: a word that fits both letters
+    only for a share ``BOOKENDS_FIT`` of the prompts, a random list word otherwise, so the
+    warm-up teaches the format, the words and a little of the task, and GRPO has the rest
+    to learn.
     """
     records = make_prompts(task, n, seed=seed, split="train")
     if task != "bookends":
         return [demonstration(r) for r in records]
-    rng = random.Random(f"bookends-words-{seed}")
-    by_first = {}
-    for w in word_list():
-        by_first.setdefault(w[0], []).append(w)
-    return [f"{r['prompt']}{rng.choice(by_first[r['first']])[1:]}\n" for r in records]
+    words, rng = word_list(), random.Random(f"bookends-words-{seed}")
+    fitting = {}
+    for w in words:
+        fitting.setdefault((w[0], w[-1]), []).append(w)
+    texts = []
+    for r in records:
+        fits = rng.random() < BOOKENDS_FIT
+        word = rng.choice(fitting[r["first"], r["last"]] if fits else words)
+        texts.append(f"{r['prompt']} {word}\n")
+    return texts
