@@ -880,7 +880,7 @@ def test_grpo_step_clips_the_update_to_grad_clip_and_logs_the_norm_before(grad_c
                                 for k in sorted(before)])
         return m, delta
 
-    free, free_delta = step(0.0)
+    _, free_delta = step(0.0)
     m, delta = step(grad_clip)
     full_norm = np.linalg.norm(free_delta)
     assert full_norm > 1e-2 and m["grad_norm"] == pytest.approx(full_norm, rel=1e-4)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
-from math import inf
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from math import inf
 
 import mlx.core as mx
 import numpy as np
