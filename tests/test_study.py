@@ -87,6 +87,11 @@ def test_study_command_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["study"])
     assert info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(SystemExit) as info:
+        main(["study", "--grid", str(bad), "--jobs", "0"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert "--jobs: expected a positive int, got '0'" in err
 
 
 # ---------------------------------------------------------------------- measures
@@ -186,6 +191,31 @@ def test_runner_sweeps_selects_resumes_and_writes_results(prepared, tmp_path, mo
         r["final_val_loss"] for r in rows]
     Study(grid, out, seeds=(0, 5), progress=False).run()
     assert calls == [(f"lr{best['lr']:g}-seed5", False)]
+
+
+def test_parallel_families_give_the_serial_results(prepared, tmp_path):
+    values = grid_values(diagnose=False)
+    values["family"]["post"] = {"group": "g", "norm": "rmsnorm", "placement": "post",
+                                "learning_rates": [1e-3, 3e-3]}
+    grid = parse_grid(values)
+    serial = Study(grid, study_dir(prepared, tmp_path / "serial"), progress=False).run()
+    # No data prepared in advance: the main process makes it once for both workers.
+    parallel_dir = tmp_path / "parallel"
+    parallel = Study(grid, parallel_dir, progress=False).run(jobs=2)
+    def measures(rows):  # all but the timings and the run's memory; NaN (never) as None
+        return [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()
+                 if k not in ("tokens_per_s", "peak_memory_mb")} for r in rows]
+
+    assert [r["family"] for r in parallel] == ["pre", "pre", "post", "post"]
+    assert measures(parallel) == measures(serial)
+    assert len((parallel_dir / "results.csv").read_text().splitlines()) == 5
+    assert [p.name for p in (parallel_dir / "data").iterdir()] == ["shakespeare-bpe512"]
+
+
+@pytest.mark.parametrize("jobs", [0, -1, 1.5, True])
+def test_jobs_must_be_a_positive_int(jobs, tmp_path):
+    with pytest.raises(ValueError, match=rf"jobs must be a positive int, got {jobs!r}"):
+        Study(parse_grid(grid_values()), tmp_path, progress=False).run(jobs=jobs)
 
 
 def test_a_diverged_run_is_recorded_not_raised(prepared, tmp_path, monkeypatch):

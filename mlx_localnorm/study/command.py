@@ -7,6 +7,7 @@ continue where it stopped).
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -26,6 +27,9 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--publish", metavar="DIR",
                         help="then copy the report (CSV, tables, plots, diagnostics; not the "
                         "runs) to DIR, e.g. docs/study")
+    parser.add_argument("--jobs", type=_positive_int, default=1,
+                        help="families trained at once, each in its own process (default 1; "
+                        "up to one per core helps)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--estimate", action="store_true",
                         help="time a few steps of each family and estimate the grid's "
@@ -50,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.estimate:
             return _estimate(grid, args)
-        Study(grid, args.out, args.seeds, progress=not args.no_progress).run()
+        Study(grid, args.out, args.seeds, progress=not args.no_progress).run(args.jobs)
         if args.publish:
             publish(args.out, args.publish)
     except (ValueError, ImportError) as err:  # corpus, run directory, a missing extra
         return _fail(err, 1)
     except (StudyInterrupted, KeyboardInterrupt) as err:
-        print(f"{PROG}: interrupted ({err or 'Ctrl-C'}); run the same command again to "
+        print(f"{PROG}: interrupted ({str(err) or 'Ctrl-C'}); run the same command again to "
               "continue", file=sys.stderr)
         return 130
     out = Path(args.out)
@@ -79,6 +83,16 @@ def _estimate(grid, args) -> int:
           f"{wall / 3600:.2f} h wall-clock at this load (1-min load average "
           f"{rows[-1]['load_avg']:.1f}). Per family: {Path(args.out) / 'estimate.csv'}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
 
 
 def _fail(error: BaseException, status: int) -> int:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -51,18 +53,50 @@ class Study:
     def total_runs(self) -> int:
         return sum(len(f.learning_rates) + len(self.seeds) - 1 for f in self.grid.families)
 
-    def run(self) -> list[dict[str, Any]]:
-        """Run (or skip) every run, then write the CSV files, the table and the plots."""
+    def run(self, jobs: int = 1) -> list[dict[str, Any]]:
+        """Run (or skip) every run, then write the CSV files, the table and the plots.
+
+        ``jobs`` families train at once, each in its own process (one per core is the most
+        that helps); the results do not depend on it, only the wall-clock does.
+        """
         from tqdm.auto import tqdm
 
+        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+            raise ValueError(f"Study.run: jobs must be a positive int, got {jobs!r}")
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        rows = []
         with tqdm(total=self.total_runs, desc="study", unit="run", dynamic_ncols=True,
                   disable=not self.progress) as self.bar:
-            for family in self.grid.families:
-                rows += self._family(family)
+            if jobs == 1:
+                rows = [row for family in self.grid.families for row in self._family(family)]
+            else:
+                rows = self._run_parallel(jobs)
         self.report(rows)
         return rows
+
+    def _run_parallel(self, jobs: int) -> list[dict[str, Any]]:
+        """Every family in a pool of ``jobs`` processes; the rows in the grid's order."""
+        # The shared token files are made once, here: workers making them at once would clash.
+        for family in self.grid.families:
+            if family.kind == "lm":
+                directory = run_path(self.out_dir, family.name, family.learning_rates[0], 0)
+                shared_data(self.out_dir, family.config(directory, family.learning_rates[0], 0))
+        context = multiprocessing.get_context("spawn")  # MLX state must not be forked
+        stop = context.Event()
+        names = [family.name for family in self.grid.families]
+        done: dict[str, list[dict[str, Any]]] = {}
+        pool = context.Pool(min(jobs, len(names)), initializer=_start_worker, initargs=(stop,))
+        try:
+            tasks = [(self.grid, self.out_dir, self.seeds, name) for name in names]
+            for name, rows in pool.imap_unordered(_family_rows, tasks):
+                done[name] = rows
+                self.bar.update(len(rows))
+        except BaseException:
+            stop.set()  # the workers' current runs checkpoint (Ctrl-C); none starts another
+            raise
+        finally:
+            pool.close()
+            pool.join()
+        return [row for name in names for row in done[name]]
 
     def _family(self, family: Family) -> list[dict[str, Any]]:
         first, others = self.seeds[0], self.seeds[1:]
@@ -78,6 +112,8 @@ class Study:
         directory = run_path(self.out_dir, family.name, lr, seed)
         done = directory / SUMMARY
         if not done.is_file():
+            if _STOP is not None and _STOP.is_set():
+                raise StudyInterrupted(f"stopped before {directory}")
             self.bar.set_postfix_str(f"{family.name} lr={lr:g} seed={seed}")
             config = family.config(directory, lr, seed)
             directory.mkdir(parents=True, exist_ok=True)
@@ -159,13 +195,42 @@ class Study:
             diagnose_runs(runs, self.out_dir / "diagnostics" / group, title=group)
 
 
-def link_shared_data(out_dir: Path, config, directory: Path) -> None:
-    """Hard-link (or copy) the shared tokenizer and token files into a new run."""
+# Set in a worker process of Study.run(jobs > 1): the main process asks the workers to stop.
+_STOP = None
+
+
+def _start_worker(stop) -> None:
+    global _STOP
+    _STOP = stop
+    # Ctrl-C between runs is the main process's to handle; a run's own handler (the training
+    # loop's) still checkpoints and stops it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _family_rows(task) -> tuple[str, list[dict[str, Any]]]:
+    """One family's rows, in a worker process."""
+    from tqdm.auto import tqdm
+
+    grid, out_dir, seeds, name = task
+    study = Study(grid, out_dir, seeds, progress=False)
+    study.bar = tqdm(disable=True)
+    family = next(f for f in grid.families if f.name == name)
+    return name, study._family(family)
+
+
+def shared_data(out_dir: Path, config) -> Path:
+    """The study's tokenizer and token files for ``config``'s corpus (made once)."""
     corpus = config.corpus
     shared = Path(out_dir) / "data" / (
         f"{Path(corpus).name}-{config.tokenizer_type}{config.vocab_size}")
     prepare_data(None if corpus == "shakespeare" else corpus, shared, config.vocab_size,
                  config.tokenizer_type)
+    return shared
+
+
+def link_shared_data(out_dir: Path, config, directory: Path) -> None:
+    """Hard-link (or copy) the shared tokenizer and token files into a new run."""
+    shared = shared_data(out_dir, config)
     for item in shared.iterdir():
         if item.is_file() and not (directory / item.name).exists():
             try:
