@@ -10,7 +10,6 @@ that cannot be read or written. Ctrl-C checkpoints; ``--resume`` continues.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -21,31 +20,17 @@ PROG = "mlx-localnorm qat"
 # --quick: a small setting that checks the whole pipeline in a few minutes on a CPU.
 QUICK = {"total_steps": 12, "batch_size": 4, "seq_len": 64, "eval_batches": 2,
          "eval_every": 0, "save_every": 0, "warmup_steps": 2, "log_every": 2}
-_TYPES = {"int": int, "float": float, "str": str}
-
-
-def _optional_str(text: str) -> str | None:
-    return None if text.lower() == "none" else text
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..train.command import add_config_flags
     from .train import QATConfig
 
     parser = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
                            argument_default=argparse.SUPPRESS)
-    for f in dataclasses.fields(QATConfig):
-        flags = ["--" + f.name.replace("_", "-")] + (["--out"] if f.name == "out_dir" else [])
-        help_text = f"{f.metadata['help']} (default: {f.default!r})"
-        if f.name == "bits":
-            parser.add_argument(*flags, type=int, nargs="+", metavar="BITS",
-                                help="bits per weight; several: one run each (default: 4)")
-        elif f.type == "bool":
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
-                                help=help_text)
-        else:
-            kind = _optional_str if f.type == "str | None" else _TYPES[f.type]
-            parser.add_argument(*flags, dest=f.name, type=kind, help=help_text,
-                                metavar=f.name.upper())
+    parser.add_argument("--bits", type=int, nargs="+", metavar="BITS",
+                        help="bits per weight; several: one run each (default: 4)")
+    add_config_flags(parser, QATConfig, aliases={"out_dir": ["--out"]}, skip=("bits",))
     parser.add_argument("--resume", action="store_true", help="continue the run(s) in --out "
                         "from the newest checkpoint (with their saved settings)")
     parser.add_argument("--quick", action="store_true", help="a small setting to check the "

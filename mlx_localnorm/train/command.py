@@ -60,18 +60,23 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return parser
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """One ``--field-name`` flag per field of the dataclass ``config_cls``, with its help and
-    default; bool fields (also ``bool | None``) get ``--flag/--no-flag``."""
+def add_config_flags(parser: argparse.ArgumentParser, config_cls: type,
+                     aliases: dict[str, list[str]] | None = None,
+                     skip: tuple[str, ...] = ()) -> None:
+    """One ``--field-name`` flag per field of the dataclass ``config_cls`` (plus its
+    ``aliases``, e.g. ``{"out_dir": ["--out"]}``; ``skip``: fields the caller adds itself),
+    with its help and default; bool fields (also ``bool | None``) get ``--flag/--no-flag``."""
     for f in dataclasses.fields(config_cls):
+        if f.name in skip:
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *(aliases or {}).get(f.name, [])]
         help_text = f"{f.metadata['help']} (default: {default!r})"
         if field_type(f.type)[0] == "bool":
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
                                 help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=flag_type(f.type), help=help_text,
+            parser.add_argument(*flags, dest=f.name, type=flag_type(f.type), help=help_text,
                                 metavar=f.name.upper())
 
 

@@ -8,13 +8,12 @@ or a file that cannot be read or written.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
 
 from .._argparse import OneLineParser
-from .command import fail, flag_type, io_error
+from .command import add_config_flags, fail, io_error
 from .finetune import FinetuneConfig, resume_config
 
 PROG = "mlx-localnorm finetune"
@@ -26,15 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "applies (adapter_path=OUT_DIR).", argument_default=argparse.SUPPRESS)
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out-dir from its newest checkpoint")
-    for f in dataclasses.fields(FinetuneConfig):
-        flags = ["--" + f.name.replace("_", "-")] + (["--out"] if f.name == "out_dir" else [])
-        help_text = f"{f.metadata['help']} (default: {f.default!r})"
-        if f.type == "bool":
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
-                                help=help_text)
-        else:
-            parser.add_argument(*flags, dest=f.name, type=flag_type(f.type), help=help_text,
-                                metavar=f.name.upper())
+    add_config_flags(parser, FinetuneConfig, aliases={"out_dir": ["--out"]})
     return parser
 
 
