@@ -340,8 +340,8 @@ def test_finetune_writes_an_adapter_mlx_lm_applies(setup, tmp_path, mode):
         after = numpy_params(trainer.model)
         assert all(np.array_equal(after[k], base[k]) for k in base.keys() - norms)
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    assert "val_loss" in records[2] and "val_loss" in records[5]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5, 6]
+    assert all("val_loss" in records[i] for i in (0, 3, 6))
     assert (tmp_path / "run" / "loss.png").is_file()
 
 
@@ -355,7 +355,7 @@ def test_resume_equals_uninterrupted(setup, tmp_path, mode):
     assert first.run(until=3)["interrupted"]
     Finetuner(resume_config(tmp_path / "resumed"), resume=True).run()
     for name in ("metrics.jsonl",):
-        losses = [[(r["step"], r["loss"], r.get("val_loss")) for r in map(json.loads, open(
+        losses = [[(r["step"], r.get("loss"), r.get("val_loss")) for r in map(json.loads, open(
             tmp_path / run / name))] for run in ("straight", "resumed")]
         assert losses[0] == losses[1]
     want, got = (mx.load(str(tmp_path / run / "adapters.safetensors"))
@@ -538,6 +538,8 @@ def test_finetune_command_runs_and_resumes_with_more_steps(setup, tmp_path, caps
     proc = run_in_process(capsys, "finetune", *common, "--mode", "norms", "--steps", 2)
     assert proc.returncode == 0, proc.stderr
     assert "norms: training" in proc.stdout and "mlx-localnorm fuse" in proc.stdout
+    start = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())["val_loss"]
+    assert f"({start:.3f} before training)" in proc.stdout
     proc = run_in_process(capsys, "finetune", "--out-dir", tmp_path / "run", "--resume",
                           "--steps", 3, "--mode", "lora")
     assert proc.returncode == 2
@@ -546,7 +548,7 @@ def test_finetune_command_runs_and_resumes_with_more_steps(setup, tmp_path, caps
                           "--steps", 3)
     assert proc.returncode == 0, proc.stderr
     steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert steps == [1, 2, 3]
+    assert steps == [0, 1, 2, 3]
 
 
 def masked_nll64(logits, targets, mask) -> tuple[float, float]:
@@ -582,6 +584,29 @@ def test_step_and_validation_losses_are_masked_means(setup, tmp_path):
     sums = [masked_nll64(trainer.model(x), y, m) for x, y, m in valid.epoch_batches()]
     want = sum(s for s, _ in sums) / sum(n for _, n in sums)
     assert abs(trainer.eval_metrics()["val_loss"] - want) < 1e-5 * want
+
+
+@pytest.mark.parametrize("mode", ["lora", "norms"])
+def test_validation_before_training_is_the_base_models(setup, tmp_path, mode):
+    """Step 0 of metrics.jsonl is the base model's validation loss (float64 NumPy over the
+    completion tokens of valid.jsonl), logged before the first step; the summary has it."""
+    from mlx_localnorm.data.sft import SFTBatches, load_sft
+
+    config = run_config(setup, tmp_path / "run", mode=mode, eval_batches=100, steps=2,
+                        **MODE_OPTIONS[mode])
+    trainer = Finetuner(config)
+    data = load_sft(config.data, trainer.tokenizer)
+    base = load(setup / "base")
+    valid = SFTBatches(data.valid, min(config.batch_size, len(data.valid)),
+                       config.max_seq_len, shuffle=False)
+    sums = [masked_nll64(base(x), y, m) for x, y, m in valid.epoch_batches()]
+    want = sum(s for s, _ in sums) / sum(n for _, n in sums)
+    summary = trainer.run()
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert (records[0]["step"], records[0]["tokens"]) == (0, 0) and "loss" not in records[0]
+    assert abs(records[0]["val_loss"] - want) < 1e-5 * want
+    assert summary["start_val_loss"] == records[0]["val_loss"]
+    assert abs(summary["val_loss"] - want) > 1e-3  # the end differs: the start was not late
 
 
 def test_full_finetune_of_ngpt_keeps_weights_on_the_sphere(setup, tmp_path):

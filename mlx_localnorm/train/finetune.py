@@ -176,6 +176,8 @@ def _loss(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array)
 class Finetuner(TrainLoop):
     """One fine-tuning run (see the module docstring)."""
 
+    evaluate_at_start = True  # the curve starts at the model's validation loss
+
     def __init__(self, config: FinetuneConfig, resume: bool = False):
         super().__init__(config, resume)
         self.model, self.tokenizer, _ = load_model_dir(config.model, config.trust_remote_code)

@@ -73,10 +73,11 @@ def report(config: FinetuneConfig, summary: dict[str, Any]) -> None:
               f"written ({out}). Continue with:\n  mlx-localnorm finetune --out-dir {out} "
               "--resume")
         return
-    val = summary["val_loss"]
+    val, start = summary["val_loss"], summary["start_val_loss"]
     fused = Path(out).with_name(Path(out).name + "-fused")
     print(f"\nDone: step {summary['step']}, train loss {summary['loss']:.3f}"
-          + (f", validation loss {val:.3f}" if val is not None else ""))
+          + (f", validation loss {val:.3f}" if val is not None else "")
+          + (f" ({start:.3f} before training)" if start is not None else ""))
     print(f"Adapter: {out}/adapter_config.json, {out}/adapters.safetensors; metrics: "
           f"{out}/metrics.jsonl, plot: {out}/loss.png")
     print(f"Generate with mlx-lm:\n  mlx_lm.generate --model {config.model} --adapter-path "

@@ -7,7 +7,9 @@ restores the newest checkpoint when resuming. It implements :meth:`train_step` (
 optimizer step) and, as it needs them, :meth:`eval_metrics`, :meth:`state_dict` /
 :meth:`load_state_dict` (what a resumed run needs besides weights and optimizer state, e.g.
 the data position), :meth:`on_checkpoint` (what to write next to each checkpoint) and
-:meth:`finish` (what to write once the last step is done).
+:meth:`finish` (what to write once the last step is done). A trainer that sets
+``evaluate_at_start`` also logs :meth:`eval_metrics` as step 0 of a new run (the starting
+point of a fine-tuning run's validation curve).
 
 ``config`` is a dataclass with ``to_dict()`` and the fields ``out_dir``, ``total_steps``,
 ``eval_every``, ``log_every``, ``save_every``, ``keep_checkpoints`` and ``progress``.
@@ -58,6 +60,8 @@ def saved_config(config_cls: type, out_dir: str | Path, overrides: dict[str, Any
 
 class TrainLoop:
     """One training run's loop (see the module docstring)."""
+
+    evaluate_at_start = False
 
     def __init__(self, config: Any, resume: bool = False):
         self.config = config
@@ -132,10 +136,13 @@ class TrainLoop:
     def run(self, until: int | None = None) -> dict[str, Any]:
         """Train to ``total_steps`` (or stop after step ``until``), checkpoint, and finish.
 
-        Returns a summary: ``step``, ``loss``, ``val_loss``, ``interrupted``.
+        Returns a summary: ``step``, ``loss``, ``val_loss``, ``interrupted`` and
+        ``start_val_loss`` (the validation loss before the first step, when the trainer
+        ``evaluate_at_start``\s and this call started the run; else None).
         """
         config = self.config
         last = config.total_steps if until is None else min(until, config.total_steps)
+        start_val_loss = self._evaluate_start() if self.step == 0 and not self.resume else None
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, self._on_sigint) if main_thread else None
         bar = self._progress_bar(last)
@@ -180,7 +187,17 @@ class TrainLoop:
                 self.finish()
             self.plot()
         return {"step": self.step, "loss": loss_value, "val_loss": val_loss,
-                "interrupted": interrupted}
+                "interrupted": interrupted, "start_val_loss": start_val_loss}
+
+    def _evaluate_start(self) -> float | None:
+        """Log the validation metrics of the untrained model as step 0 (if the trainer
+        ``evaluate_at_start``); their ``val_loss``."""
+        if not self.evaluate_at_start:
+            return None
+        metrics = self.eval_metrics()
+        if metrics and self.is_main:
+            self.metrics.log({"step": 0, "tokens": 0, **metrics})
+        return metrics.get("val_loss")
 
     def postfix(self, record: dict[str, Any]) -> dict[str, str]:
         """What the progress bar shows after each step."""
