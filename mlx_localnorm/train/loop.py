@@ -137,8 +137,8 @@ class TrainLoop:
         """Train to ``total_steps`` (or stop after step ``until``), checkpoint, and finish.
 
         Returns a summary: ``step``, ``loss``, ``val_loss``, ``interrupted`` and
-        ``start_val_loss`` (the validation loss before the first step, when the trainer
-        ``evaluate_at_start``\s and this call started the run; else None).
+        ``start_val_loss`` (the validation loss before the first step when the trainer sets
+        ``evaluate_at_start`` and this call started the run; else None).
         """
         config = self.config
         last = config.total_steps if until is None else min(until, config.total_steps)
