@@ -667,10 +667,53 @@ def test_calibration_needs_token_batches(batches):
         ln.convert.calibrate(source, target, batches)
 
 
-def test_calibration_refuses_a_source_that_is_not_pre_ln():
+def test_calibration_refuses_a_placement_change_from_a_source_that_is_not_pre_ln():
     source, target = swapped("llama_llama3", placement="peri")
-    with pytest.raises(ValueError, match="source must be a Pre-LN model.*got placement 'peri'"):
+    with pytest.raises(ValueError, match="needs a Pre-LN source.*got 'peri' -> 'pre'"):
         ln.convert.calibrate(target, source, [TOKENS])
+
+
+# Peri-LN's forward order, written out: embedding norm (block 0), then per block the input
+# norm, the attention output norm, the MLP input norm, the MLP output norm; the final norm.
+PERI_ORDER = ["model.layers.0.embed_layernorm"] + [
+    f"model.layers.{i}.{name}" for i in range(2)
+    for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm")] + ["model.norm"]
+
+
+def peri_source():
+    """The Llama fixture made Peri-LN and calibrated: a Peri-LN RMSNorm model whose norms
+    compute something (a model this package saved is read the same way)."""
+    from mlx_localnorm.convert.swap import swap_model_norms
+
+    pre, peri = swapped("llama_llama3", placement="peri")
+    ln.convert.calibrate(pre, peri, [sample(pre, 8, 48, seed=s) for s in (1, 2)])
+    return peri, swap_model_norms
+
+
+# Measured gap ratios (calibrated / not): DyT 0.33, LayerNorm 0.77 (it subtracts the mean
+# the RMSNorm source keeps, as in the Pre-LN cases above).
+@pytest.mark.parametrize("norm, bound", [("dyt", 0.5), ("layernorm", 0.9)])
+def test_a_norm_swap_keeping_peri_ln_carries_the_gains_and_calibrates_in_forward_order(
+        norm, bound):
+    """Same placement, another norm: every norm takes the source norm at its path (gains
+    carried over), is fitted in the order the forward pass meets it (a norm fitted before
+    the ones feeding it sees stale inputs), and the perplexity gap closes."""
+    source, swap_model_norms = peri_source()
+    target = swap_model_norms(source, norm, None)
+    assert target.args.placement == "peri"
+    for path in ("model.layers.1.post_attention_layernorm", "model.layers.0.embed_layernorm"):
+        old, new = (dict(m.named_modules())[path] for m in (source, target))
+        np.testing.assert_array_equal(np.array(new.weight), np.array(old.weight))
+    held_out = sample(source, 16, 48, seed=9)
+    base = log_perplexity(source, held_out)
+    uncalibrated = log_perplexity(target, held_out) - base
+    report = ln.convert.calibrate(source, target,
+                                  [sample(source, 8, 48, seed=s) for s in (1, 2)])
+    assert list(report) == PERI_ORDER
+    calibrated = log_perplexity(target, held_out) - base
+    assert uncalibrated > 0.5
+    assert 0 <= calibrated < bound * uncalibrated
 
 
 # ---- export back to Hugging Face ----------------------------------------------------------------
@@ -874,6 +917,44 @@ def test_cli_calibrates_and_heals_a_swap_and_prints_the_perplexity_table(tmp_pat
     assert type(model.layers[0].input_layernorm).__name__ == "DyT"
     assert convert_cli(*flags, "--no-calibrate", "--out", tmp_path / "raw") == 0
     assert "swapped, calibrated" not in capsys.readouterr().out
+
+
+def test_cli_swaps_the_norm_of_a_saved_localnorm_model_keeping_its_placement(tmp_path, capsys):
+    """A model this package saved (here Peri-LN RMSNorm) is read as it is: --norm dyt keeps
+    Peri-LN, calibrates (the gap closes) and writes a model mlx-lm loads."""
+    import mlx_lm
+
+    from mlx_localnorm.models import save_model
+
+    source, _ = peri_source()
+    tokenizer = ln.convert.from_hf(FIXTURES / "llama_llama3")[1]
+    save_model(source, tokenizer, tmp_path / "peri")
+    write_sample_text(tmp_path / "text", source, tokenizer, rows=24, seed=4)
+    assert convert_cli("--hf-path", tmp_path / "peri", "--norm", "dyt", "--calib-data",
+                       tmp_path / "text" / "sample.txt", "--calib-batches", "2",
+                       "--calib-batch-size", "4", "--calib-seq-len", "32",
+                       "--out", tmp_path / "out") == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line[:46].strip(): float(line[46:]) for line in lines[1:4]}
+    assert list(rows) == ["source (rmsnorm, peri)", "swapped to dyt, peri, not calibrated",
+                          "swapped, calibrated"]
+    assert rows["swapped, calibrated"] < rows["swapped to dyt, peri, not calibrated"]
+    model, _ = mlx_lm.load(str(tmp_path / "out"), trust_remote_code=True)
+    assert model.args.placement == "peri"
+    assert type(model.layers[1].post_attention_layernorm).__name__ == "DyT"
+
+
+def test_cli_refuses_a_norm_swap_of_an_ngpt_model_in_one_line(tmp_path, capsys):
+    from test_models import tiny_model, tiny_tokenizer
+
+    from mlx_localnorm.models import save_model
+
+    save_model(tiny_model(norm_type=None, placement="ngpt"), tiny_tokenizer(), tmp_path / "n")
+    assert convert_cli("--hf-path", tmp_path / "n", "--norm", "dyt",
+                       "--out", tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert "is an ngpt model" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_heal_trains_only_the_norms_of_a_4_bit_model(tmp_path):

@@ -1,8 +1,9 @@
 """Calibration of a norm swap: fit each new norm to what the source model computed there.
 
-The source (a converted Pre-LN model) runs on sample tokens while each of its norms records
-its input ``x``; the norm's output ``y`` is the target. Where the swapped model keeps a norm
-in the same place, its new norm is fitted to ``x -> y``; a Peri-LN/Sandwich output norm,
+The source (a converted Pre-LN model, or any LocalNorm model whose norm is swapped and
+placement kept) runs on sample tokens while each of its norms records its input ``x``; the
+norm's output ``y`` is the target. Where the swapped model keeps a norm in the same place, its
+new norm is fitted to ``x -> y``; a Peri-LN/Sandwich output norm,
 which has no counterpart, is fitted to the identity on the branch output it will see (its
 gain becomes about the branch output's RMS), and Peri-LN's embedding norm to the identity on
 the embeddings. Fits are per norm, closed form in the gain and bias (per-channel least
@@ -12,6 +13,7 @@ a bias-free norm cannot hold goes into the biases of the linear layers that read
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -19,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..models import Model
-from ..norms import DyT
+from ..norms import NORMS, DyT
 from ..placements import PeriLN, PreLN
 
 # An uncalibrated norm whose output is this close to its target (relative RMS) already
@@ -51,11 +53,15 @@ class Site:
 
 
 def plan(source: Model, target: Model) -> list[Site]:
-    """Where each norm of ``target`` sits in ``source`` (Pre-LN); Post-LN/Mix-LN norms have
-    no counterpart there and are left out (they keep their init)."""
+    """Where each norm of ``target`` sits in ``source``: the norm at the same path when the
+    placement is kept, else in a Pre-LN source, where Post-LN/Mix-LN norms have no
+    counterpart and are left out (they keep their init)."""
+    if source.args.placement == target.args.placement:
+        return _same_places(source, target)
     if source.args.placement != "pre":
-        raise ValueError(f"calibrate: source must be a Pre-LN model (a converted checkpoint), "
-                         f"got placement {source.args.placement!r}")
+        raise ValueError(f"calibrate: a placement change needs a Pre-LN source (a converted "
+                         f"checkpoint), got {source.args.placement!r} -> "
+                         f"{target.args.placement!r}")
     sites = []
     for i, block in enumerate(target.layers):
         src, dst = f"model.layers.{i}", f"model.layers.{i}"
@@ -83,6 +89,33 @@ def plan(source: Model, target: Model) -> list[Site]:
     return sites
 
 
+def _same_places(source: Model, target: Model) -> list[Site]:
+    """Each norm of ``target`` replaces the source's norm at its path. The norms whose output
+    only a branch reads (Pre-LN's two, Peri-LN's input norms) can hand a missing shift to
+    the branch's first linear layers."""
+    kinds = tuple(NORMS.values())
+    old = dict(source.named_modules())
+    sites = []
+    for path, module in target.named_modules():
+        if isinstance(module, kinds) and isinstance(old.get(path), kinds):
+            sites.append(Site(path, path, "input", consumers=_branch_readers(target, path)))
+    return sites
+
+
+def _branch_readers(target: Model, path: str) -> tuple[str, ...]:
+    """The shift takers of the norm at ``path`` (see :func:`_same_places`), else ()."""
+    head, _, name = path.rpartition(".")
+    node, key = _parent(target, head) if head.startswith("model.layers.") else (None, None)
+    block = None if node is None else node[key]
+    branch = {(PreLN, "input_layernorm"): ("self_attn", _QKV),
+              (PreLN, "post_attention_layernorm"): ("mlp", _UP),
+              (PeriLN, "input_layernorm"): ("self_attn", _QKV),
+              (PeriLN, "pre_feedforward_layernorm"): ("mlp", _UP)}.get((type(block), name))
+    if branch is None:
+        return ()
+    return tuple(f"{head}.{c}" for c in _readers(block, *branch))
+
+
 _QKV = ("q_proj", "k_proj", "v_proj")
 _UP = ("gate_proj", "up_proj")
 
@@ -94,6 +127,9 @@ def _readers(block: nn.Module, branch: str, names: tuple[str, ...]) -> list[str]
             and "bias" in module[n]]
 
 
+_CALLS = itertools.count()
+
+
 class _Recorder(nn.Module):
     """Calls ``module`` and keeps its first input and its output, as rows of the last axis."""
 
@@ -101,9 +137,12 @@ class _Recorder(nn.Module):
         super().__init__()
         self.module = module
         self.inputs, self.outputs = [], []
+        self.first_call = None
 
     def __call__(self, x, *args, **kwargs):
         out = self.module(x, *args, **kwargs)
+        if self.first_call is None:
+            self.first_call = next(_CALLS)
         self.inputs.append(x.reshape(-1, x.shape[-1]).astype(mx.float32))
         self.outputs.append(out.reshape(-1, out.shape[-1]).astype(mx.float32))
         mx.eval(self.inputs[-1], self.outputs[-1])
@@ -119,7 +158,8 @@ def _parent(root: nn.Module, path: str):
 
 
 def record(model: Model, batches: list[mx.array], paths: list[str]) -> dict[str, tuple]:
-    """``{path: (inputs, outputs)}`` of the modules at ``paths`` over ``batches`` of tokens."""
+    """``{path: (inputs, outputs)}`` of the modules at ``paths`` over ``batches`` of tokens,
+    in the order the forward pass first calls them."""
     recorders = {}
     # Deepest first, so a wrapped module's children are wrapped through the original tree.
     for path in sorted(set(paths), key=lambda p: -p.count(".")):
@@ -132,8 +172,8 @@ def record(model: Model, batches: list[mx.array], paths: list[str]) -> dict[str,
         for path in reversed(recorders):
             node, key = _parent(model, path)
             node[key] = recorders[path].module
-    return {path: (mx.concatenate(r.inputs), mx.concatenate(r.outputs))
-            for path, r in recorders.items()}
+    called = sorted(recorders.items(), key=lambda item: item[1].first_call)
+    return {path: (mx.concatenate(r.inputs), mx.concatenate(r.outputs)) for path, r in called}
 
 
 def _least_squares(z: mx.array, y: mx.array, intercept: bool) -> tuple[mx.array, mx.array]:
@@ -243,6 +283,9 @@ def calibrate(source: Model, target: Model, batches: list[mx.array],
         raise TypeError(f"calibrate: batches must be a non-empty list of (B, L) integer "
                         f"token arrays, got {type(batches).__name__} {batches!r:.80}")
     sites = plan(source, target)
+    if sequential:  # in forward order: each fit sees the fitted norms before it
+        order = list(record(target, batches[:1], [site.target for site in sites]))
+        sites.sort(key=lambda site: order.index(site.target))
     recorded = record(source, batches, [site.source for site in sites])
     norms = dict(target.named_modules())
     report = {}

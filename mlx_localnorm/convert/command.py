@@ -1,5 +1,9 @@
 """``mlx-localnorm convert``: a Hugging Face checkpoint directory -> a LocalNorm model directory.
 
+A LocalNorm model directory (``save_model``'s, a pretraining run's) is read as it is, so
+``--norm`` swaps the norms of a model this package trained (its placement kept, or changed
+from Pre-LN).
+
 With ``--norm``/``--placement`` the swapped model is calibrated on sample text, optionally
 healed (``--heal-steps``: a short fine-tune of its norms), and the command prints held-out
 perplexities: the source, the swap before and after calibration, after healing.
@@ -11,13 +15,17 @@ writes beside ``--out`` and renames, so a failure leaves no partial output direc
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from .._argparse import OneLineParser
 from ..models import save_model
 from ..norms import NORMS
+from ..placements import HYPERSPHERE_NORMS, check_placement
 from .calibrate import calibrate
 from .evaluate import perplexity, sample_text
+from .export_command import load_localnorm
 from .heal import HEAL_MODES, heal
 from .hf import DTYPES, from_hf
 from .swap import SWAP_PLACEMENTS, check_swap, swap_model_norms
@@ -32,13 +40,16 @@ def build_parser() -> OneLineParser:
     parser = OneLineParser(prog=PROG, description="Convert a local Hugging Face checkpoint "
                            "(llama, mistral, qwen2, qwen3, gemma, gpt2) or an mlx-lm model "
                            "directory to a LocalNorm model that mlx_lm.load(path, "
-                           "trust_remote_code=True) reads.")
+                           "trust_remote_code=True) reads; or swap the norms of a LocalNorm "
+                           "model.")
     parser.add_argument("--hf-path", required=True, metavar="DIR",
-                        help="config.json, *.safetensors and tokenizer files")
+                        help="config.json, *.safetensors and tokenizer files (or a LocalNorm "
+                             "model directory)")
     parser.add_argument("--out", required=True, metavar="DIR", help="the model directory to write")
     parser.add_argument("--norm", choices=sorted(NORMS), help="swap every norm (default: keep)")
     parser.add_argument("--placement", choices=SWAP_PLACEMENTS,
-                        help="change the placement (default: keep Pre-LN)")
+                        help="change the placement (default: keep the source's; "
+                             "converted checkpoints are Pre-LN)")
     parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                         help="fit the swapped norms to the source's on sample text (default)")
     parser.add_argument("--calib-data", metavar="FILE",
@@ -70,6 +81,25 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out even if it holds files save_model did not write")
     return parser
+
+
+def read_source(path: str, dtype: str, norm: str | None, placement: str | None) -> tuple:
+    """``(model, tokenizer)``: a LocalNorm model directory through mlx-lm's loader, anything
+    else through ``from_hf``; the swap checked against the source's placement."""
+    config = Path(path) / "config.json"
+    if not (config.is_file() and json.loads(config.read_text()).get("model_type")
+            == "localnorm"):
+        return from_hf(path, dtype=dtype)
+    model, tokenizer = load_localnorm(path)
+    model.set_dtype(DTYPES[dtype])
+    source = model.args.placement
+    if (norm or placement) and source in HYPERSPHERE_NORMS:
+        raise ValueError(f"--hf-path: {path} is an {source} model (no norm layers, weights on "
+                         "the hypersphere); --norm/--placement swap the norms of the other "
+                         "placements")
+    if norm is not None:
+        check_placement(placement or source, norm)
+    return model, tokenizer
 
 
 def swap_and_calibrate(source, tokenizer, args) -> tuple:
@@ -113,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{args.heal_steps}")
     try:
         check_swap(args.norm, args.placement)
-        model, tokenizer = from_hf(args.hf_path, dtype=args.dtype)
+        model, tokenizer = read_source(args.hf_path, args.dtype, args.norm, args.placement)
         if args.norm is not None or args.placement is not None:
             model, rows, text = swap_and_calibrate(model, tokenizer, args)
             print_table(rows, text)

@@ -38,7 +38,8 @@ def swap_model_norms(model: Model, norm: str | None, placement: str | None) -> M
     Attention, MLP and embedding weights are copied (quantized layers stay quantized as they
     were). A new norm takes the old norm's gain
     (and bias, if both have one) when it sits in the same place: q/k norms always, block
-    and final norms for Pre-LN and LN-scaling. ``norm="seednorm"`` thus keeps the function.
+    and final norms when the placement is kept or both are Pre-LN/LN-scaling.
+    ``norm="seednorm"`` on an RMSNorm model thus keeps the function.
     """
     args = model.args
     norm = norm or args.norm_type
@@ -53,7 +54,8 @@ def swap_model_norms(model: Model, norm: str | None, placement: str | None) -> M
     norm_kinds = tuple(NORMS.values())
     new_norms = {p: m for p, m in new.named_modules() if isinstance(m, norm_kinds)}
     old_modules = dict(model.named_modules())
-    kept = new.args.placement in _SAME_POSITIONS
+    kept = new.args.placement == args.placement or {
+        new.args.placement, args.placement} <= set(_SAME_POSITIONS)
     weights = []
     for path, module in new_norms.items():
         old = old_modules.get(path)
