@@ -455,6 +455,24 @@ def test_qat_command_writes_a_model_mlx_lm_runs_and_prints_the_table(tmp_path, c
     assert "--model is required" in capsys.readouterr().err
 
 
+def test_qat_command_runs_dwq_at_the_widths_asked(tmp_path, capsys):
+    """--bits 2 3 --dwq-bits 3: a DWQ row for 3 bits only; widths outside --bits refused."""
+    from mlx_localnorm.quant.command import main
+
+    base, data = qat_fixture(tmp_path)
+    argv = ["--model", str(base), "--data", str(data), "--out", str(tmp_path / "q"),
+            "--bits", "2", "3", "--total-steps", "2", *SMALL]
+    assert main([*argv, "--dwq-bits", "3"]) == 0
+    rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()
+            if line.split()[:1] in (["2"], ["3"])]
+    assert rows == [["2", "ptq"], ["2", "qat"], ["3", "ptq"], ["3", "dwq"], ["3", "qat"]]
+    for bad in (["--dwq-bits", "4"], ["--dwq-bits", "3", "--no-dwq"]):
+        assert main([*argv, "--out", str(tmp_path / "x"), *bad]) == 2
+        err = capsys.readouterr().err
+        assert "--dwq-bits must be among --bits [2, 3]" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
 def test_qat_resume_continues_exactly(tmp_path):
     from mlx_localnorm.quant.train import QATConfig, QATTrainer
 

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: on)")
     parser.add_argument("--dwq", action=argparse.BooleanOptionalAction, default=True,
                         help="include mlx-lm's DWQ in the table (default: on)")
+    parser.add_argument("--dwq-bits", type=int, nargs="+", metavar="BITS",
+                        help="run DWQ at these of --bits only (it is slow on a CPU; default: "
+                        "all)")
     parser.add_argument("--dwq-learning-rate", type=float, default=1e-5,
                         help="DWQ's Adam learning rate (mlx-lm's default, 1e-6, is for "
                         "billion-parameter models; default: 1e-5)")
@@ -70,8 +73,10 @@ def configs_from(args: dict) -> tuple[list, bool]:
     return configs, resume
 
 
-def table(trainers: list, dwq: bool, dwq_lr: float) -> list[dict]:
-    """Rows of the results table for the finished runs (the float row first)."""
+def table(trainers: list, dwq: bool, dwq_lr: float, dwq_bits: list[int] | None = None
+          ) -> list[dict]:
+    """Rows of the results table for the finished runs (the float row first); DWQ rows
+    for the widths in ``dwq_bits`` (None: all)."""
     from .compare import evaluate, ptq_model, row
     from .train import load_float_model
 
@@ -82,7 +87,7 @@ def table(trainers: list, dwq: bool, dwq_lr: float) -> list[dict]:
         config, data = trainer.config, trainer.data
         ptq_loss = evaluate(ptq_model(config), config, data)
         rows.append(row(config, "ptq", ptq_loss, float_loss, None, "mlx_lm quantize_model"))
-        if dwq:
+        if dwq and (dwq_bits is None or config.bits in dwq_bits):
             rows.append(_dwq_row(trainer, dwq_lr, float_loss, ptq_loss))
         note = f"lr {config.learning_rate:g}, {'KL to float' if config.distill else 'CE'}"
         rows.append(row(config, "qat", evaluate(trainer.model, config, data), float_loss,
@@ -117,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         args = vars(build_parser().parse_args(argv))
         compare, dwq = args.pop("compare"), args.pop("dwq")
         dwq_lr, csv_path = args.pop("dwq_learning_rate"), args.pop("csv", None)
+        dwq_bits = args.pop("dwq_bits", None)
         configs, resume = configs_from(args)
+        if dwq_bits is not None and not (dwq and set(dwq_bits) <= {c.bits for c in configs}):
+            raise ValueError(f"--dwq-bits must be among --bits {[c.bits for c in configs]} "
+                             f"and needs --dwq, got {dwq_bits}")
     except (ValueError, TypeError) as err:
         return _fail(err, status=2)
     trainers = []
@@ -132,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             trainers.append(trainer)
         if compare:
-            rows = table(trainers, dwq, dwq_lr)
+            rows = table(trainers, dwq, dwq_lr, dwq_bits)
             print("\nHeld-out perplexity (" + _eval_words(configs[0]) + "):")
             print(format_table(rows))
             if csv_path:
