@@ -456,16 +456,21 @@ def test_qat_command_writes_a_model_mlx_lm_runs_and_prints_the_table(tmp_path, c
 
 
 def test_qat_command_runs_dwq_at_the_widths_asked(tmp_path, capsys):
-    """--bits 2 3 --dwq-bits 3: a DWQ row for 3 bits only; widths outside --bits refused."""
+    """--bits 2 3 --dwq-bits 3: a DWQ row for 3 bits only; widths outside --bits refused.
+    The QAT rows name their settings (learned scales and their rate)."""
     from mlx_localnorm.quant.command import main
 
     base, data = qat_fixture(tmp_path)
     argv = ["--model", str(base), "--data", str(data), "--out", str(tmp_path / "q"),
-            "--bits", "2", "3", "--total-steps", "2", *SMALL]
+            "--bits", "2", "3", "--total-steps", "2", "--learn-scales", "--scale-lr-ratio",
+            "0.5", *SMALL]
     assert main([*argv, "--dwq-bits", "3"]) == 0
-    rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()
-            if line.split()[:1] in (["2"], ["3"])]
+    lines = [line for line in capsys.readouterr().out.splitlines()
+             if line.split()[:1] in (["2"], ["3"])]
+    rows = [line.split()[:2] for line in lines]
     assert rows == [["2", "ptq"], ["2", "qat"], ["3", "ptq"], ["3", "dwq"], ["3", "qat"]]
+    assert all(line.endswith("lr 0.0001, CE, learned scales at 0.5x lr")
+               for line in lines if line.split()[1] == "qat")
     for bad in (["--dwq-bits", "4"], ["--dwq-bits", "3", "--no-dwq"]):
         assert main([*argv, "--out", str(tmp_path / "x"), *bad]) == 2
         err = capsys.readouterr().err

@@ -89,10 +89,17 @@ def table(trainers: list, dwq: bool, dwq_lr: float, dwq_bits: list[int] | None =
         rows.append(row(config, "ptq", ptq_loss, float_loss, None, "mlx_lm quantize_model"))
         if dwq and (dwq_bits is None or config.bits in dwq_bits):
             rows.append(_dwq_row(trainer, dwq_lr, float_loss, ptq_loss))
-        note = f"lr {config.learning_rate:g}, {'KL to float' if config.distill else 'CE'}"
         rows.append(row(config, "qat", evaluate(trainer.model, config, data), float_loss,
-                        ptq_loss, note))
+                        ptq_loss, _qat_note(config)))
     return rows
+
+
+def _qat_note(config) -> str:
+    note = f"lr {config.learning_rate:g}, {'KL to float' if config.distill else 'CE'}"
+    if config.learn_scales:
+        ratio = config.scale_lr_ratio
+        note += ", learned scales" + (f" at {ratio:g}x lr" if ratio != 1 else "")
+    return note
 
 
 def _dwq_row(trainer, learning_rate: float, float_loss: float, ptq_loss: float) -> dict:
