@@ -957,6 +957,16 @@ def test_cli_refuses_a_norm_swap_of_an_ngpt_model_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("config", ["[1, 2]", "{not json", '"localnorm"'])
+def test_cli_a_config_that_is_not_a_json_object_exits_1_in_one_line(config, tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text(config)
+    assert convert_cli("--hf-path", tmp_path / "src", "--out", tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert "config.json" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_heal_trains_only_the_norms_of_a_4_bit_model(tmp_path):
     mlx_lm_quantized("llama", 4, tmp_path / "q")
     source, tokenizer = ln.convert.from_hf(tmp_path / "q")

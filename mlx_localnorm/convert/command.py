@@ -86,9 +86,7 @@ def build_parser() -> OneLineParser:
 def read_source(path: str, dtype: str, norm: str | None, placement: str | None) -> tuple:
     """``(model, tokenizer)``: a LocalNorm model directory through mlx-lm's loader, anything
     else through ``from_hf``; the swap checked against the source's placement."""
-    config = Path(path) / "config.json"
-    if not (config.is_file() and json.loads(config.read_text()).get("model_type")
-            == "localnorm"):
+    if not _is_localnorm(path):
         return from_hf(path, dtype=dtype)
     model, tokenizer = load_localnorm(path)
     model.set_dtype(DTYPES[dtype])
@@ -100,6 +98,15 @@ def read_source(path: str, dtype: str, norm: str | None, placement: str | None) 
     if norm is not None:
         check_placement(placement or source, norm)
     return model, tokenizer
+
+
+def _is_localnorm(path: str) -> bool:
+    """Whether ``path``'s config.json names model_type 'localnorm' (save_model's)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False  # from_hf says what is wrong with the directory
+    return isinstance(config, dict) and config.get("model_type") == "localnorm"
 
 
 def swap_and_calibrate(source, tokenizer, args) -> tuple:

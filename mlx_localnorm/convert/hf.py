@@ -82,6 +82,9 @@ def _read_config(path: Path) -> dict:
         raw = json.loads(file.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"from_hf: {str(file)!r} is not valid JSON: {error}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"from_hf: {str(file)!r} must hold a JSON object, got "
+                         f"{type(raw).__name__}")
     model_type = raw.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ValueError(f"from_hf: model_type must be one of {', '.join(SUPPORTED_MODEL_TYPES)};"
