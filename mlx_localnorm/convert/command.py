@@ -22,7 +22,6 @@ from pathlib import Path
 from .._argparse import OneLineParser
 from ..models import save_model
 from ..norms import NORMS
-from ..placements import HYPERSPHERE_NORMS, check_placement
 from .calibrate import calibrate
 from .evaluate import perplexity, sample_text
 from .export_command import load_localnorm
@@ -90,13 +89,7 @@ def read_source(path: str, dtype: str, norm: str | None, placement: str | None) 
         return from_hf(path, dtype=dtype)
     model, tokenizer = load_localnorm(path)
     model.set_dtype(DTYPES[dtype])
-    source = model.args.placement
-    if (norm or placement) and source in HYPERSPHERE_NORMS:
-        raise ValueError(f"--hf-path: {path} is an {source} model (no norm layers, weights on "
-                         "the hypersphere); --norm/--placement swap the norms of the other "
-                         "placements")
-    if norm is not None:
-        check_placement(placement or source, norm)
+    check_swap(norm, placement, model.args.placement)
     return model, tokenizer
 
 

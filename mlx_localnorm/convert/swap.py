@@ -18,8 +18,9 @@ _SAME_POSITIONS = ("pre", "lnscaling")
 SWAP_PLACEMENTS = tuple(p for p in PLACEMENTS if p not in HYPERSPHERE_NORMS)
 
 
-def check_swap(norm: str | None, placement: str | None) -> None:
-    """Reject a norm or placement ``swap_model_norms`` cannot use, before any work."""
+def check_swap(norm: str | None, placement: str | None, source: str = "pre") -> None:
+    """Reject a norm or placement ``swap_model_norms`` cannot use on a model of placement
+    ``source`` (converted checkpoints are Pre-LN), before any work."""
     if norm is not None and (not isinstance(norm, str) or norm not in NORMS):
         raise ValueError(f"from_hf: norm must be None or one of {', '.join(sorted(NORMS))}, "
                          f"got {norm!r}")
@@ -28,8 +29,12 @@ def check_swap(norm: str | None, placement: str | None) -> None:
         raise ValueError(f"from_hf: placement must be None or one of "
                          f"{', '.join(SWAP_PLACEMENTS)} (nGPT/anGPT change more than norms), "
                          f"got {placement!r}")
-    if norm is not None:  # converted models are Pre-LN until swapped
-        check_placement(placement or "pre", norm)
+    if (norm or placement) and source in HYPERSPHERE_NORMS:
+        raise ValueError(f"from_hf: the source is an {source} model (no norm layers, weights "
+                         "on the hypersphere); norm/placement swaps work on the other "
+                         "placements")
+    if norm is not None:
+        check_placement(placement or source, norm)
 
 
 def swap_model_norms(model: Model, norm: str | None, placement: str | None) -> Model:
