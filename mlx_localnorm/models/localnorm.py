@@ -133,7 +133,12 @@ class Model(nn.Module):
                  input_embeddings: mx.array | None = None) -> mx.array:
         if input_embeddings is None:
             _check_tokens(inputs, self.args.vocab_size, cache)
-        h = self.model(inputs, cache, input_embeddings)
+        return self.head(self.model(inputs, cache, input_embeddings))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits of final hidden states ``h`` ``(..., D)``: the output projection (tied or
+        not), scaled by nGPT/anGPT's ``s_z``. Apart from the backbone ``self.model`` so a
+        loss can run it on the positions it trains on only."""
         if self.args.tie_word_embeddings:
             logits = self.model.embed_tokens.as_linear(h)
         else:

@@ -28,6 +28,7 @@ import numpy as np
 from ..data.sft import INSTRUCT_DIR, SFTBatches, load_sft, masked_cross_entropy
 from .adapters import MODES, NORM_PARAMS, apply_mode, parameter_counts, save_adapter
 from .config import check_field_types
+from .gathered_loss import gather_plan, gathered_cross_entropy, splits_head
 from .loop import TrainLoop, saved_config
 from .model_dir import load_model_dir
 from .schedule import lr_schedule
@@ -168,9 +169,17 @@ def resume_config(out_dir: str | Path, overrides: dict[str, Any] | None = None
     return saved_config(FinetuneConfig, out_dir, overrides, RESUMABLE_CHANGES)
 
 
-def _loss(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
-    loss = masked_cross_entropy(model(inputs), targets, mask)
+def _with_aux(model: nn.Module, loss: mx.array) -> mx.array:
     return loss + model.aux_loss() if hasattr(model, "aux_loss") else loss
+
+
+def _loss(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
+    return _with_aux(model, masked_cross_entropy(model(inputs), targets, mask))
+
+
+def _gathered_loss(model: nn.Module, inputs: mx.array, targets: mx.array, positions: mx.array,
+                   weights: mx.array) -> mx.array:
+    return _with_aux(model, gathered_cross_entropy(model, inputs, targets, positions, weights))
 
 
 class Finetuner(TrainLoop):
@@ -200,25 +209,35 @@ class Finetuner(TrainLoop):
         self.optimizer.init(self.model.trainable_parameters())
         # nGPT/anGPT keep their weights on the sphere; only full fine-tuning moves them.
         self._project = config.mode == "full" and hasattr(self.model, "project_weights")
+        # The package's models run their head on the trained positions only (gathered_loss).
+        self._gather = splits_head(self.model)
+        self._loss = _gathered_loss if self._gather else _loss
         self._start()
         self._train_step = self._compile_step()
 
     def _compile_step(self):
         model, optimizer, config = self.model, self.optimizer, self.config
         state = [model.state, optimizer.state, mx.random.state]
-        loss_and_grad = nn.value_and_grad(model, _loss)
+        loss_and_grad = nn.value_and_grad(model, self._loss)
 
         @partial(mx.compile, inputs=state, outputs=state)
-        def step(inputs, targets, mask):
-            loss, grads = loss_and_grad(model, inputs, targets, mask)
+        def step(*batch):
+            loss, grads = loss_and_grad(model, *batch)
             return self.apply_gradients(loss, grads, config.grad_clip)
 
         return step
 
+    def _loss_inputs(self, batches: SFTBatches, inputs: mx.array, targets: mx.array,
+                     mask: mx.array) -> tuple[mx.array, ...]:
+        """``self._loss``'s arguments after the model for one batch of ``batches``."""
+        if not self._gather:
+            return inputs, targets, mask
+        return inputs, targets, *gather_plan(mask, batches.trained_bound(inputs.shape[1]))
+
     # ------------------------------------------------------------------ loop hooks
     def train_step(self) -> dict[str, float]:
         inputs, targets, mask = next(self.batches)
-        loss = self._train_step(inputs, targets, mask)
+        loss = self._train_step(*self._loss_inputs(self.batches, inputs, targets, mask))
         if self._project:
             self.model.project_weights()
         mx.eval(loss, self.model.state, self.optimizer.state)
@@ -236,7 +255,8 @@ class Finetuner(TrainLoop):
             if i == self.config.eval_batches:
                 break
             tokens = mask.sum().item()
-            total += _loss(self.model, inputs, targets, mask).item() * tokens
+            batch = self._loss_inputs(self.valid_batches, inputs, targets, mask)
+            total += self._loss(self.model, *batch).item() * tokens
             count += tokens
         self.model.train()
         val_loss = total / max(count, 1.0)
