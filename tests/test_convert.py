@@ -982,6 +982,30 @@ def test_heal_trains_only_the_norms_of_a_4_bit_model(tmp_path):
     assert type(healed.layers[0].mlp.up_proj).__name__ == "QuantizedLinear"
 
 
+def test_heal_norm_params_weight_moves_the_norm_gains_only(tmp_path):
+    source, tokenizer = ln.convert.from_hf(FIXTURES / "llama_llama3")
+    target = ln.convert.from_hf(FIXTURES / "llama_llama3", norm="dyt")[0]
+    write_sample_text(tmp_path / "heal", source, tokenizer, rows=16, seed=1)
+    before = dict(tree_flatten(target.parameters()))
+    healed = ln.convert.heal(target, tokenizer, 3, tmp_path / "heal", norm_params="weight",
+                             progress=False)
+    after = dict(tree_flatten(healed.parameters()))
+    changed = {k for k in after if not np.array_equal(np.array(after[k]), np.array(before[k]))}
+    gains = {k for k in after if k.endswith("norm.weight") or k.endswith("layernorm.weight")}
+    assert changed == gains  # every DyT gain moved; its alpha and shift did not
+
+
+def test_cli_heal_norm_params_needs_heal_norms(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        convert_cli("--hf-path", FIXTURES / "llama_llama3", "--norm", "dyt", "--heal-steps",
+                    "2", "--heal", "lora", "--heal-norm-params", "weight",
+                    "--out", tmp_path / "out")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--heal-norm-params applies to --heal norms only" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_sample_text_too_short_exits_1(tmp_path, capsys):
     (tmp_path / "short.txt").write_text("w1 w2 w3")
     assert convert_cli("--hf-path", FIXTURES / "gpt2", "--out", tmp_path / "out", "--norm",

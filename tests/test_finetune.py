@@ -146,12 +146,19 @@ def test_norms_mode_moves_norm_parameters_and_nothing_else(case):
     assert all(not np.array_equal(after[k], before[k]) for k in norms)
 
 
-def test_norms_mode_gains_only():
-    model = tiny_model(norm_type="seednorm", placement="peri")
-    apply_mode(model, "norms", norm_params="gains")
+@pytest.mark.parametrize("norm, which, leaves", [
+    ("seednorm", "gains", {"weight"}),  # SeeDNorm has no bias
+    ("dyt", "all", {"alpha", "weight", "bias"}),
+    ("dyt", "gains", {"weight", "bias"}),
+    ("dyt", "weight", {"weight"}),
+])
+def test_norms_mode_subsets(norm, which, leaves):
+    model = tiny_model(norm_type=norm, placement="peri")
+    apply_mode(model, "norms", norm_params=which)
     names = set(flat(model.trainable_parameters()))
-    assert names and {n.rsplit(".", 1)[1] for n in names} == {"weight"}
-    assert all(v.ndim == 1 for k, v in flat(model.parameters()).items() if k in names)
+    assert names and {n.rsplit(".", 1)[1] for n in names} == leaves
+    norms = {n.rsplit(".", 1)[0] for n in norm_parameter_names(model)}
+    assert {n.rsplit(".", 1)[0] for n in names} == norms  # every norm layer, not a few
 
 
 def test_full_mode_trains_everything():
@@ -527,7 +534,8 @@ def test_only_the_package_model_file_is_trusted_without_the_flag(setup, tmp_path
 def test_norms_adapter_size_on_the_demo_model():
     """The demo model (SeeDNorm + Peri-LN, 8 blocks of 256): 4 norms per block, Peri-LN's
     embedding norm and the final norm, each with weight, alpha and beta of size 256.
-    Only their gains (--norm-params gains) stay under 0.1% of the model; all three: 0.29%."""
+    Only their gains (--norm-params gains) stay under 0.1% of the model; all three: 0.29%.
+    DyT's gain, shift and alpha: 0.195%; its gain alone (--norm-params weight): 0.097%."""
     from mlx_localnorm.models import Model
     from mlx_localnorm.train import PretrainConfig
 
@@ -539,6 +547,13 @@ def test_norms_adapter_size_on_the_demo_model():
     total = counts["all"][1]
     assert counts["gains"][0] == (8 * 4 + 2) * 256 and counts["all"][0] == 3 * 34 * 256
     assert counts["gains"][0] / total < 0.001 < counts["all"][0] / total
+    # Swapped to DyT (gain, shift and a scalar alpha per norm): only the gains stay under.
+    for which, size in (("all", 2 * 256 + 1), ("gains", 2 * 256), ("weight", 256)):
+        model = Model(PretrainConfig(norm="dyt").model_args(8192))
+        apply_mode(model, "norms", norm_params=which)
+        trainable, total = parameter_counts(model)
+        assert trainable == 34 * size
+        assert (trainable / total < 0.001) == (which == "weight"), which
 
 
 def test_finetune_command_runs_and_resumes_with_more_steps(setup, tmp_path, capsys):

@@ -22,6 +22,7 @@ from pathlib import Path
 from .._argparse import OneLineParser
 from ..models import save_model
 from ..norms import NORMS
+from ..train.adapters import NORM_PARAMS
 from .calibrate import calibrate
 from .evaluate import perplexity, sample_text
 from .export_command import load_localnorm
@@ -66,6 +67,9 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--heal", choices=HEAL_MODES, default="norms",
                         help="what healing trains: the norm parameters (default), LoRA "
                              "adapters (fused after) or everything")
+    parser.add_argument("--heal-norm-params", choices=NORM_PARAMS, default="all",
+                        help="--heal norms: all norm parameters (default), their gains "
+                             "(weight and bias) or their weight only")
     parser.add_argument("--heal-data", metavar="PATH",
                         help="mlx-lm JSONL (file, or directory with train.jsonl/valid.jsonl); "
                              "default: the embedded Shakespeare")
@@ -121,8 +125,9 @@ def swap_and_calibrate(source, tokenizer, args) -> tuple:
         rows.append(("swapped, calibrated", perplexity(target, text.held_out)))
     if args.heal_steps:
         target = heal(target, tokenizer, args.heal_steps, args.heal_data, mode=args.heal,
-                      run_dir=args.heal_dir)
-        rows.append((f"healed ({args.heal_steps} steps, {args.heal})",
+                      norm_params=args.heal_norm_params, run_dir=args.heal_dir)
+        what = args.heal + ("" if args.heal_norm_params == "all" else f" {args.heal_norm_params}")
+        rows.append((f"healed ({args.heal_steps} steps, {what})",
                      perplexity(target, text.held_out)))
     return target, rows, text
 
@@ -141,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                                and args.placement is None):
         parser.error(f"--heal-steps must be >= 0 and needs --norm or --placement, got "
                      f"{args.heal_steps}")
+    if args.heal_norm_params != "all" and args.heal != "norms":
+        parser.error(f"--heal-norm-params applies to --heal norms only, got --heal {args.heal}")
     try:
         check_swap(args.norm, args.placement)
         model, tokenizer = read_source(args.hf_path, args.dtype, args.norm, args.placement)

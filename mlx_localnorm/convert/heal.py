@@ -35,16 +35,18 @@ def shakespeare_jsonl(directory: Path) -> Path:
 
 
 def heal(model: Model, tokenizer, steps: int, data: str | Path | None = None, *,
-         mode: str = "norms", run_dir: str | Path | None = None, learning_rate=None,
-         batch_size: int = 4, max_seq_len: int = 256, progress: bool = True) -> Model:
+         mode: str = "norms", norm_params: str = "all", run_dir: str | Path | None = None,
+         learning_rate=None, batch_size: int = 4, max_seq_len: int = 256,
+         progress: bool = True) -> Model:
     """Fine-tune ``model`` for ``steps`` steps and return the trained model.
 
     ``mode``: ``"norms"`` trains only the norm parameters (gains, biases, SeeDNorm's
     ``alpha``/``beta``, DyT's ``alpha``; the default), ``"lora"`` or ``"full"`` as
-    ``mlx-localnorm finetune --mode``. ``data``: mlx-lm's JSONL (a file, or a directory with
-    train.jsonl and valid.jsonl); None = chunks of the embedded Shakespeare. ``run_dir``
-    keeps the run (metrics.jsonl, loss plot, adapter); None = a scratch directory. A quantized
-    model heals in ``norms`` mode: its norms are float.
+    ``mlx-localnorm finetune --mode``; ``norm_params`` (norms mode): ``"all"``, ``"gains"``
+    (weight and bias) or ``"weight"`` (the gain alone). ``data``: mlx-lm's JSONL (a file, or
+    a directory with train.jsonl and valid.jsonl); None = chunks of the embedded Shakespeare.
+    ``run_dir`` keeps the run (metrics.jsonl, loss plot, adapter); None = a scratch directory.
+    A quantized model heals in ``norms`` mode: its norms are float.
     """
     if mode not in HEAL_MODES:
         raise ValueError(f"heal: mode must be one of {HEAL_MODES}, got {mode!r}")
@@ -52,7 +54,7 @@ def heal(model: Model, tokenizer, steps: int, data: str | Path | None = None, *,
         scratch = Path(scratch)
         save_model(model, tokenizer, scratch / "model")
         config = FinetuneConfig(
-            model=str(scratch / "model"), mode=mode, steps=steps,
+            model=str(scratch / "model"), mode=mode, norm_params=norm_params, steps=steps,
             data=str(data if data is not None else shakespeare_jsonl(scratch / "data")),
             out_dir=str(run_dir if run_dir is not None else scratch / "run"),
             learning_rate=learning_rate, batch_size=batch_size, max_seq_len=max_seq_len,

@@ -46,9 +46,10 @@ LORA_DEFAULTS = {"rank": 8, "scale": 20.0, "dropout": 0.0}
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     *NORMS.values(), QKNorm, nn.RMSNorm, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm,
     nn.InstanceNorm)
-# "all": every parameter of a norm layer; "gains": only its gain and shift.
-NORM_PARAMS = ("all", "gains")
-_GAINS = ("weight", "bias")
+# Which parameters of a norm layer the norms mode trains: every one ("all"), its gain and
+# shift ("gains"), or its gain alone ("weight": one vector per norm, the smallest adapter).
+NORM_PARAMS = ("all", "gains", "weight")
+_SUBSETS = {"gains": ("weight", "bias"), "weight": ("weight",)}
 # Modules whose own (not their children's) vectors are nGPT/anGPT scales: s_q/s_k,
 # s_u/s_v, the blocks' alpha_attn/alpha_mlp and the logit scale s_z.
 _SCALE_HOLDERS = (Attention, MLP, NGPTBlock, ANGPTBlock, Model)
@@ -64,7 +65,7 @@ def _norm_keys(model: nn.Module, which: str):
         raise ValueError(f"norm_params must be one of {list(NORM_PARAMS)}, got {which!r}")
     for path, module in model.named_modules():
         if isinstance(module, NORM_TYPES):
-            keys = [k for k in _own_arrays(module) if which == "all" or k in _GAINS]
+            keys = [k for k in _own_arrays(module) if which == "all" or k in _SUBSETS[which]]
         elif isinstance(module, _SCALE_HOLDERS):
             keys = _own_arrays(module)
         else:
@@ -76,7 +77,8 @@ def _norm_keys(model: nn.Module, which: str):
 def norm_parameter_names(model: nn.Module, which: str = "all") -> list[str]:
     """Full names (as in ``tree_flatten(model.parameters())``) of the ``norms`` mode's
     parameters: those of the :data:`NORM_TYPES` layers (``which="gains"``: only their
-    ``weight`` and ``bias``) and the nGPT/anGPT scale vectors."""
+    ``weight`` and ``bias``; ``"weight"``: only their ``weight``) and the nGPT/anGPT scale
+    vectors."""
     return sorted(f"{path}.{k}" if path else k for path, _, keys in _norm_keys(model, which)
                   for k in keys)
 

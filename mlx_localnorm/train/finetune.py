@@ -65,8 +65,8 @@ class FinetuneConfig:
                                 "none = 20, or alpha / rank when alpha is set", default=None)
     alpha: float | None = _help("lora/dora alpha (scale = alpha / rank)", default=None)
     dropout: float = _help("lora/dora dropout on the adapter input", default=0.0)
-    norm_params: str = _help("norms: 'all' parameters of the norm layers or only their "
-                             "'gains' (weight, bias)", default="all")
+    norm_params: str = _help("norms: 'all' parameters of the norm layers, their 'gains' "
+                             "(weight, bias) or their 'weight' only", default="all")
     mask_prompt: bool = _help("leave prompt tokens out of the loss (completions, chat)",
                               default=True)
     batch_size: int = _help("examples per optimizer step", default=4)
