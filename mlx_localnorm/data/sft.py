@@ -335,8 +335,8 @@ class SFTBatches(Batches):
         self.num_sequences = len(examples)
         self.steps_per_epoch = math.ceil(len(examples) / batch_size)
         self.lengths = np.array([min(len(e.tokens) - 1, max_seq_len) for e in examples])
-        self.trained = np.array([np.count_nonzero(e.mask[1: n + 1])
-                                 for e, n in zip(examples, self.lengths)])
+        self._trained = np.array([np.count_nonzero(e.mask[1: n + 1])  # loss targets per row
+                                  for e, n in zip(examples, self.lengths)])
         self.epoch = self.step = 0
         self._order_epoch, self._order = -1, np.empty(0, np.int64)
         self._plan_key, self._plan = None, np.empty((0, batch_size), np.int64)
@@ -377,7 +377,7 @@ class SFTBatches(Batches):
         this rank: the sum of the ``batch_size // world_size`` largest counts among the
         examples that fit in ``width``. Fixed per width, so a loss that gathers the trained
         positions into this many rows compiles once per width, as the batch does."""
-        largest_first = np.sort(self.trained[self.lengths <= width])[::-1]
+        largest_first = np.sort(self._trained[self.lengths <= width])[::-1]
         return int(largest_first[: self.batch_size // self.world_size].sum())
 
     def _plan_for(self, epoch: int) -> np.ndarray:
