@@ -98,6 +98,14 @@ def test_an_empty_mask_gives_zero_not_nan():
     assert loss.item() == 0.0
 
 
+def test_out_of_range_token_ids_are_refused_as_by_the_model():
+    model = tiny_model()
+    inputs, targets, mask = batch()
+    inputs[0, 0] = VOCAB
+    with pytest.raises(ValueError, match="token ids must be in"):
+        gathered_cross_entropy(model, inputs, targets, *gather_plan(mask, 16))
+
+
 def test_which_models_split_their_head():
     assert splits_head(tiny_model())
     args = llama.ModelArgs(model_type="llama", hidden_size=16, num_hidden_layers=1,

@@ -131,14 +131,19 @@ class Model(nn.Module):
 
     def __call__(self, inputs: mx.array, cache=None,
                  input_embeddings: mx.array | None = None) -> mx.array:
+        return self.head(self.hidden_states(inputs, cache, input_embeddings))
+
+    def hidden_states(self, inputs: mx.array, cache=None,
+                      input_embeddings: mx.array | None = None) -> mx.array:
+        """The final hidden states ``(B, T, D)`` the head turns into logits."""
         if input_embeddings is None:
             _check_tokens(inputs, self.args.vocab_size, cache)
-        return self.head(self.model(inputs, cache, input_embeddings))
+        return self.model(inputs, cache, input_embeddings)
 
     def head(self, h: mx.array) -> mx.array:
         """Logits of final hidden states ``h`` ``(..., D)``: the output projection (tied or
-        not), scaled by nGPT/anGPT's ``s_z``. Apart from the backbone ``self.model`` so a
-        loss can run it on the positions it trains on only."""
+        not), scaled by nGPT/anGPT's ``s_z``. Apart from :meth:`hidden_states` so a loss can
+        run it on the positions it trains on only."""
         if self.args.tie_word_embeddings:
             logits = self.model.embed_tokens.as_linear(h)
         else:

@@ -17,10 +17,9 @@ import numpy as np
 
 
 def splits_head(model: nn.Module) -> bool:
-    """Whether ``model`` is a backbone ``model.model`` and a ``head`` method (as the
-    package's ``Model``), which :func:`gathered_cross_entropy` needs."""
-    return callable(getattr(type(model), "head", None)) and isinstance(
-        getattr(model, "model", None), nn.Module)
+    """Whether ``model`` has the ``hidden_states`` and ``head`` methods (as the package's
+    ``Model``) that :func:`gathered_cross_entropy` calls."""
+    return all(callable(getattr(type(model), name, None)) for name in ("hidden_states", "head"))
 
 
 def gather_plan(mask: mx.array, size: int) -> tuple[mx.array, mx.array]:
@@ -43,11 +42,11 @@ def gathered_cross_entropy(model: nn.Module, inputs: mx.array, targets: mx.array
     .. math:: L = \frac{\sum_k w_k\,\mathrm{CE}(\mathrm{head}(h_{p_k}), y_{p_k})}
                        {\max(1, \sum_k w_k)}
 
-    with ``h = model.model(inputs)`` flattened to ``(B T, D)``, ``p = positions``,
+    with ``h = model.hidden_states(inputs)`` flattened to ``(B T, D)``, ``p = positions``,
     ``w = weights`` (from :func:`gather_plan`) and ``y`` the flattened ``targets``; summed in
     float32.
     """
-    h = model.model(inputs)
+    h = model.hidden_states(inputs)
     rows = h.reshape(-1, h.shape[-1])[positions]
     ce = nn.losses.cross_entropy(model.head(rows), targets.reshape(-1)[positions])
     return (ce.astype(mx.float32) * weights).sum() / mx.maximum(weights.sum(), 1.0)
