@@ -579,6 +579,16 @@ def test_fitted_dyt_matches_a_float64_numpy_fit():
     np.testing.assert_allclose(f64(fitted.bias), b, rtol=1e-3, atol=1e-4)
 
 
+def test_recording_a_module_the_forward_pass_never_calls_is_a_clear_error():
+    from mlx_localnorm.convert.calibrate import record
+
+    source, _ = swapped("llama_llama3", norm="dyt")
+    source.spare = nn.RMSNorm(source.args.hidden_size)  # held by the model, never called
+    with pytest.raises(ValueError, match="never calls spare; there is nothing to fit"):
+        record(source, [sample(source, 2, 8, seed=1)], ["model.norm", "spare"])
+    assert type(source.model.norm).__name__ != "_Recorder"  # the model is left as it was
+
+
 def test_peri_output_norm_gain_fits_the_identity_on_the_branch_output():
     """RMSNorm gain w_j = <z_j, a_j> / <z_j, z_j>, z = a / RMS(a): about the output's RMS."""
     source, target = swapped("llama_llama3", placement="peri")

@@ -172,6 +172,10 @@ def record(model: Model, batches: list[mx.array], paths: list[str]) -> dict[str,
         for path in reversed(recorders):
             node, key = _parent(model, path)
             node[key] = recorders[path].module
+    missed = [path for path, r in recorders.items() if r.first_call is None]
+    if missed:
+        raise ValueError(f"calibrate: the forward pass never calls {', '.join(sorted(missed))}"
+                         f"; there is nothing to fit it to")
     called = sorted(recorders.items(), key=lambda item: item[1].first_call)
     return {path: (mx.concatenate(r.inputs), mx.concatenate(r.outputs)) for path, r in called}
 
