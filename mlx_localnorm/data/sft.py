@@ -337,6 +337,7 @@ class SFTBatches(Batches):
         self.lengths = np.array([min(len(e.tokens) - 1, max_seq_len) for e in examples])
         self._trained = np.array([np.count_nonzero(e.mask[1: n + 1])  # loss targets per row
                                   for e, n in zip(examples, self.lengths)])
+        self._bounds: dict[int, int] = {}
         self.epoch = self.step = 0
         self._order_epoch, self._order = -1, np.empty(0, np.int64)
         self._plan_key, self._plan = None, np.empty((0, batch_size), np.int64)
@@ -377,8 +378,10 @@ class SFTBatches(Batches):
         this rank: the sum of the ``batch_size // world_size`` largest counts among the
         examples that fit in ``width``. Fixed per width, so a loss that gathers the trained
         positions into this many rows compiles once per width, as the batch does."""
-        largest_first = np.sort(self._trained[self.lengths <= width])[::-1]
-        return int(largest_first[: self.batch_size // self.world_size].sum())
+        if width not in self._bounds:  # a sort over all examples: once per width
+            largest_first = np.sort(self._trained[self.lengths <= width])[::-1]
+            self._bounds[width] = int(largest_first[: self.batch_size // self.world_size].sum())
+        return self._bounds[width]
 
     def _plan_for(self, epoch: int) -> np.ndarray:
         """``(steps_per_epoch, batch_size)`` example indices of epoch ``epoch``, -1: empty."""
