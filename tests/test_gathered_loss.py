@@ -91,11 +91,17 @@ def test_value_and_gradient_equal_the_full_logits_masked_mean(case, slack):
         assert float(mx.abs(got_grads[name] - g).max()) < 1e-4 * scale, name
 
 
-def test_an_empty_mask_gives_zero_not_nan():
+@pytest.mark.parametrize("size", [0, 4])
+def test_an_empty_mask_gives_zero_loss_and_gradient(size):
+    """An all-masked batch (size 0: its width holds no trained token at all) is a zero
+    loss with zero gradients, not NaN or an error."""
     model = tiny_model()
     inputs, targets, _ = batch()
-    loss = gathered_cross_entropy(model, inputs, targets, *gather_plan(mx.zeros((3, 9)), 4))
+    plan = gather_plan(mx.zeros((3, 9)), size)
+    assert plan[0].size == max(size, 1) and plan[1].sum().item() == 0
+    loss, grads = nn.value_and_grad(model, gathered_cross_entropy)(model, inputs, targets, *plan)
     assert loss.item() == 0.0
+    assert all(float(mx.abs(g).max()) == 0 for _, g in tree_flatten(grads))
 
 
 def test_out_of_range_token_ids_are_refused_as_by_the_model():

@@ -24,12 +24,14 @@ def splits_head(model: nn.Module) -> bool:
 
 def gather_plan(mask: mx.array, size: int) -> tuple[mx.array, mx.array]:
     """``(positions, weights)``: the flat indices of ``mask``'s nonzero entries and their
-    values, padded to ``size`` with index 0 and weight 0 (the padding adds nothing)."""
+    values, padded to ``size`` (at least 1: the softmax needs a row even when nothing is
+    trained) with index 0 and weight 0 (the padding adds nothing)."""
     flat = np.array(mask, np.float32).reshape(-1)
     where = np.flatnonzero(flat)
     if len(where) > size:
         raise ValueError(f"gather_plan: mask has {len(where)} nonzero positions, more than "
                          f"size={size}")
+    size = max(size, 1)
     positions, weights = np.zeros(size, np.int32), np.zeros(size, np.float32)
     positions[: len(where)], weights[: len(where)] = where, flat[where]
     return mx.array(positions), mx.array(weights)
