@@ -1,7 +1,7 @@
 #!/bin/sh
 # 3-bit QAT of the demo model at the table's budget (100 steps x 8 x 64 tokens, KL to the
 # float model) under several settings; one CSV per setting, merged into
-# bench/results/qat_3bit_sweep.csv with a `setting` column. About 5 minutes per setting on
+# bench/results/qat_3bit_sweep.csv with a `setting` column. About 5-7 minutes per setting on
 # 2 CPU cores. The held-out set is the table's: read the best row as selected on it.
 set -eu
 out=${OUT:-runs/qat-sweep}
@@ -18,6 +18,8 @@ run lr1e-5 --learning-rate 1e-5
 run lsq-lr3e-5 --learning-rate 3e-5 --learn-scales
 run lsq-lr3e-5-ratio3 --learning-rate 3e-5 --learn-scales --scale-lr-ratio 3
 run lsq-lr3e-5-ratio0.3 --learning-rate 3e-5 --learn-scales --scale-lr-ratio 0.3
+run lsq-lr2e-5 --learning-rate 2e-5 --learn-scales
+run lsq-lr4e-5 --learning-rate 4e-5 --learn-scales
 run lsq-lr5e-5 --learning-rate 5e-5 --learn-scales
 python - "$out" <<'PY'
 import csv, sys
@@ -25,7 +27,7 @@ from pathlib import Path
 
 out = Path(sys.argv[1])
 names = ["lr3e-4", "lr1e-4", "lr3e-5", "lr1e-5", "lsq-lr3e-5", "lsq-lr3e-5-ratio3",
-         "lsq-lr3e-5-ratio0.3", "lsq-lr5e-5"]
+         "lsq-lr3e-5-ratio0.3", "lsq-lr2e-5", "lsq-lr4e-5", "lsq-lr5e-5"]
 rows = []
 for name in names:
     for row in csv.DictReader(open(out / f"{name}.csv")):
