@@ -9,8 +9,8 @@ The two alternate for ``--rounds`` rounds; each keeps its best round (noise only
 round down) and the median round is reported beside it. Tokens/s counts the
 trained (unmasked) tokens over the steps after ``--warmup`` (compilation), as mlx-lm reports
 them (its count, and its loss, include one padding target past each example's end: that
-favours it by one token per example); peak memory is MLX's peak from loading the model to the end of training. Targets:
-tokens/s >= 1.0x and peak memory <= 1.0x of mlx-lm's trainer.
+favours it by one token per example); peak memory is MLX's peak from loading the model to the
+end of training. Targets: tokens/s >= 1.0x and peak memory <= 1.0x of mlx-lm's trainer.
 """
 
 from __future__ import annotations
