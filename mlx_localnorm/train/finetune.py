@@ -211,14 +211,14 @@ class Finetuner(TrainLoop):
         self._project = config.mode == "full" and hasattr(self.model, "project_weights")
         # The package's models run their head on the trained positions only (gathered_loss).
         self._gather = splits_head(self.model)
-        self._loss = _gathered_loss if self._gather else _loss
+        self._loss_fn = _gathered_loss if self._gather else _loss
         self._start()
         self._train_step = self._compile_step()
 
     def _compile_step(self):
         model, optimizer, config = self.model, self.optimizer, self.config
         state = [model.state, optimizer.state, mx.random.state]
-        loss_and_grad = nn.value_and_grad(model, self._loss)
+        loss_and_grad = nn.value_and_grad(model, self._loss_fn)
 
         @partial(mx.compile, inputs=state, outputs=state)
         def step(*batch):
@@ -229,7 +229,7 @@ class Finetuner(TrainLoop):
 
     def _loss_inputs(self, batches: SFTBatches, inputs: mx.array, targets: mx.array,
                      mask: mx.array) -> tuple[mx.array, ...]:
-        """``self._loss``'s arguments after the model for one batch of ``batches``."""
+        """``self._loss_fn``'s arguments after the model for one batch of ``batches``."""
         if not self._gather:
             return inputs, targets, mask
         return inputs, targets, *gather_plan(mask, batches.trained_bound(inputs.shape[1]))
@@ -256,7 +256,7 @@ class Finetuner(TrainLoop):
                 break
             tokens = mask.sum().item()
             batch = self._loss_inputs(self.valid_batches, inputs, targets, mask)
-            total += self._loss(self.model, *batch).item() * tokens
+            total += self._loss_fn(self.model, *batch).item() * tokens
             count += tokens
         self.model.train()
         val_loss = total / max(count, 1.0)
