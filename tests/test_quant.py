@@ -423,11 +423,13 @@ SMALL = ["--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--log-e
 
 def test_qat_command_writes_a_model_mlx_lm_runs_and_prints_the_table(tmp_path, capsys):
     from mlx_localnorm.quant.command import main
+    from mlx_localnorm.quant.train import QATData
 
     base, data = qat_fixture(tmp_path)
     out = tmp_path / "q3"
     argv = ["--model", str(base), "--data", str(data), "--out", str(out), "--bits", "3",
-            "--total-steps", "3", "--distill", "--csv", str(tmp_path / "qat.csv"), *SMALL]
+            "--total-steps", "3", "--distill", "--csv", str(tmp_path / "qat.csv"), *SMALL,
+            "--eval-batches", "0"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     methods = [line.split()[1] for line in printed.splitlines()
@@ -437,6 +439,12 @@ def test_qat_command_writes_a_model_mlx_lm_runs_and_prints_the_table(tmp_path, c
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == methods
     assert all(float(r["val_ppl"]) > 1 for r in rows)  # DWQ ran too
+    # --eval-batches 0: every held-out batch of 2 x 16 tokens the held-out text fills
+    tokenizer = mlx_lm.load(str(base), trust_remote_code=True)[1]
+    valid = QATData(str(data), tokenizer, 2, 16, 0).tokens.valid
+    everything = (len(valid) - 1) // 16 // 2 * 2 * 16
+    assert everything > 64 and [r["eval_tokens"] for r in rows] == [str(everything)] * 4
+    assert f"Held-out perplexity ({everything:,} tokens):" in printed
     assert rows[3]["gap_recovered_pct"] != "" or float(rows[1]["val_ppl"]) <= float(
         rows[0]["val_ppl"])
     config = json.loads((out / "config.json").read_text())
@@ -605,3 +613,50 @@ def test_qat_on_fine_tuning_jsonl_masks_prompts_in_the_held_out_loss(tmp_path, c
     assert main(["--model", str(base), "--data", str(data), "--out", str(tmp_path / "o"),
                  "--total-steps", "2", *SMALL]) == 0
     assert "not run here on fine-tuning JSONL" in capsys.readouterr().out
+
+
+def test_held_out_zero_batches_means_all_and_tokens_are_counted(tmp_path):
+    """eval_batches=0 scores every held-out batch; the token count is what was scored (not
+    batches x batch x length, which overstates it when fewer batches exist)."""
+    from mlx_localnorm.quant.train import QATConfig, QATData, held_out_loss
+
+    base, data = qat_fixture(tmp_path)
+    model, tokenizer = mlx_lm.load(str(base), trust_remote_code=True)
+    held_out = QATData(str(data), tokenizer, batch_size=2, seq_len=16, seed=0)
+    sequences = (len(held_out.tokens.valid) - 1) // 16
+    everything = (sequences // 2) * 2 * 16
+    assert sequences >= 6
+    assert held_out.held_out_tokens(0) == everything
+    assert held_out.held_out_tokens(10_000) == everything
+    assert held_out.held_out_tokens(1) == 32
+    valid = held_out.tokens.valid[:everything + 1]
+    logits = np.array(model(mx.array(valid[:-1].reshape(-1, 16))), np.float64)
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    targets = valid[1:].reshape(-1, 16)
+    want = -np.take_along_axis(log_probs, targets[..., None], -1).mean()
+    np.testing.assert_allclose(held_out_loss(model, held_out, 0), want, rtol=1e-5)
+    assert QATConfig(model="m", eval_batches=0).eval_batches == 0
+    with pytest.raises(ValueError, match="eval_batches must be >= 0, got -1"):
+        QATConfig(model="m", eval_batches=-1)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_table_scores_real_quantized_models_through_their_dequantized_weights(tmp_path,
+                                                                               bits):
+    """The table's loss of mlx-lm's PTQ model equals the real quantized model's loss."""
+    from mlx_localnorm.quant.compare import evaluate, ptq_model
+    from mlx_localnorm.quant.train import QATConfig, QATData, held_out_loss
+
+    base, data = qat_fixture(tmp_path)
+    config = QATConfig(model=str(base), data=str(data), bits=bits, group_size=32,
+                       batch_size=2, seq_len=16, eval_batches=3)
+    held_out = QATData(config.data, mlx_lm.load(str(base), trust_remote_code=True)[1], 2,
+                       16, 0)
+    real = ptq_model(config)
+    assert type(real.model.embed_tokens) is nn.QuantizedEmbedding
+    want = held_out_loss(real, held_out, 3)
+    float_model = mlx_lm.load(str(base), trust_remote_code=True)[0]
+    assert abs(want - held_out_loss(float_model, held_out, 3)) > 1e-3  # quantization shows
+    np.testing.assert_allclose(evaluate(ptq_model(config), config, held_out), want,
+                               rtol=1e-6)

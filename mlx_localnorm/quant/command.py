@@ -82,15 +82,18 @@ def table(trainers: list, dwq: bool, dwq_lr: float, dwq_bits: list[int] | None =
 
     first = trainers[0]
     float_loss = evaluate(load_float_model(first.config.model)[0], first.config, first.data)
-    rows = [row(first.config, "float", float_loss, None, None)]
+    rows = [row(first.config, "float", float_loss, None, None,
+                eval_tokens=first.data.held_out_tokens(first.config.eval_batches))]
     for trainer in trainers:
         config, data = trainer.config, trainer.data
+        tokens = data.held_out_tokens(config.eval_batches)
         ptq_loss = evaluate(ptq_model(config), config, data)
-        rows.append(row(config, "ptq", ptq_loss, float_loss, None, "mlx_lm quantize_model"))
+        rows.append(row(config, "ptq", ptq_loss, float_loss, None, "mlx_lm quantize_model",
+                        tokens))
         if dwq and (dwq_bits is None or config.bits in dwq_bits):
-            rows.append(_dwq_row(trainer, dwq_lr, float_loss, ptq_loss))
+            rows.append(_dwq_row(trainer, dwq_lr, float_loss, ptq_loss, tokens))
         rows.append(row(config, "qat", evaluate(trainer.model, config, data), float_loss,
-                        ptq_loss, _qat_note(config)))
+                        ptq_loss, _qat_note(config), tokens))
     return rows
 
 
@@ -102,7 +105,8 @@ def _qat_note(config) -> str:
     return note
 
 
-def _dwq_row(trainer, learning_rate: float, float_loss: float, ptq_loss: float) -> dict:
+def _dwq_row(trainer, learning_rate: float, float_loss: float, ptq_loss: float,
+             tokens: int) -> dict:
     from .compare import dwq_model, evaluate, row
 
     config = trainer.config
@@ -116,7 +120,7 @@ def _dwq_row(trainer, learning_rate: float, float_loss: float, ptq_loss: float) 
         return row(config, "dwq", None, None, None,
                    f"failed here: {' '.join(str(err).split())[:80]}")
     return row(config, "dwq", evaluate(model, config, trainer.data), float_loss, ptq_loss,
-               f"mlx_lm.quant.dwq, lr {learning_rate:g}, same sequences")
+               f"mlx_lm.quant.dwq, lr {learning_rate:g}, same sequences", tokens)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             trainers.append(trainer)
         if compare:
             rows = table(trainers, dwq, dwq_lr, dwq_bits)
-            print("\nHeld-out perplexity (" + _eval_words(configs[0]) + "):")
+            print(f"\nHeld-out perplexity ({rows[0]['eval_tokens']:,} tokens):")
             print(format_table(rows))
             if csv_path:
                 print(f"Table: {write_csv(rows, csv_path)}")
@@ -159,11 +163,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Quantized model: {config.out_dir}  (mlx_lm.generate --model {config.out_dir} "
               "--trust-remote-code --prompt ...)")
     return 0
-
-
-def _eval_words(config) -> str:
-    return (f"{config.eval_batches} held-out batches of {config.batch_size} x "
-            f"{config.seq_len} tokens")
 
 
 def _fail(error: BaseException, status: int = 1) -> int:

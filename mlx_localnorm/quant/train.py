@@ -1,9 +1,9 @@
 """Quantization-aware fine-tuning: ``QATTrainer(config).run()`` loads a float model,
 swaps in fake-quantized layers (``prepare_qat``), trains them on a text corpus or mlx-lm
-fine-tuning JSONL with cross-entropy or distillation from the float model's logits, and writes the exported
-quantized model into ``out_dir`` (``mlx_lm.load`` reads it). It runs in the shared
-:class:`~mlx_localnorm.train.loop.TrainLoop`: progress bar, metrics, loss plot, Ctrl-C
-checkpoint and exact resume.
+fine-tuning JSONL with cross-entropy or distillation from the float model's logits, and
+writes the exported quantized model into ``out_dir`` (``mlx_lm.load`` reads it). It runs
+in the shared :class:`~mlx_localnorm.train.loop.TrainLoop`: progress bar, metrics, loss
+plot, Ctrl-C checkpoint and exact resume.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ class QATConfig:
     learning_rate: float = field(default=1e-4, metadata={"help": "Adam peak learning rate"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps"})
     eval_every: int = field(default=50, metadata={"help": "validate every N steps (0: end)"})
-    eval_batches: int = field(default=8, metadata={"help": "validation batches per eval"})
+    eval_batches: int = field(default=8, metadata={
+        "help": "held-out batches per evaluation (0: the whole held-out set)"})
     log_every: int = field(default=10, metadata={"help": "log metrics every N steps"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (0: end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept"})
@@ -82,11 +83,10 @@ class QATConfig:
                 raise TypeError(f"qat: {f.name} must be True or False, got {value!r}")
             if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
                 raise TypeError(f"qat: {f.name} must be an int, got {value!r}")
-        for name in ("batch_size", "seq_len", "total_steps", "eval_batches", "log_every",
-                     "keep_checkpoints"):
+        for name in ("batch_size", "seq_len", "total_steps", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"qat: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"qat: {name} must be >= 0, got {getattr(self, name)}")
         if isinstance(self.learning_rate, bool) or not (
@@ -185,8 +185,12 @@ class QATData:
         return _with_mask(next(self.train))
 
     def held_out(self, batches: int):
-        """The first ``batches`` validation batches, always the same."""
-        return (_with_mask(b) for b in islice(self.valid.epoch_batches(), batches))
+        """The first ``batches`` validation batches (0: all of them), always the same."""
+        return (_with_mask(b) for b in islice(self.valid.epoch_batches(), batches or None))
+
+    def held_out_tokens(self, batches: int) -> int:
+        """How many target tokens ``held_out(batches)`` scores (prompts excluded)."""
+        return int(sum(mask.sum().item() for _, _, mask in self.held_out(batches)))
 
 
 def cross_entropy(model: nn.Module, inputs: mx.array, targets: mx.array,
@@ -205,7 +209,7 @@ def distillation(model: nn.Module, inputs: mx.array, teacher_logits: mx.array,
 
 
 def held_out_loss(model: nn.Module, data: QATData, batches: int) -> float:
-    """Cross-entropy per target token over the first ``batches`` held-out batches."""
+    """Cross-entropy per target token over the first ``batches`` held-out batches (0: all)."""
     total, count = 0.0, 0.0
     for inputs, targets, mask in data.held_out(batches):
         tokens = mask.sum().item()
