@@ -41,8 +41,8 @@ def dwq_model(config: QATConfig, data: QATData, learning_rate: float, log: Path)
     batches = Batches(data.tokens.train, config.batch_size, config.seq_len, seed=config.seed)
     train = [(_sequence(next(batches), row), 0) for _ in range(config.total_steps)
              for row in range(config.batch_size)]
-    # DWQ logs a validation loss at its start and end only; one batch keeps that cheap (the
-    # table scores the result on the held-out set itself)
+    # DWQ logs a validation loss at its start, every 200 steps and at its end; one batch
+    # keeps that cheap (the table scores the result on the held-out set itself)
     valid = [(_sequence(batch, row), 0) for batch in data.held_out(1)
              for row in range(batch[0].shape[0])]
     with open(log, "w") as out, contextlib.redirect_stdout(out):
