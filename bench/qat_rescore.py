@@ -24,9 +24,8 @@ import mlx_localnorm  # noqa: F401  (before mlx.core: it picks the fast BLAS)
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.utils import dequantize_model
 
-from mlx_localnorm.quant.compare import ptq_model
+from mlx_localnorm.quant.compare import dequantized, ptq_model
 from mlx_localnorm.quant.train import QATConfig, QATData, load_float_model
 from mlx_localnorm.train.model_dir import load_model_dir
 
@@ -42,13 +41,6 @@ def sequence_losses(model, batches) -> np.ndarray:
                                      reduction="none")
         out.append(np.array(ce, np.float64).sum(-1))
     return np.concatenate(out)
-
-
-def dequantized(model):
-    """The same grid values as float weights (MLX's 3-bit quantized matmul is slow on a CPU)."""
-    model = dequantize_model(model)
-    mx.eval(model.parameters())
-    return model
 
 
 def gap_recovered(float_nll, ptq_nll, run_nll) -> float:
@@ -82,13 +74,14 @@ def main() -> None:
     base = sequence_losses(float_model, batches)
     ptq = sequence_losses(dequantized(ptq_model(config)), batches)
     resamples = np.random.default_rng(0).integers(0, len(base), (1000, len(base)))
+
     def perplexity(nll: np.ndarray) -> str:
         return f"{math.exp(nll.sum() / (SEQ_LEN * len(nll))):.2f}"
 
-    rows = [{"run": name, "setting": "", "bits": bits, "ppl_first128": perplexity(nll[:FIRST]),
+    rows = [{"run": name, "setting": "", "bits": width, "ppl_first128": perplexity(nll[:FIRST]),
              "gap_recovered_first128_pct": "", "ppl_all": perplexity(nll),
              "gap_recovered_all_pct": "", "bootstrap_sd_pct": "", "sequences": len(nll)}
-            for name, bits, nll in (("float", "", base), ("ptq", config.bits, ptq))]
+            for name, width, nll in (("float", "", base), ("ptq", config.bits, ptq))]
     for run in args.runs:
         nll = sequence_losses(dequantized(load_model_dir(str(run))[0]), batches)
         first = gap_recovered(base[:FIRST], ptq[:FIRST], nll[:FIRST])

@@ -58,16 +58,21 @@ def _sequence(batch, row: int) -> list[int]:
     return np.concatenate([np.array(inputs[row]), np.array(targets[row, -1:])]).tolist()
 
 
-def evaluate(model, config: QATConfig, data: QATData) -> float:
-    """Held-out loss. Real quantized layers are scored through their dequantized weights
-    (``mlx_lm.utils.dequantize_model``, in place): the same grid values, so the same loss up
-    to float rounding, and on a CPU MLX's 3-bit quantized matmul is ~25x slower than a float
-    one (7 s vs 0.28 s per 8 x 64 batch of the demo model)."""
+def dequantized(model):
+    """``model`` with its real quantized layers replaced, in place, by float layers holding
+    their dequantized weights (``mlx_lm.utils.dequantize_model``): the same grid values, so
+    the same loss up to float rounding, and on a CPU MLX's 3-bit quantized matmul is ~25x
+    slower than a float one (7 s vs 0.28 s per 8 x 64 batch of the demo model)."""
     from mlx_lm.utils import dequantize_model
 
     model = dequantize_model(model)
     mx.eval(model.parameters())  # dequantize once, not in every forward pass
-    return held_out_loss(model, data, config.eval_batches)
+    return model
+
+
+def evaluate(model, config: QATConfig, data: QATData) -> float:
+    """Held-out loss, real quantized layers scored through :func:`dequantized`."""
+    return held_out_loss(dequantized(model), data, config.eval_batches)
 
 
 def row(config: QATConfig, method: str, loss: float | None, float_loss: float | None,
