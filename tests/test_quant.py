@@ -530,15 +530,59 @@ def test_learned_scales_train_at_their_own_learning_rate(tmp_path, ratio):
     assert (moved == []) if ratio < 1 else moved
 
 
-def test_scale_lr_ratio_needs_learned_scales_and_a_positive_value(tmp_path):
+@pytest.mark.parametrize("embedding_ratio,scale_ratio", [(1.0, 1.0), (4.0, 1.0), (4.0, 0.25)])
+def test_each_parameter_group_steps_at_its_own_learning_rate(tmp_path, embedding_ratio,
+                                                             scale_ratio):
+    """The first step of MLX's Adam (no bias correction: m = 0.1 g, v = 0.001 g^2) moves a
+    parameter by sqrt(10) x its rate where |g| >> eps: the quantized embedding's weight at
+    embedding_lr_ratio x lr, learned scales and biases at scale_lr_ratio x lr, every other
+    trainable parameter at lr."""
+    from mlx_localnorm.quant.train import QATConfig, QATTrainer
+
+    base, data = qat_fixture(tmp_path)
+    lr = 1e-3
+    trainer = QATTrainer(QATConfig(
+        model=str(base), data=str(data), bits=2, group_size=32, batch_size=2, seq_len=16,
+        total_steps=1, warmup_steps=0, learning_rate=lr, eval_every=0, save_every=0,
+        progress=False, learn_scales=True, scale_lr_ratio=scale_ratio,
+        embedding_lr_ratio=embedding_ratio, out_dir=str(tmp_path / "r")))
+    before = {k: np.array(v) for k, v in tree_flatten(trainer.model.trainable_parameters())}
+    trainer.train_step()
+    after = {k: np.array(v) for k, v in tree_flatten(trainer.model.trainable_parameters())}
+    assert "model.embed_tokens.weight" in before and "model.embed_tokens.scales" in before
+    for key in before:
+        rate = np.sqrt(10) * lr * (embedding_ratio if key == "model.embed_tokens.weight" else
+                     scale_ratio if key.endswith((".scales", ".biases")) else 1.0)
+        step = np.abs(after[key].astype(np.float64) - before[key]).max()
+        assert step == pytest.approx(rate, rel=1e-3), key
+
+
+def test_embedding_lr_ratio_needs_a_quantized_embedding(tmp_path):
+    """Width 64 and groups of 128: the MLP's down projection is quantized, the embedding is
+    not, so the ratio would change nothing; say so."""
+    from mlx_localnorm.quant.train import QATConfig, QATTrainer
+
+    base, data = qat_fixture(tmp_path)
+    config = QATConfig(model=str(base), data=str(data), bits=4, group_size=128, batch_size=2,
+                       seq_len=16, total_steps=1, progress=False, embedding_lr_ratio=3.0,
+                       out_dir=str(tmp_path / "r"))
+    with pytest.raises(ValueError, match=r"embedding_lr_ratio=3 needs a quantized embedding.*"
+                       r"multiple of group_size=128"):
+        QATTrainer(config)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("name,needs", [("scale_lr_ratio", "learn_scales"),
+                                        ("embedding_lr_ratio", "embeddings")])
+def test_lr_ratios_need_their_group_and_a_positive_value(name, needs):
     from mlx_localnorm.quant.train import QATConfig
 
-    with pytest.raises(ValueError, match="scale_lr_ratio applies with learn_scales only"):
-        QATConfig(model="m", scale_lr_ratio=0.1)
-    for bad in (0.0, -1.0, float("nan"), True):
-        with pytest.raises(ValueError, match=f"scale_lr_ratio must be a positive number, got "
+    with pytest.raises(ValueError, match=f"{name} applies with {needs} only"):
+        QATConfig(model="m", **{needs: False, name: 0.1})
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match=f"{name} must be a positive number, got "
                            f"{bad!r}"):
-            QATConfig(model="m", learn_scales=True, scale_lr_ratio=bad)
+            QATConfig(model="m", learn_scales=True, **{name: bad})
 
 
 @pytest.mark.parametrize("argv,status,message", [

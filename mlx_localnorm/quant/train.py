@@ -30,7 +30,7 @@ from ..train.loop import TrainLoop
 from ..train.model_dir import load_model_dir
 from ..train.schedule import lr_schedule
 from .fake import check_quantization
-from .layers import prepare_qat
+from .layers import QATEmbedding, prepare_qat, qat_layers
 from .save import save
 
 
@@ -51,6 +51,9 @@ class QATConfig:
     scale_lr_ratio: float = field(default=1.0, metadata={
         "help": "learn_scales: the scales' and biases' learning rate as a fraction of "
         "learning_rate"})
+    embedding_lr_ratio: float = field(default=1.0, metadata={
+        "help": "the quantized embedding's (and so a tied head's) weight learning rate as a "
+        "multiple of learning_rate"})
     clip: bool = field(default=False, metadata={
         "help": "straight-through gradient zero where the grid saturates"})
     train_others: bool = field(default=True, metadata={
@@ -94,13 +97,15 @@ class QATConfig:
                 and math.isfinite(self.learning_rate)):
             raise ValueError(f"qat: learning_rate must be a positive number, got "
                              f"{self.learning_rate!r}")
-        ratio = self.scale_lr_ratio
-        if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and ratio > 0
-                                           and math.isfinite(ratio)):
-            raise ValueError(f"qat: scale_lr_ratio must be a positive number, got {ratio!r}")
-        if ratio != 1.0 and not self.learn_scales:
-            raise ValueError(f"qat: scale_lr_ratio applies with learn_scales only, got "
-                             f"{ratio!r} without it")
+        for name, needs in (("scale_lr_ratio", "learn_scales"),
+                            ("embedding_lr_ratio", "embeddings")):
+            ratio = getattr(self, name)
+            if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and ratio > 0
+                                               and math.isfinite(ratio)):
+                raise ValueError(f"qat: {name} must be a positive number, got {ratio!r}")
+            if ratio != 1.0 and not getattr(self, needs):
+                raise ValueError(f"qat: {name} applies with {needs} only, got {ratio!r} "
+                                 "without it")
         if self.learn_scales and self.mode != "affine":
             raise ValueError(f"qat: learn_scales needs mode='affine', got {self.mode!r}")
         if not self.model:
@@ -218,19 +223,33 @@ def held_out_loss(model: nn.Module, data: QATData, batches: int) -> float:
     return total / max(count, 1.0)
 
 
-def make_optimizer(config: QATConfig) -> optim.Optimizer:
-    """Adam on the warm-up + cosine schedule; with learned scales, a second Adam moves their
-    ``scales`` and ``biases`` at ``scale_lr_ratio`` times the rate (LSQ steps the scales
-    with their own size in mind, arXiv 1902.08153)."""
-    def adam(peak: float) -> optim.Adam:
-        return optim.Adam(learning_rate=lr_schedule(peak, config.total_steps,
-                                                    config.warmup_steps))
+def make_optimizer(config: QATConfig, model: nn.Module) -> optim.Optimizer:
+    """Adam on the warm-up + cosine schedule, per group at a multiple of the rate: with
+    learned scales their ``scales`` and ``biases`` at ``scale_lr_ratio`` (LSQ steps the scales
+    with their own size in mind, arXiv 1902.08153), the quantized embedding's weight at
+    ``embedding_lr_ratio`` (the tied embedding holds most of the 3-bit gap of the demo
+    model, docs/quant.md)."""
+    def adam(ratio: float) -> optim.Adam:
+        return optim.Adam(learning_rate=lr_schedule(config.learning_rate * ratio,
+                                                    config.total_steps, config.warmup_steps))
 
-    if not config.learn_scales:
-        return adam(config.learning_rate)
-    return optim.MultiOptimizer(
-        [adam(config.learning_rate), adam(config.learning_rate * config.scale_lr_ratio)],
-        [lambda path, _: not path.endswith((".scales", ".biases"))])
+    embedding_weights = {f"{path}.weight" for path, layer in qat_layers(model).items()
+                         if isinstance(layer, QATEmbedding)}
+    if config.embedding_lr_ratio != 1.0 and not embedding_weights:
+        raise ValueError(f"qat: embedding_lr_ratio={config.embedding_lr_ratio:g} needs a "
+                         "quantized embedding, and this model has none (its width must be a "
+                         f"multiple of group_size={config.group_size})")
+    groups = []  # (ratio, which parameters); the rest train at the peak rate itself
+    if config.embedding_lr_ratio != 1.0:
+        groups.append((config.embedding_lr_ratio,
+                       lambda path, _: path in embedding_weights))
+    if config.learn_scales:
+        groups.append((config.scale_lr_ratio,
+                       lambda path, _: path.endswith((".scales", ".biases"))))
+    if not groups:
+        return adam(1.0)
+    return optim.MultiOptimizer([adam(ratio) for ratio, _ in groups] + [adam(1.0)],
+                                [chosen for _, chosen in groups])
 
 
 class QATTrainer(TrainLoop):
@@ -246,7 +265,7 @@ class QATTrainer(TrainLoop):
         prepare_qat(self.model, config.bits, config.group_size, config.mode,
                     embeddings=config.embeddings, learn_scales=config.learn_scales,
                     clip=config.clip, train_others=config.train_others)
-        self.optimizer = make_optimizer(config)
+        self.optimizer = make_optimizer(config, self.model)
         self.optimizer.init(self.model.trainable_parameters())
         self._start()
         self._train_step = self._compile_step()
