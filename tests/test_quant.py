@@ -547,6 +547,7 @@ def test_each_parameter_group_steps_at_its_own_learning_rate(tmp_path, embedding
         progress=False, learn_scales=True, scale_lr_ratio=scale_ratio,
         embedding_lr_ratio=embedding_ratio, out_dir=str(tmp_path / "r")))
     before = {k: np.array(v) for k, v in tree_flatten(trainer.model.trainable_parameters())}
+    assert trainer._current_lr() == pytest.approx(lr)  # the logged rate is the peak one
     trainer.train_step()
     after = {k: np.array(v) for k, v in tree_flatten(trainer.model.trainable_parameters())}
     assert "model.embed_tokens.weight" in before and "model.embed_tokens.scales" in before

@@ -239,7 +239,7 @@ def make_optimizer(config: QATConfig, model: nn.Module) -> optim.Optimizer:
         raise ValueError(f"qat: embedding_lr_ratio={config.embedding_lr_ratio:g} needs a "
                          "quantized embedding, and this model has none (its width must be a "
                          f"multiple of group_size={config.group_size})")
-    groups = []  # (ratio, which parameters); the rest train at the peak rate itself
+    groups = []  # (ratio, which parameters); the rest train at the peak rate
     if config.embedding_lr_ratio != 1.0:
         groups.append((config.embedding_lr_ratio,
                        lambda path, _: path in embedding_weights))
@@ -248,8 +248,13 @@ def make_optimizer(config: QATConfig, model: nn.Module) -> optim.Optimizer:
                        lambda path, _: path.endswith((".scales", ".biases"))))
     if not groups:
         return adam(1.0)
-    return optim.MultiOptimizer([adam(ratio) for ratio, _ in groups] + [adam(1.0)],
-                                [chosen for _, chosen in groups])
+
+    def rest(path, value):
+        return not any(chosen(path, value) for _, chosen in groups)
+
+    # the peak-rate group first: its rate is the run's logged "lr"; the last takes the rest
+    return optim.MultiOptimizer([adam(1.0)] + [adam(ratio) for ratio, _ in groups],
+                                [rest] + [chosen for _, chosen in groups[:-1]])
 
 
 class QATTrainer(TrainLoop):
