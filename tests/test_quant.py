@@ -486,13 +486,15 @@ def test_qat_command_runs_dwq_at_the_widths_asked(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_qat_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("embedding_lr_ratio", [1.0, 3.0])
+def test_qat_resume_continues_exactly(tmp_path, embedding_lr_ratio):
+    """Also with three optimizer groups (scales, embedding, the rest) to restore."""
     from mlx_localnorm.quant.train import QATConfig, QATTrainer
 
     base, data = qat_fixture(tmp_path)
     settings = dict(model=str(base), data=str(data), bits=2, group_size=32, batch_size=2,
                     seq_len=16, total_steps=4, eval_batches=1, eval_every=0, save_every=0,
-                    progress=False, learn_scales=True)
+                    progress=False, learn_scales=True, embedding_lr_ratio=embedding_lr_ratio)
     straight = QATTrainer(QATConfig(**settings, out_dir=str(tmp_path / "a")))
     straight.run()
     first = QATTrainer(QATConfig(**settings, out_dir=str(tmp_path / "b")))
