@@ -55,6 +55,8 @@ def setting(run: Path) -> str:
     if c["learn_scales"]:
         words.append("learned scales" + (f" at {c['scale_lr_ratio']:g}x"
                                          if c["scale_lr_ratio"] != 1 else ""))
+    if not c["train_others"]:
+        words.append("norms frozen")
     if c.get("embedding_lr_ratio", 1) != 1:
         words.append(f"embedding at {c['embedding_lr_ratio']:g}x")
     return ", ".join(words)
