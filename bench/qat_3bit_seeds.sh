@@ -3,10 +3,10 @@
 # embedding at 3x, 200 steps x 4 x 64 tokens, KL to the float model) again at data-order
 # seeds 1 and 2 (seed 0 is the table's own run in runs/demo-qat/3bit), then scored on the
 # whole held-out set with bench/qat_rescore.py -> bench/results/qat_3bit_seeds.csv, beside
-# the same setting with the embedding at 1x (the previous table's, seeds 0-2) and three
-# variants at seed 0 (400 steps; norms frozen; the embedding at 0.1x), all in runs/qat-sweep
-# (made by the commands in docs/quant.md). About 5 minutes per seed and 1 per scored run on
-# 2 CPU cores.
+# runs in runs/qat-sweep made by the command below without --embedding-lr-ratio (the
+# previous table's setting): at seeds 0-2, and at seed 0 with --total-steps 400, with
+# --no-train-others, and with the embedding at 0.1x (a prototype of --embedding-lr-ratio
+# 0.1). About 4 minutes per seed and 1 per scored run on 2 CPU cores.
 set -eu
 out=${OUT:-runs/qat-seeds}
 table=${TABLE:-runs/demo-qat/3bit}
