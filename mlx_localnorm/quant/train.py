@@ -26,6 +26,7 @@ import numpy as np
 from ..data import Batches, Corpus, SFTBatches, load_corpus, load_sft, masked_cross_entropy
 from ..data.sft import read_jsonl
 from ..models import Model
+from ..optim._checks import check_positive
 from ..train.loop import TrainLoop
 from ..train.model_dir import load_model_dir
 from ..train.schedule import lr_schedule
@@ -92,20 +93,13 @@ class QATConfig:
         for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"qat: {name} must be >= 0, got {getattr(self, name)}")
-        if isinstance(self.learning_rate, bool) or not (
-                isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0
-                and math.isfinite(self.learning_rate)):
-            raise ValueError(f"qat: learning_rate must be a positive number, got "
-                             f"{self.learning_rate!r}")
+        for name in ("learning_rate", "scale_lr_ratio", "embedding_lr_ratio"):
+            check_positive(getattr(self, name), name, "qat")
         for name, needs in (("scale_lr_ratio", "learn_scales"),
                             ("embedding_lr_ratio", "embeddings")):
-            ratio = getattr(self, name)
-            if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and ratio > 0
-                                               and math.isfinite(ratio)):
-                raise ValueError(f"qat: {name} must be a positive number, got {ratio!r}")
-            if ratio != 1.0 and not getattr(self, needs):
-                raise ValueError(f"qat: {name} applies with {needs} only, got {ratio!r} "
-                                 "without it")
+            if getattr(self, name) != 1.0 and not getattr(self, needs):
+                raise ValueError(f"qat: {name} applies with {needs} only, got "
+                                 f"{getattr(self, name)!r} without it")
         if self.learn_scales and self.mode != "affine":
             raise ValueError(f"qat: learn_scales needs mode='affine', got {self.mode!r}")
         if not self.model:
@@ -233,14 +227,14 @@ def make_optimizer(config: QATConfig, model: nn.Module) -> optim.Optimizer:
         return optim.Adam(learning_rate=lr_schedule(config.learning_rate * ratio,
                                                     config.total_steps, config.warmup_steps))
 
-    embedding_weights = {f"{path}.weight" for path, layer in qat_layers(model).items()
-                         if isinstance(layer, QATEmbedding)}
-    if config.embedding_lr_ratio != 1.0 and not embedding_weights:
-        raise ValueError(f"qat: embedding_lr_ratio={config.embedding_lr_ratio:g} needs a "
-                         "quantized embedding, and this model has none (its width must be a "
-                         f"multiple of group_size={config.group_size})")
     groups = []  # (ratio, which parameters); the rest train at the peak rate
     if config.embedding_lr_ratio != 1.0:
+        embedding_weights = {f"{path}.weight" for path, layer in qat_layers(model).items()
+                             if isinstance(layer, QATEmbedding)}
+        if not embedding_weights:
+            raise ValueError(f"qat: embedding_lr_ratio={config.embedding_lr_ratio:g} needs a "
+                             "quantized embedding, and this model has none (its width must be "
+                             f"a multiple of group_size={config.group_size})")
         groups.append((config.embedding_lr_ratio,
                        lambda path, _: path in embedding_weights))
     if config.learn_scales:
