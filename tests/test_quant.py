@@ -465,19 +465,20 @@ def test_qat_command_writes_a_model_mlx_lm_runs_and_prints_the_table(tmp_path, c
 
 def test_qat_command_runs_dwq_at_the_widths_asked(tmp_path, capsys):
     """--bits 2 3 --dwq-bits 3: a DWQ row for 3 bits only; widths outside --bits refused.
-    The QAT rows name their settings (learned scales and their rate)."""
+    The QAT rows name their settings (learned scales and their rate, the averaging)."""
     from mlx_localnorm.quant.command import main
 
     base, data = qat_fixture(tmp_path)
     argv = ["--model", str(base), "--data", str(data), "--out", str(tmp_path / "q"),
             "--bits", "2", "3", "--total-steps", "2", "--learn-scales", "--scale-lr-ratio",
-            "0.5", *SMALL]
+            "0.5", "--average-last", "2", *SMALL]
     assert main([*argv, "--dwq-bits", "3"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines()
              if line.split()[:1] in (["2"], ["3"])]
     rows = [line.split()[:2] for line in lines]
     assert rows == [["2", "ptq"], ["2", "qat"], ["3", "ptq"], ["3", "dwq"], ["3", "qat"]]
-    assert all(line.endswith("lr 0.0001, CE, learned scales at 0.5x lr")
+    assert all(line.endswith("lr 0.0001, CE, learned scales at 0.5x lr, mean of the last 2 "
+                             "steps")
                for line in lines if line.split()[1] == "qat")
     for bad in (["--dwq-bits", "4"], ["--dwq-bits", "3", "--no-dwq"]):
         assert main([*argv, "--out", str(tmp_path / "x"), *bad]) == 2
@@ -486,15 +487,17 @@ def test_qat_command_runs_dwq_at_the_widths_asked(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("embedding_lr_ratio", [1.0, 3.0])
-def test_qat_resume_continues_exactly(tmp_path, embedding_lr_ratio):
-    """Also with three optimizer groups (scales, embedding, the rest) to restore."""
+@pytest.mark.parametrize("embedding_lr_ratio,average_last", [(1.0, 0), (3.0, 0), (1.0, 3)])
+def test_qat_resume_continues_exactly(tmp_path, embedding_lr_ratio, average_last):
+    """Also with three optimizer groups (scales, embedding, the rest) to restore, and with
+    an average whose window (steps 2-4) spans the interruption."""
     from mlx_localnorm.quant.train import QATConfig, QATTrainer
 
     base, data = qat_fixture(tmp_path)
     settings = dict(model=str(base), data=str(data), bits=2, group_size=32, batch_size=2,
                     seq_len=16, total_steps=4, eval_batches=1, eval_every=0, save_every=0,
-                    progress=False, learn_scales=True, embedding_lr_ratio=embedding_lr_ratio)
+                    progress=False, learn_scales=True, embedding_lr_ratio=embedding_lr_ratio,
+                    average_last=average_last)
     straight = QATTrainer(QATConfig(**settings, out_dir=str(tmp_path / "a")))
     straight.run()
     first = QATTrainer(QATConfig(**settings, out_dir=str(tmp_path / "b")))
@@ -507,6 +510,42 @@ def test_qat_resume_continues_exactly(tmp_path, embedding_lr_ratio):
     assert set(got) == set(want) and any(k.endswith(".scales") for k in got)
     for key, value in want.items():
         np.testing.assert_array_equal(np.array(got[key]), np.array(value), err_msg=key)
+
+
+def test_average_last_evaluates_and_exports_the_mean_of_the_last_steps(tmp_path):
+    """average_last=2 of 3 steps: the model mlx-lm loads from out_dir computes the logits of
+    a fresh QAT model holding the float64 mean of the trainable parameters the step-2 and
+    step-3 checkpoints saved (not those of step 3), and the last validation is its loss."""
+    from mlx_localnorm.quant.train import QATConfig, QATTrainer, held_out_loss, load_float_model
+
+    base, data = qat_fixture(tmp_path)
+    out = tmp_path / "r"
+    trainer = QATTrainer(QATConfig(
+        model=str(base), data=str(data), bits=3, group_size=32, batch_size=2, seq_len=16,
+        total_steps=3, warmup_steps=0, learning_rate=1e-2, eval_every=0, save_every=1,
+        keep_checkpoints=3, log_every=1, progress=False, learn_scales=True, average_last=2,
+        out_dir=str(out)))
+    trainable = [k for k, _ in tree_flatten(trainer.model.trainable_parameters())]
+    summary = trainer.run()
+    step2, step3 = (mx.load(str(out / "checkpoints" / f"step_000000{t}" / "model.safetensors"))
+                    for t in (2, 3))
+
+    def qat_model(weights):
+        model = load_float_model(str(base))[0]
+        prepare_qat(model, 3, 32, embeddings=True, learn_scales=True)
+        model.load_weights(list(weights.items()), strict=False)
+        return model
+
+    mean = {k: mx.array((np.array(step2[k], np.float64) + np.array(step3[k], np.float64)) / 2,
+                        mx.float32) for k in trainable}
+    averaged, last = qat_model(mean), qat_model({k: step3[k] for k in trainable})
+    exported = mlx_lm.load(str(out), trust_remote_code=True)[0]
+    tokens = mx.array([[1, 5, 9, 13, 17, 21, 25, 29]])
+    got, want, other = (np.array(m(tokens)) for m in (exported, averaged, last))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert np.abs(got - other).max() > 1e-2
+    assert summary["val_loss"] == pytest.approx(
+        held_out_loss(averaged, trainer.data, trainer.config.eval_batches), rel=1e-5)
 
 
 @pytest.mark.parametrize("ratio", [1.0, 1e-30])
@@ -586,6 +625,17 @@ def test_lr_ratios_need_their_group_and_a_positive_value(name, needs):
         with pytest.raises(ValueError, match=f"{name} must be a positive number, got "
                            f"{bad!r}"):
             QATConfig(model="m", learn_scales=True, **{name: bad})
+
+
+def test_average_last_must_fit_in_the_run():
+    from mlx_localnorm.quant.train import QATConfig
+
+    with pytest.raises(ValueError, match="average_last must be <= total_steps=10, got 11"):
+        QATConfig(model="m", total_steps=10, average_last=11)
+    with pytest.raises(ValueError, match="average_last must be >= 0, got -1"):
+        QATConfig(model="m", average_last=-1)
+    with pytest.raises(TypeError, match="average_last must be an int, got 2.5"):
+        QATConfig(model="m", average_last=2.5)
 
 
 @pytest.mark.parametrize("argv,status,message", [

@@ -1,9 +1,10 @@
 """Normalized optimizers: Muon (Newton–Schulz / Polar Express), NorMuon, Scion, LARS, LAMB,
-AdamW with float32 moments, weight constraints and parameter groups. All are
-``mlx.optimizers.Optimizer`` subclasses that work inside ``mx.compile`` and under
+AdamW with float32 moments, weight constraints, parameter groups and parameter averaging.
+All are ``mlx.optimizers.Optimizer`` subclasses that work inside ``mx.compile`` and under
 ``MultiOptimizer``."""
 
 from .adamw import AdamW
+from .averaged import Averaged
 from .constrained import Constrained
 from .groups import (
     OPTIMIZERS,
@@ -29,6 +30,7 @@ __all__ = [
     "POLAR_EXPRESS",
     "SCION_NORMS",
     "AdamW",
+    "Averaged",
     "Constrained",
     "MultiOptimizer",
     "Muon",

@@ -104,6 +104,8 @@ def _qat_note(config) -> str:
         note += ", learned scales" + (f" at {ratio:g}x lr" if ratio != 1 else "")
     if config.embedding_lr_ratio != 1:
         note += f", embedding at {config.embedding_lr_ratio:g}x lr"
+    if config.average_last:
+        note += f", mean of the last {config.average_last} steps"
     return note
 
 

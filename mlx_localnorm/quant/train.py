@@ -26,6 +26,7 @@ import numpy as np
 from ..data import Batches, Corpus, SFTBatches, load_corpus, load_sft, masked_cross_entropy
 from ..data.sft import read_jsonl
 from ..models import Model
+from ..optim import Averaged
 from ..optim._checks import check_positive
 from ..train.loop import TrainLoop
 from ..train.model_dir import load_model_dir
@@ -55,6 +56,9 @@ class QATConfig:
     embedding_lr_ratio: float = field(default=1.0, metadata={
         "help": "the quantized embedding's (and so a tied head's) weight learning rate as a "
         "multiple of learning_rate"})
+    average_last: int = field(default=0, metadata={
+        "help": "evaluate and export the mean of the parameters over the last N steps (SWA, "
+        "arXiv 1803.05407); 0: the last step's"})
     clip: bool = field(default=False, metadata={
         "help": "straight-through gradient zero where the grid saturates"})
     train_others: bool = field(default=True, metadata={
@@ -90,9 +94,13 @@ class QATConfig:
         for name in ("batch_size", "seq_len", "total_steps", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"qat: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "seed"):
+        for name in ("warmup_steps", "average_last", "eval_every", "eval_batches", "save_every",
+                     "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"qat: {name} must be >= 0, got {getattr(self, name)}")
+        if self.average_last > self.total_steps:
+            raise ValueError(f"qat: average_last must be <= total_steps={self.total_steps}, "
+                             f"got {self.average_last}")
         for name in ("learning_rate", "scale_lr_ratio", "embedding_lr_ratio"):
             check_positive(getattr(self, name), name, "qat")
         for name, needs in (("scale_lr_ratio", "learn_scales"),
@@ -218,6 +226,15 @@ def held_out_loss(model: nn.Module, data: QATData, batches: int) -> float:
 
 
 def make_optimizer(config: QATConfig, model: nn.Module) -> optim.Optimizer:
+    """:func:`group_optimizer`, wrapped in :class:`~mlx_localnorm.optim.Averaged` over the
+    last ``average_last`` steps when set."""
+    optimizer = group_optimizer(config, model)
+    if config.average_last:
+        optimizer = Averaged(optimizer, start=config.total_steps - config.average_last + 1)
+    return optimizer
+
+
+def group_optimizer(config: QATConfig, model: nn.Module) -> optim.Optimizer:
     """Adam on the warm-up + cosine schedule, per group at a multiple of the rate: with
     learned scales their ``scales`` and ``biases`` at ``scale_lr_ratio`` (LSQ steps the scales
     with their own size in mind, arXiv 1902.08153), the quantized embedding's weight at
@@ -292,8 +309,19 @@ class QATTrainer(TrainLoop):
         return {"loss": loss.item(), "tokens": self.tokens_per_step}
 
     def eval_metrics(self) -> dict[str, float]:
-        loss = held_out_loss(self.model, self.data, self.config.eval_batches)
+        """Held-out loss of the model as it would be exported (the running mean with
+        ``average_last``)."""
+        trained = self.model.trainable_parameters()
+        self._use_exported_weights()
+        try:
+            loss = held_out_loss(self.model, self.data, self.config.eval_batches)
+        finally:
+            self.model.update(trained)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
+
+    def _use_exported_weights(self) -> None:
+        if isinstance(self.optimizer, Averaged):
+            self.model.update(self.optimizer.averaged(self.model.trainable_parameters()))
 
     def state_dict(self) -> dict[str, Any]:
         return {"data": self.data.train.state_dict()}
@@ -302,7 +330,9 @@ class QATTrainer(TrainLoop):
         self.data.train.load_state_dict(state["data"])
 
     def finish(self) -> None:
-        """Export the real quantized model and write it into ``out_dir``."""
+        """Export the real quantized model and write it into ``out_dir``; ``self.model``
+        keeps the exported weights (the mean with ``average_last``)."""
+        self._use_exported_weights()
         staging = self.out_dir / ".export"
         if staging.exists():  # our scratch directory, left by a killed export
             shutil.rmtree(staging)
