@@ -150,8 +150,8 @@ def test_only_the_trained_parameters_are_averaged_and_the_rate_is_the_wrapped_on
 
 
 def test_bad_arguments_and_state_are_refused_naming_them():
-    with pytest.raises(TypeError, match="optimizer must be an mlx.optimizers.Optimizer, got "
-                       "dict"):
+    with pytest.raises(TypeError, match="Averaged: optimizer must be an "
+                       "mlx.optimizers.Optimizer, got dict"):
         Averaged({})
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match=rf"start must be an int >= 1, got {bad!r}"):

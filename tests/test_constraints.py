@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
 from mlx_localnorm import constraints as C
+from mlx_localnorm.optim import Constrained
 from mlx_localnorm.placements import ANGPTBlock, NGPTBlock
 
 
@@ -164,6 +165,9 @@ def test_bad_arguments_raise():
         C.project_tree(model.parameters(), eps=-1)
     with pytest.raises(TypeError, match="floating array, got dtype"):
         C.project(mx.zeros((2, 2), dtype=mx.int32), -1)
+    with pytest.raises(TypeError, match="Constrained: optimizer must be an "
+                       "mlx.optimizers.Optimizer, got dict"):
+        Constrained({})
 
 
 # ---- nGPT/anGPT residual updates with negative eigen learning rates --------------------------

@@ -7,8 +7,10 @@ import mlx.core as mx
 from mlx.optimizers import Optimizer
 from mlx.utils import tree_map
 
+from ._wrapper import Wrapper
 
-class Averaged(Optimizer):
+
+class Averaged(Wrapper):
     """Wrap ``optimizer`` and keep, beside its updates, the mean of the parameters it
     returns after updates ``start, start + 1, ..., t`` (counted from 1):
 
@@ -21,15 +23,10 @@ class Averaged(Optimizer):
     it exactly, and the update is pure on arrays, so it runs inside ``mx.compile``.
     """
 
-    # The base __init__ is not called: the learning rate and its schedule are the wrapped
-    # optimizer's.
     def __init__(self, optimizer: Optimizer, start: int = 1):
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError("Averaged: optimizer must be an mlx.optimizers.Optimizer, "
-                            f"got {type(optimizer).__name__}")
+        super().__init__(optimizer)
         if isinstance(start, bool) or not isinstance(start, int) or start < 1:
             raise ValueError(f"Averaged: start must be an int >= 1, got {start!r}")
-        self.optimizer = optimizer
         self.start = start
         self._averaging = {}
 
@@ -70,14 +67,6 @@ class Averaged(Optimizer):
         self.optimizer.state = state["optimizer"]
         self._averaging.clear()  # in place: a compiled step holds this dict
         self._averaging.update(state["averaging"])
-
-    @property
-    def learning_rate(self):
-        return self.optimizer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, learning_rate: float | mx.array):
-        self.optimizer.learning_rate = learning_rate
 
 
 def _blend(mean, updated, weight: mx.array) -> None:

@@ -3,13 +3,13 @@ arXiv 2505.22014)."""
 
 from __future__ import annotations
 
-import mlx.core as mx
 from mlx.optimizers import Optimizer
 
 from ..constraints import CONSTRAINT_MODES, project_tree
+from ._wrapper import Wrapper
 
 
-class Constrained(Optimizer):
+class Constrained(Wrapper):
     """Wrap ``optimizer`` so every update is followed by the residual-axis projection of
     :mod:`mlx_localnorm.constraints`:
 
@@ -20,16 +20,10 @@ class Constrained(Optimizer):
     schedules work unchanged. Projection is pure on arrays, so it runs inside ``mx.compile``.
     """
 
-    # The base __init__ is not called: all state lives in the wrapped optimizer.
     def __init__(self, optimizer: Optimizer, mode: str = "normalize", eps: float = 1e-6):
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                f"Constrained: optimizer must be an mlx.optimizers.Optimizer, "
-                f"got {type(optimizer).__name__}"
-            )
+        super().__init__(optimizer)
         if mode not in CONSTRAINT_MODES:
             raise ValueError(f"Constrained: mode must be one of {CONSTRAINT_MODES}, got {mode!r}")
-        self.optimizer = optimizer
         self.mode = mode
         self.eps = eps
 
@@ -47,11 +41,3 @@ class Constrained(Optimizer):
     @state.setter
     def state(self, state: dict):
         self.optimizer.state = state
-
-    @property
-    def learning_rate(self):
-        return self.optimizer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, learning_rate: float | mx.array):
-        self.optimizer.learning_rate = learning_rate
