@@ -1,15 +1,16 @@
 #!/bin/sh
-# The table's 3-bit QAT setting (bench/results/qat.csv: learned scales, lr 3e-5, the
-# embedding at 3x, 200 steps x 4 x 64 tokens, KL to the float model) again at data-order
-# seeds 1 and 2 (seed 0 is the table's own run in runs/demo-qat/3bit), then scored on the
+# The previous table's 3-bit QAT setting (learned scales, lr 3e-5, the embedding at 3x,
+# 200 steps x 4 x 64 tokens, KL to the float model, the last step's weights) again at
+# data-order seeds 1 and 2 (seed 0: the same command at seed 0, which
+# bench/qat_3bit_average.sh makes as runs/qat-average/last-seed0), then scored on the
 # whole held-out set with bench/qat_rescore.py -> bench/results/qat_3bit_seeds.csv, beside
 # runs in runs/qat-sweep made by the command below without --embedding-lr-ratio (the
-# previous table's setting): at seeds 0-2, and at seed 0 with --total-steps 400, with
+# setting before that): at seeds 0-2, and at seed 0 with --total-steps 400, with
 # --no-train-others, and with the embedding at 0.1x (a prototype of --embedding-lr-ratio
 # 0.1). About 4 minutes per seed and 1 per scored run on 2 CPU cores.
 set -eu
 out=${OUT:-runs/qat-seeds}
-table=${TABLE:-runs/demo-qat/3bit}
+table=${TABLE:-runs/qat-average/last-seed0}
 for seed in 1 2; do
     mlx-localnorm qat --model runs/demo --bits 3 --distill --learn-scales --learning-rate 3e-5 \
         --embedding-lr-ratio 3 --total-steps 200 --batch-size 4 --seq-len 64 \

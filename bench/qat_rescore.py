@@ -59,6 +59,8 @@ def setting(run: Path) -> str:
         words.append("norms frozen")
     if c.get("embedding_lr_ratio", 1) != 1:
         words.append(f"embedding at {c['embedding_lr_ratio']:g}x")
+    if c.get("average_last", 0):
+        words.append(f"mean of the last {c['average_last']} steps")
     return ", ".join(words)
 
 
