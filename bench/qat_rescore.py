@@ -54,7 +54,8 @@ def setting(run: Path) -> str:
              f"seed {c['seed']}"]
     if c["learn_scales"]:
         words.append("learned scales" + (f" at {c['scale_lr_ratio']:g}x"
-                                         if c["scale_lr_ratio"] != 1 else ""))
+                                         if c["scale_lr_ratio"] != 1 else "")
+                     + (" from MSE ranges" if c.get("scale_init") == "mse" else ""))
     if not c["train_others"]:
         words.append("norms frozen")
     if c.get("embedding_lr_ratio", 1) != 1:

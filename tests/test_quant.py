@@ -21,8 +21,8 @@ from mlx_lm.utils import quantize_model
 import mlx_localnorm as ln  # noqa: F401  (must load before mlx.core is used)
 from mlx_localnorm.models.quantized import quantized_layers
 from mlx_localnorm.quant import (QATEmbedding, QATLinear, export, fake_quantize,
-                                 fake_quantize_learned, pack_affine, prepare_qat, qat_layers,
-                                 save)
+                                 fake_quantize_learned, mse_scales_biases, pack_affine,
+                                 prepare_qat, qat_layers, save)
 from test_models import tiny_tokenizer
 
 # Every format mx.quantize documents: (mode, group_size, bits).
@@ -213,6 +213,72 @@ def test_learned_rejects_scales_of_the_wrong_shape():
         fake_quantize_learned(w, mx.ones((4, 2)), mx.zeros((4, 2)), 64, 7)
 
 
+def group_errors(w, w_hat, group_size):
+    """Squared error of each group, float64."""
+    d = np.asarray(w_hat, np.float64) - np.asarray(w, np.float64)
+    return (d**2).reshape(*d.shape[:-1], -1, group_size).sum(-1)
+
+
+def best_shrunk_range_errors(w, group_size, bits):
+    """Per group, the least squared error over the ranges [a min, a max], a = 1.00 .. 0.50,
+    in float64 NumPy (codes clipped to 0 .. 2^bits - 1)."""
+    groups = np.asarray(w, np.float64).reshape(*w.shape[:-1], -1, group_size)
+    low, high = groups.min(-1, keepdims=True), groups.max(-1, keepdims=True)
+    levels = 2**bits - 1
+    best = np.full(low.shape[:-1], np.inf)
+    for a in np.linspace(1.0, 0.5, 51):
+        s = np.maximum(a * (high - low) / levels, 1e-7)
+        q = np.clip(np.round((groups - a * low) / s), 0, levels)
+        best = np.minimum(best, ((s * q + a * low - groups) ** 2).sum(-1))
+    return best
+
+
+@pytest.mark.parametrize("group_size,bits", [(32, 2), (64, 3), (128, 4), (64, 8)])
+def test_mse_ranges_are_the_least_squared_error_of_min_max_and_the_shrunk_ranges(group_size,
+                                                                                   bits):
+    """Per group: error = min(MLX's min-max grid, the best shrunk range), each computed
+    here in float64; heavy-tailed rows so some groups gain from clipping and some do not."""
+    rng = np.random.default_rng(group_size + bits)
+    w = rng.standard_t(3, (6, 4 * group_size)) * np.exp(rng.normal(size=(6, 1)))
+    w = mx.array(w.astype(np.float32))
+    scales, biases = mse_scales_biases(w, group_size, bits)
+    assert scales.shape == biases.shape == (6, 4) and scales.dtype == mx.float32
+    got = group_errors(w, fake_quantize_learned(w, scales, biases, group_size, bits),
+                       group_size)
+    min_max = group_errors(w, mlx_grid(w, group_size, bits, "affine"), group_size)
+    shrunk = best_shrunk_range_errors(w, group_size, bits)
+    np.testing.assert_allclose(got, np.minimum(min_max, shrunk), rtol=1e-4)
+    assert (got < 0.9 * min_max).any() and (min_max < shrunk).any()  # both cases occur
+
+
+def test_mse_range_clips_an_outlier_and_keeps_a_flat_group_exact():
+    """Group 0: 63 small weights and one at 10: at 3 bits the grid gives up the outlier for
+    finer steps (its top code is below 10). Group 1: constant, reproduced exactly."""
+    rng = np.random.default_rng(0)
+    w = np.concatenate([rng.uniform(-1, 1, 63), [10.0], np.full(64, 0.3)])
+    w = mx.array(w.astype(np.float32)[None])
+    scales, biases = mse_scales_biases(w, 64, 3)
+    w_hat = np.array(fake_quantize_learned(w, scales, biases, 64, 3))[0]
+    top = float(scales[0, 0] * 7 + biases[0, 0])
+    assert top < 9.0 and w_hat[63] == pytest.approx(top, rel=1e-6)
+    errors = group_errors(w, w_hat[None], 64)[0]
+    assert errors[0] < 0.5 * group_errors(w, mlx_grid(w, 64, 3, "affine"), 64)[0, 0]
+    np.testing.assert_array_equal(w_hat[64:], np.full(64, 0.3, np.float32))
+
+
+def test_mse_ranges_keep_the_weights_dtype_and_check_their_arguments():
+    w = mx.random.normal((2, 128)).astype(mx.bfloat16)
+    scales, biases = mse_scales_biases(w, 64, 4)
+    assert scales.dtype == biases.dtype == mx.bfloat16  # as mx.quantize's
+    assert mse_scales_biases(mx.random.normal((3, 64)))[0].shape == (3, 1)  # 4 bits, 64
+    with pytest.raises(ValueError, match=r"mse_scales_biases: bits must be one of .* got 7"):
+        mse_scales_biases(w, 64, 7)
+    with pytest.raises(ValueError, match=r"shrinks must be factors in \(0, 1\], got \(1.2,\)"):
+        mse_scales_biases(w, 64, 4, shrinks=(1.2,))
+    with pytest.raises(ValueError, match="multiple of group_size=64"):
+        mse_scales_biases(mx.zeros((2, 96)), 64, 4)
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 8])
 def test_pack_affine_is_what_mx_dequantize_reads(bits):
     codes = np.random.default_rng(bits).integers(0, 2**bits, (3, 128))
@@ -258,12 +324,13 @@ def assert_logits_close(got, want):
 @pytest.mark.parametrize("bits,group_size,mode,learn", [
     (4, 64, "affine", False), (2, 32, "affine", False), (3, 128, "affine", False),
     (4, 32, "mxfp4", False), (4, 16, "nvfp4", False), (8, 32, "mxfp8", False),
-    (3, 64, "affine", True)])
+    (3, 64, "affine", True), (2, 64, "affine", "mse")])
 def test_export_is_the_fake_quantized_model(make, bits, group_size, mode, learn):
     model = make()
     # float-mode embeddings put the model in bfloat16 (see the next test): compare in float32
     embeddings = mode == "affine"
-    prepare_qat(model, bits, group_size, mode, embeddings=embeddings, learn_scales=learn)
+    prepare_qat(model, bits, group_size, mode, embeddings=embeddings, learn_scales=bool(learn),
+                scale_init="mse" if learn == "mse" else "minmax")
     if learn:  # move the learned scales and weights off their initial values
         opt = optim.Adam(learning_rate=1e-2)
         loss = nn.value_and_grad(model, lambda m: m(TOKENS).square().mean())
@@ -364,6 +431,11 @@ def test_bad_settings():
         prepare_qat(tiny(), 4, 32, "mxfp4", learn_scales=True)
     with pytest.raises(TypeError, match="embeddings must be True or False"):
         prepare_qat(tiny(), 4, 64, embeddings="yes")
+    with pytest.raises(ValueError, match=r"scale_init must be one of \('minmax', 'mse'\), "
+                       "got 'MSE'"):
+        prepare_qat(tiny(), 4, 64, learn_scales=True, scale_init="MSE")
+    with pytest.raises(ValueError, match="scale_init='mse' needs learn_scales=True"):
+        prepare_qat(tiny(), 4, 64, scale_init="mse")
     with pytest.raises(ValueError, match="export: model has no fake-quantized layers"):
         export(tiny())
     with pytest.raises(ValueError, match="predicate must return a bool or a dict"):
@@ -471,14 +543,14 @@ def test_qat_command_runs_dwq_at_the_widths_asked(tmp_path, capsys):
     base, data = qat_fixture(tmp_path)
     argv = ["--model", str(base), "--data", str(data), "--out", str(tmp_path / "q"),
             "--bits", "2", "3", "--total-steps", "2", "--learn-scales", "--scale-lr-ratio",
-            "0.5", "--average-last", "2", *SMALL]
+            "0.5", "--scale-init", "mse", "--average-last", "2", *SMALL]
     assert main([*argv, "--dwq-bits", "3"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines()
              if line.split()[:1] in (["2"], ["3"])]
     rows = [line.split()[:2] for line in lines]
     assert rows == [["2", "ptq"], ["2", "qat"], ["3", "ptq"], ["3", "dwq"], ["3", "qat"]]
-    assert all(line.endswith("lr 0.0001, CE, learned scales at 0.5x lr, mean of the last 2 "
-                             "steps")
+    assert all(line.endswith("lr 0.0001, CE, learned scales at 0.5x lr (MSE ranges), mean of "
+                             "the last 2 steps")
                for line in lines if line.split()[1] == "qat")
     for bad in (["--dwq-bits", "4"], ["--dwq-bits", "3", "--no-dwq"]):
         assert main([*argv, "--out", str(tmp_path / "x"), *bad]) == 2
@@ -625,6 +697,37 @@ def test_lr_ratios_need_their_group_and_a_positive_value(name, needs):
         with pytest.raises(ValueError, match=f"{name} must be a positive number, got "
                            f"{bad!r}"):
             QATConfig(model="m", learn_scales=True, **{name: bad})
+
+
+def test_scale_init_mse_starts_every_layer_from_its_mse_ranges(tmp_path):
+    """qat --scale-init mse: before the first step each quantized layer's scales and biases
+    are mse_scales_biases of its float weight (the embedding too); min-max is the default."""
+    from mlx_localnorm.quant.train import QATConfig, QATTrainer
+
+    base, data = qat_fixture(tmp_path)
+    float_weights = dict(tree_flatten(mlx_lm.load(str(base), trust_remote_code=True)[0]
+                                      .parameters()))
+    for init in ("mse", "minmax"):
+        trainer = QATTrainer(QATConfig(
+            model=str(base), data=str(data), bits=2, group_size=32, batch_size=2, seq_len=16,
+            total_steps=1, progress=False, learn_scales=True, scale_init=init,
+            out_dir=str(tmp_path / init)))
+        layers = qat_layers(trainer.model)
+        assert "model.embed_tokens" in layers and len(layers) > 1
+        for path, layer in layers.items():
+            w = float_weights[f"{path}.weight"]
+            want = mse_scales_biases(w, 32, 2) if init == "mse" else mx.quantize(w, 32, 2)[1:]
+            for got, expected in zip((layer.scales, layer.biases), want):
+                np.testing.assert_array_equal(np.array(got), np.array(expected), err_msg=path)
+
+
+def test_scale_init_is_checked():
+    from mlx_localnorm.quant.train import QATConfig
+
+    with pytest.raises(ValueError, match="scale_init must be one of .* got 'least-squares'"):
+        QATConfig(model="m", learn_scales=True, scale_init="least-squares")
+    with pytest.raises(ValueError, match="scale_init='mse' applies with learn_scales only"):
+        QATConfig(model="m", scale_init="mse")
 
 
 def test_average_last_must_fit_in_the_run():

@@ -102,6 +102,8 @@ def _qat_note(config) -> str:
     if config.learn_scales:
         ratio = config.scale_lr_ratio
         note += ", learned scales" + (f" at {ratio:g}x lr" if ratio != 1 else "")
+        if config.scale_init == "mse":
+            note += " (MSE ranges)"
     if config.embedding_lr_ratio != 1:
         note += f", embedding at {config.embedding_lr_ratio:g}x lr"
     if config.average_last:

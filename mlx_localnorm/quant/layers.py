@@ -10,23 +10,29 @@ from mlx.utils import tree_unflatten
 from mlx_lm.models.switch_layers import SwitchLinear
 
 from .fake import affine_codes, check_quantization, fake_quantize, fake_quantize_learned, \
-    pack_affine
+    mse_scales_biases, pack_affine
+
+SCALE_INITS = ("minmax", "mse")
 
 
 class FakeQuantized:
     """Mixin: the layer's float ``weight`` is the master copy; it computes with
     ``quantized_weight()``, MLX's grid of it (fixed scales, recomputed from the weight at
     every call as ``mx.quantize`` does) or the affine grid with learned per-group ``scales``
-    and ``biases`` (LSQ, arXiv 1902.08153; initialized from ``mx.quantize``)."""
+    and ``biases`` (LSQ, arXiv 1902.08153; initialized from ``mx.quantize``, or
+    ``mse_scales_biases`` with ``scale_init="mse"``)."""
 
     def _set_quantization(self, group_size: int, bits: int, mode: str, clip: bool,
-                          learn_scales: bool) -> None:
+                          learn_scales: bool, scale_init: str = "minmax") -> None:
         group_size, bits = check_quantization(group_size, bits, mode, type(self).__name__)
         self.group_size, self.bits, self.mode, self.clip = group_size, bits, mode, clip
         if learn_scales:
             if mode != "affine":  # the float modes' scales are powers of two / fp8 codes
                 raise ValueError(f"prepare_qat: learn_scales needs mode='affine', got {mode!r}")
-            _, self.scales, self.biases = mx.quantize(self.weight, group_size, bits)
+            if scale_init == "mse":
+                self.scales, self.biases = mse_scales_biases(self.weight, group_size, bits)
+            else:
+                _, self.scales, self.biases = mx.quantize(self.weight, group_size, bits)
 
     @property
     def learns_scales(self) -> bool:
@@ -66,11 +72,12 @@ class QATLinear(FakeQuantized, nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int, bits: int, mode: str = "affine",
-                    clip: bool = False, learn_scales: bool = False) -> QATLinear:
+                    clip: bool = False, learn_scales: bool = False,
+                    scale_init: str = "minmax") -> QATLinear:
         out_dims, in_dims = linear.weight.shape
         layer = cls(in_dims, out_dims, bias="bias" in linear)
         layer.update(linear.parameters())
-        layer._set_quantization(group_size, bits, mode, clip, learn_scales)
+        layer._set_quantization(group_size, bits, mode, clip, learn_scales, scale_init)
         return layer
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -98,10 +105,10 @@ class QATEmbedding(FakeQuantized, nn.Embedding):
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, group_size: int, bits: int,
                        mode: str = "affine", clip: bool = False,
-                       learn_scales: bool = False) -> QATEmbedding:
+                       learn_scales: bool = False, scale_init: str = "minmax") -> QATEmbedding:
         layer = cls(*embedding.weight.shape)
         layer.weight = embedding.weight
-        layer._set_quantization(group_size, bits, mode, clip, learn_scales)
+        layer._set_quantization(group_size, bits, mode, clip, learn_scales, scale_init)
         return layer
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -126,11 +133,11 @@ class QATSwitchLinear(FakeQuantized, SwitchLinear):
     @classmethod
     def from_switch(cls, switch: SwitchLinear, group_size: int, bits: int,
                     mode: str = "affine", clip: bool = False,
-                    learn_scales: bool = False) -> QATSwitchLinear:
+                    learn_scales: bool = False, scale_init: str = "minmax") -> QATSwitchLinear:
         experts, out_dims, in_dims = switch.weight.shape
         layer = cls(in_dims, out_dims, experts, bias="bias" in switch)
         layer.update(switch.parameters())
-        layer._set_quantization(group_size, bits, mode, clip, learn_scales)
+        layer._set_quantization(group_size, bits, mode, clip, learn_scales, scale_init)
         return layer
 
     def __call__(self, x, indices, sorted_indices=False):
@@ -169,7 +176,8 @@ def _layer_settings(choice, group_size: int, bits: int, mode: str) -> dict:
 
 def prepare_qat(model: nn.Module, bits: int | None = None, group_size: int | None = None,
                 mode: str = "affine", *, embeddings: bool = False, learn_scales: bool = False,
-                clip: bool = False, train_others: bool = True, predicate=None) -> nn.Module:
+                scale_init: str = "minmax", clip: bool = False, train_others: bool = True,
+                predicate=None) -> nn.Module:
     """Swap ``model``'s ``nn.Linear`` (and ``SwitchLinear``; ``nn.Embedding`` if
     ``embeddings``) layers for fake-quantized ones, in place; returns ``model``.
 
@@ -180,6 +188,8 @@ def prepare_qat(model: nn.Module, bits: int | None = None, group_size: int | Non
     Everything else (norms, biases, gates, other vectors) keeps its dtype and stays
     trainable unless ``train_others=False`` (then only the quantized weights and learned
     scales train). ``bits``/``group_size`` ``None``: the mode's default (affine: 4 and 64).
+    Learned scales start from ``mx.quantize``'s min-max grid (``scale_init="minmax"``) or
+    from each group's least-squared-error range (``"mse"``, :func:`mse_scales_biases`).
     """
     group_size, bits = check_quantization(group_size, bits, mode, "prepare_qat")
     for name, flag in (("embeddings", embeddings), ("learn_scales", learn_scales),
@@ -188,6 +198,12 @@ def prepare_qat(model: nn.Module, bits: int | None = None, group_size: int | Non
             raise TypeError(f"prepare_qat: {name} must be True or False, got {flag!r}")
     if learn_scales and mode != "affine":
         raise ValueError(f"prepare_qat: learn_scales needs mode='affine', got {mode!r}")
+    if scale_init not in SCALE_INITS:
+        raise ValueError(f"prepare_qat: scale_init must be one of {SCALE_INITS}, got "
+                         f"{scale_init!r}")
+    if scale_init != "minmax" and not learn_scales:
+        raise ValueError(f"prepare_qat: scale_init={scale_init!r} needs learn_scales=True (the "
+                         "fixed grid is mx.quantize's)")
     predicate = predicate or getattr(model, "quant_predicate", None)
     swaps = []
     for path, module in model.named_modules():
@@ -201,7 +217,7 @@ def prepare_qat(model: nn.Module, bits: int | None = None, group_size: int | Non
             continue
         settings = _layer_settings(choice, group_size, bits, mode)
         swaps.append((path, _SWAPS[kind][1](module, **settings, clip=clip,
-                                            learn_scales=learn_scales)))
+                                            learn_scales=learn_scales, scale_init=scale_init)))
     model.update_modules(tree_unflatten(swaps))
     if not train_others:
         model.freeze()

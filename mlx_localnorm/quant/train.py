@@ -32,7 +32,7 @@ from ..train.loop import TrainLoop
 from ..train.model_dir import load_model_dir
 from ..train.schedule import lr_schedule
 from .fake import check_quantization
-from .layers import QATEmbedding, prepare_qat, qat_layers
+from .layers import SCALE_INITS, QATEmbedding, prepare_qat, qat_layers
 from .save import save
 
 
@@ -50,6 +50,9 @@ class QATConfig:
         "help": "quantize the embedding (and a tied head) too, as mlx_lm's quantize_model"})
     learn_scales: bool = field(default=False, metadata={
         "help": "learn each group's scale and bias (LSQ+, affine only)"})
+    scale_init: str = field(default="minmax", metadata={
+        "help": "learn_scales: start from mx.quantize's min-max grid (minmax) or each "
+        "group's least-squared-error range (mse)"})
     scale_lr_ratio: float = field(default=1.0, metadata={
         "help": "learn_scales: the scales' and biases' learning rate as a fraction of "
         "learning_rate"})
@@ -110,6 +113,12 @@ class QATConfig:
                                  f"{getattr(self, name)!r} without it")
         if self.learn_scales and self.mode != "affine":
             raise ValueError(f"qat: learn_scales needs mode='affine', got {self.mode!r}")
+        if self.scale_init not in SCALE_INITS:
+            raise ValueError(f"qat: scale_init must be one of {SCALE_INITS}, got "
+                             f"{self.scale_init!r}")
+        if self.scale_init != "minmax" and not self.learn_scales:
+            raise ValueError(f"qat: scale_init={self.scale_init!r} applies with learn_scales "
+                             "only")
         if not self.model:
             raise ValueError("qat: --model is required (a float model directory)")
 
@@ -280,7 +289,8 @@ class QATTrainer(TrainLoop):
         self.tokens_per_step = config.batch_size * config.seq_len
         prepare_qat(self.model, config.bits, config.group_size, config.mode,
                     embeddings=config.embeddings, learn_scales=config.learn_scales,
-                    clip=config.clip, train_others=config.train_others)
+                    scale_init=config.scale_init, clip=config.clip,
+                    train_others=config.train_others)
         self.optimizer = make_optimizer(config, self.model)
         self.optimizer.init(self.model.trainable_parameters())
         self._start()
