@@ -584,6 +584,29 @@ def test_qat_resume_continues_exactly(tmp_path, embedding_lr_ratio, average_last
         np.testing.assert_array_equal(np.array(got[key]), np.array(value), err_msg=key)
 
 
+def test_qat_resume_refuses_changed_settings_by_name(tmp_path):
+    """A setting that shaped the checkpoint (the averaging window, the learning rate) cannot
+    change on resume: a ValueError naming it, before anything is loaded or written; how the
+    run reports (progress, evaluation batches) can."""
+    from mlx_localnorm.quant.train import QATConfig, QATTrainer
+
+    base, data = qat_fixture(tmp_path)
+    settings = dict(model=str(base), data=str(data), bits=2, group_size=32, batch_size=2,
+                    seq_len=16, total_steps=4, eval_batches=1, eval_every=0, save_every=0,
+                    progress=False, learn_scales=True, average_last=3,
+                    out_dir=str(tmp_path / "r"))
+    assert QATTrainer(QATConfig(**settings)).run(until=2)["interrupted"]
+    saved = (tmp_path / "r" / "train_config.json").read_text()
+    for name, value in (("average_last", 0), ("learning_rate", 1e-3)):
+        with pytest.raises(ValueError, match=f"resume: {name} cannot change in a resumed run "
+                           f"\\(saved {settings.get(name, 1e-4)!r}, given {value!r}\\)"):
+            QATTrainer(QATConfig(**{**settings, name: value}), resume=True)
+    assert (tmp_path / "r" / "train_config.json").read_text() == saved
+    resumed = QATTrainer(QATConfig(**{**settings, "progress": True, "eval_batches": 2}),
+                         resume=True)
+    assert resumed.step == 2
+
+
 def test_average_last_evaluates_and_exports_the_mean_of_the_last_steps(tmp_path):
     """average_last=2 of 3 steps: the model mlx-lm loads from out_dir computes the logits of
     a fresh QAT model holding the float64 mean of the trainable parameters the step-2 and

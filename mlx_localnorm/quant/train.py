@@ -280,6 +280,10 @@ def group_optimizer(config: QATConfig, model: nn.Module) -> optim.Optimizer:
 class QATTrainer(TrainLoop):
     """One QAT run (see the module docstring)."""
 
+    # what only changes how the run reports and checkpoints; the rest shapes its state
+    resumable = ("eval_every", "eval_batches", "log_every", "save_every", "keep_checkpoints",
+                 "progress")
+
     def __init__(self, config: QATConfig, resume: bool = False):
         super().__init__(config, resume)
         self.model, self.tokenizer, self.model_config = load_float_model(config.model)

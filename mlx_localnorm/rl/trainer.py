@@ -22,7 +22,7 @@ from mlx_lm.sample_utils import make_sampler
 from ..train.adapters import apply_mode, save_adapter
 from ..train.loop import TrainLoop
 from ..train.model_dir import load_model_dir, save_model_dir
-from .config import GRPOConfig
+from .config import RESUMABLE_CHANGES, GRPOConfig
 from .plot import plot_rewards
 from .rewards import RewardFn, combine_rewards, load_prompts, load_reward
 from .step import evaluate, grpo_step
@@ -63,6 +63,8 @@ def prompt_batch(records: list[dict], step: int, size: int, seed: int) -> list[d
 
 class GRPOTrainer(TrainLoop):
     """One GRPO run (see the module docstring); ``reward`` defaults to the config's."""
+
+    resumable = RESUMABLE_CHANGES
 
     def __init__(self, config: GRPOConfig, resume: bool = False,
                  reward: RewardFn | None = None):

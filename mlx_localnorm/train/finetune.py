@@ -186,6 +186,7 @@ class Finetuner(TrainLoop):
     """One fine-tuning run (see the module docstring)."""
 
     evaluate_at_start = True  # the curve starts at the model's validation loss
+    resumable = RESUMABLE_CHANGES
 
     def __init__(self, config: FinetuneConfig, resume: bool = False):
         super().__init__(config, resume)

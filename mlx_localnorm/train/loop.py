@@ -58,10 +58,27 @@ def saved_config(config_cls: type, out_dir: str | Path, overrides: dict[str, Any
     return config_cls.from_dict(saved, where=str(path))
 
 
+def check_resumed_config(config: Any, out_dir: Path, resumable: tuple[str, ...]) -> None:
+    """ValueError naming the first field of ``config`` outside ``resumable`` (and
+    ``out_dir``) that differs from the run's saved config: a checkpoint holds what the saved
+    settings shaped (e.g. an optimizer state), so a changed one would fail or silently mix."""
+    path = out_dir / CONFIG_FILE
+    if not path.is_file():
+        return  # a checkpoint without its config: the checkpoint's own checks apply
+    saved = json.loads(path.read_text())
+    given = json.loads(json.dumps(config.to_dict()))  # tuples -> lists, as saved
+    for key, value in given.items():
+        if key in saved and saved[key] != value and key not in (*resumable, "out_dir"):
+            raise ValueError(f"resume: {key} cannot change in a resumed run (saved "
+                             f"{saved[key]!r}, given {value!r}); only "
+                             f"{', '.join(resumable)} can")
+
+
 class TrainLoop:
     """One training run's loop (see the module docstring)."""
 
     evaluate_at_start = False
+    resumable: tuple[str, ...] = ()  # config fields a resumed run may change
 
     def __init__(self, config: Any, resume: bool = False):
         self.config = config
@@ -78,6 +95,8 @@ class TrainLoop:
             raise ValueError(f"{self.out_dir} already holds a run (checkpoints up to "
                              f"{self._checkpoints[-1].name}); pass --resume to continue it or "
                              "choose another out_dir")
+        if resume:
+            check_resumed_config(config, self.out_dir, self.resumable)
         self.resume = resume
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
         self._saved_step = None  # the step whose checkpoint is on disk, if any

@@ -91,6 +91,8 @@ def _cross_entropy(model: Model, inputs: mx.array, targets: mx.array) -> mx.arra
 class Pretrainer(TrainLoop):
     """One pre-training run (see the module docstring)."""
 
+    resumable = RESUMABLE_CHANGES
+
     def __init__(self, config: PretrainConfig, resume: bool = False):
         world = mx.distributed.init().size()
         if config.batch_size % (world * config.grad_accum):
