@@ -1,6 +1,6 @@
 #!/bin/sh
 # One change to the table's 3-bit QAT setting, paired with the table's setting by data-order
-# seed 0-4:
+# seed (0-4 unless SEEDS says otherwise):
 #     sh bench/qat_3bit_setting.sh NAME QAT_FLAG...
 # trains runs/qat-setting/NAME-seed0..4 with the table's command (bench/results/qat.csv:
 # learned scales, lr 3e-5, the embedding at 3x, 200 steps x 4 x 64 tokens, KL to the float
@@ -9,7 +9,7 @@
 # runs/qat-average/mean50-seed*, made first if missing) on the whole held-out set with
 # bench/qat_rescore.py -> bench/results/qat_3bit_NAME.csv. A run whose directory already
 # holds a finished model is kept. About 4 minutes per run and 1 per scored run on 2 CPU
-# cores. E.g. `sh bench/qat_3bit_setting.sh mse --scale-init mse`.
+# cores. E.g. `sh bench/qat_3bit_setting.sh mse --scale-init mse`; SEEDS="0 1 2" for fewer.
 set -eu
 [ $# -ge 2 ] || { echo "usage: sh $0 NAME QAT_FLAG..." >&2; exit 2; }
 name=$1
@@ -23,7 +23,7 @@ qat() {
         --no-progress "$@"
 }
 runs=""
-for seed in 0 1 2 3 4; do
+for seed in ${SEEDS:-0 1 2 3 4}; do
     [ -f "$table/mean50-seed$seed/config.json" ] || qat --seed "$seed" --out "$table/mean50-seed$seed"
     [ -f "$out/$name-seed$seed/config.json" ] || qat --seed "$seed" "$@" --out "$out/$name-seed$seed"
     runs="$runs $table/mean50-seed$seed $out/$name-seed$seed"

@@ -9,7 +9,9 @@ all of them, as ``qat --batch-size 4 --seq-len 64 --eval-batches 0`` scores them
 run the PTQ gap recovered, ``(ppl_ptq - ppl) / (ppl_ptq - ppl_float)``, is given on the
 first 128 sequences (the 16 x 8 x 64 tokens of the earlier tables), on all of them, and as
 the standard deviation of the latter over 1,000 bootstrap resamples of the sequences (the
-same resample for float, PTQ and the run).
+same resample for float, PTQ and the run); ``kl_to_float`` is the mean over all held-out
+tokens of ``KL(p_float || p_run)``, what QAT's distillation loss minimizes on its training
+tokens.
 """
 
 from __future__ import annotations
@@ -33,14 +35,28 @@ SEQ_LEN = 64
 FIRST = 128  # sequences in the earlier tables' 16 held-out batches of 8
 
 
-def sequence_losses(model, batches) -> np.ndarray:
-    """Summed cross-entropy of each held-out sequence (float64)."""
-    out = []
-    for inputs, targets, _ in batches:
-        ce = nn.losses.cross_entropy(model(inputs).astype(mx.float32), targets,
-                                     reduction="none")
+def sequence_losses(model, batches, reference=None) -> np.ndarray | tuple[np.ndarray, float]:
+    """Summed cross-entropy of each held-out sequence (float64); with ``reference`` (the
+    float model's log-probabilities per batch) also the mean KL(reference || model) per
+    token."""
+    out, kl = [], 0.0
+    for i, (inputs, targets, _) in enumerate(batches):
+        logits = model(inputs).astype(mx.float32)
+        ce = nn.losses.cross_entropy(logits, targets, reduction="none")
         out.append(np.array(ce, np.float64).sum(-1))
-    return np.concatenate(out)
+        if reference is not None:
+            log_p = reference[i]
+            kl += (mx.exp(log_p) * (log_p - nn.log_softmax(logits, axis=-1))).sum().item()
+    losses = np.concatenate(out)
+    return losses if reference is None else (losses, kl / losses.size / SEQ_LEN)
+
+
+def log_probs(model, batches) -> list[mx.array]:
+    """The model's log-probabilities for every held-out batch (float32, evaluated)."""
+    out = [nn.log_softmax(model(inputs).astype(mx.float32), axis=-1)
+           for inputs, _, _ in batches]
+    mx.eval(out)
+    return out
 
 
 def gap_recovered(float_nll, ptq_nll, run_nll) -> float:
@@ -79,7 +95,8 @@ def main() -> None:
     config = QATConfig(model=args.model, bits=bits.pop(), batch_size=4, seq_len=SEQ_LEN)
     batches = list(QATData(None, tokenizer, 4, SEQ_LEN, 0).held_out(0))
     base = sequence_losses(float_model, batches)
-    ptq = sequence_losses(dequantized(ptq_model(config)), batches)
+    reference = log_probs(float_model, batches)
+    ptq, ptq_kl = sequence_losses(dequantized(ptq_model(config)), batches, reference)
     resamples = np.random.default_rng(0).integers(0, len(base), (1000, len(base)))
 
     def perplexity(nll: np.ndarray) -> str:
@@ -87,10 +104,12 @@ def main() -> None:
 
     rows = [{"run": name, "setting": "", "bits": width, "ppl_first128": perplexity(nll[:FIRST]),
              "gap_recovered_first128_pct": "", "ppl_all": perplexity(nll),
-             "gap_recovered_all_pct": "", "bootstrap_sd_pct": "", "sequences": len(nll)}
-            for name, width, nll in (("float", "", base), ("ptq", config.bits, ptq))]
+             "gap_recovered_all_pct": "", "bootstrap_sd_pct": "", "kl_to_float": kl,
+             "sequences": len(nll)}
+            for name, width, nll, kl in (("float", "", base, "0"),
+                                         ("ptq", config.bits, ptq, f"{ptq_kl:.5f}"))]
     for run in args.runs:
-        nll = sequence_losses(dequantized(load_model_dir(str(run))[0]), batches)
+        nll, kl = sequence_losses(dequantized(load_model_dir(str(run))[0]), batches, reference)
         first = gap_recovered(base[:FIRST], ptq[:FIRST], nll[:FIRST])
         every = gap_recovered(base, ptq, nll)
         spread = [gap_recovered(base[i], ptq[i], nll[i]) for i in resamples]
@@ -98,7 +117,8 @@ def main() -> None:
             "run": str(run), "setting": setting(run), "bits": config.bits,
             "ppl_first128": perplexity(nll[:FIRST]), "gap_recovered_first128_pct": f"{first:.1f}",
             "ppl_all": perplexity(nll), "gap_recovered_all_pct": f"{every:.1f}",
-            "bootstrap_sd_pct": f"{np.std(spread):.1f}", "sequences": len(nll)})
+            "bootstrap_sd_pct": f"{np.std(spread):.1f}", "kl_to_float": f"{kl:.5f}",
+            "sequences": len(nll)})
         print(rows[-1], flush=True)
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.csv.with_name(f".{args.csv.name}.tmp")
