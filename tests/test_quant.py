@@ -271,6 +271,10 @@ def test_mse_ranges_keep_the_weights_dtype_and_check_their_arguments():
     scales, biases = mse_scales_biases(w, 64, 4)
     assert scales.dtype == biases.dtype == mx.bfloat16  # as mx.quantize's
     assert mse_scales_biases(mx.random.normal((3, 64)))[0].shape == (3, 1)  # 4 bits, 64
+    experts = mx.random.normal((2, 3, 128))  # an MoE bank: each expert on its own
+    for got, want in zip(mse_scales_biases(experts, 64, 3),
+                         zip(*(mse_scales_biases(e, 64, 3) for e in experts))):
+        np.testing.assert_array_equal(np.array(got), np.stack([np.array(x) for x in want]))
     with pytest.raises(ValueError, match=r"mse_scales_biases: bits must be one of .* got 7"):
         mse_scales_biases(w, 64, 7)
     with pytest.raises(ValueError, match=r"shrinks must be factors in \(0, 1\], got \(1.2,\)"):
