@@ -12,13 +12,13 @@ Held-out: every 64-token sequence of the Shakespeare validation works, as
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 from pathlib import Path
 
 import mlx_localnorm  # noqa: F401  (before mlx.core: it picks the fast BLAS)
 
 from mlx_localnorm.quant import prepare_qat
+from mlx_localnorm.quant.compare import write_csv
 from mlx_localnorm.quant.train import QATData, load_float_model
 from qat_rescore import SEQ_LEN, sequence_losses
 
@@ -49,13 +49,7 @@ def main() -> None:
             rows.append({"bits": bits, "start": start, "ppl": f"{ppl[start]:.2f}",
                          "gap_recovered_pct": f"{recovered:.1f}"})
             print(rows[-1], flush=True)
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.csv.with_name(f".{args.csv.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(args.csv)
+    write_csv(rows, args.csv, list(rows[0]))
     print(f"float {float_ppl:.2f} on {len(batches)} batches; wrote {args.csv}")
 
 

@@ -17,7 +17,6 @@ tokens.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 from pathlib import Path
@@ -27,7 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_localnorm.quant.compare import dequantized, ptq_model
+from mlx_localnorm.quant.compare import dequantized, ptq_model, write_csv
 from mlx_localnorm.quant.train import QATConfig, QATData, load_float_model
 from mlx_localnorm.train.model_dir import load_model_dir
 
@@ -120,13 +119,7 @@ def main() -> None:
             "bootstrap_sd_pct": f"{np.std(spread):.1f}", "kl_to_float": f"{kl:.5f}",
             "sequences": len(nll)})
         print(rows[-1], flush=True)
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.csv.with_name(f".{args.csv.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(args.csv)
+    write_csv(rows, args.csv, list(rows[0]))
     print(f"float {perplexity(base)}, PTQ {perplexity(ptq)} on {len(base)} sequences of "
           f"{SEQ_LEN} tokens; wrote {args.csv}")
 

@@ -112,13 +112,14 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def write_csv(rows: list[dict], path: str | Path) -> Path:
-    """Write ``rows`` to ``path`` through a temporary file (never half-written)."""
+def write_csv(rows: list[dict], path: str | Path, columns: list[str] | None = None) -> Path:
+    """Write ``rows`` (with ``columns``; default: the table's) to ``path`` through a temporary
+    file (never half-written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns or COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
