@@ -49,13 +49,20 @@ def saved_config(config_cls: type, out_dir: str | Path, overrides: dict[str, Any
                                 "directory? Start a run without --resume first")
     saved = json.loads(path.read_text())
     saved["out_dir"] = str(out_dir)
-    for key, value in (overrides or {}).items():
+    overrides = overrides or {}
+    refuse_changes(saved, overrides, resumable, "--resume")
+    saved.update(overrides)
+    return config_cls.from_dict(saved, where=str(path))
+
+
+def refuse_changes(saved: dict, given: dict, resumable: tuple[str, ...], where: str) -> None:
+    """ValueError naming the first field of ``given`` outside ``resumable`` whose value
+    differs from ``saved``'s."""
+    for key, value in given.items():
         if key in saved and saved[key] != value and key not in resumable:
-            raise ValueError(f"--resume: {key} cannot change in a resumed run (saved "
+            raise ValueError(f"{where}: {key} cannot change in a resumed run (saved "
                              f"{saved[key]!r}, given {value!r}); only "
                              f"{', '.join(resumable)} can")
-        saved[key] = value
-    return config_cls.from_dict(saved, where=str(path))
 
 
 def check_resumed_config(config: Any, out_dir: Path, resumable: tuple[str, ...]) -> None:
@@ -65,13 +72,9 @@ def check_resumed_config(config: Any, out_dir: Path, resumable: tuple[str, ...])
     path = out_dir / CONFIG_FILE
     if not path.is_file():
         return  # a checkpoint without its config: the checkpoint's own checks apply
-    saved = json.loads(path.read_text())
     given = json.loads(json.dumps(config.to_dict()))  # tuples -> lists, as saved
-    for key, value in given.items():
-        if key in saved and saved[key] != value and key not in (*resumable, "out_dir"):
-            raise ValueError(f"resume: {key} cannot change in a resumed run (saved "
-                             f"{saved[key]!r}, given {value!r}); only "
-                             f"{', '.join(resumable)} can")
+    given.pop("out_dir", None)
+    refuse_changes(json.loads(path.read_text()), given, resumable, "resume")
 
 
 class TrainLoop:
