@@ -601,6 +601,26 @@ def test_epoch_batches_does_not_move_the_iterator():
     assert batches.state_dict() == state
 
 
+def test_epoch_batches_remainder_visits_every_sequence_once():
+    """remainder=True ends the epoch with the S % batch_size sequences it skips, in the
+    epoch's order; the iterator itself still skips them."""
+    batches = Batches(np.arange(0, 41), batch_size=3, seq_len=4, seed=7)
+    full = [_rows(b) for b in batches.epoch_batches(1)]
+    every = [_rows(b) for b in batches.epoch_batches(1, remainder=True)]
+    assert every[:-1] == full and [len(b[0]) for b in every] == [3, 3, 3, 1]
+    firsts = sorted(row[0] for inputs, _ in every for row in inputs)
+    assert firsts == list(range(0, 40, 4))  # each of the 10 sequences once
+    inputs, targets = every[-1]
+    assert targets[0][:-1] == inputs[0][1:] and targets[0][-1] == inputs[0][-1] + 1
+    order = np.argsort(np.random.PCG64([7, 1]).random_raw(10), kind="stable")
+    assert inputs[0][0] == order[-1] * 4
+    filled = Batches(np.arange(0, 41), batch_size=5, seq_len=4)
+    assert len(list(filled.epoch_batches(remainder=True))) == 2  # nothing left over
+    sharded = Batches(np.arange(0, 41), batch_size=2, seq_len=4, world_size=2)
+    with pytest.raises(ValueError, match="remainder=True needs world_size=1, got world_size=2"):
+        next(sharded.epoch_batches(remainder=True))
+
+
 def test_batches_bad_arguments():
     tokens = np.arange(0, 41)
     with pytest.raises(ValueError, match=r"10 sequences of seq_len=4 .* fewer than batch_size=11"):

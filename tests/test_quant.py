@@ -515,10 +515,10 @@ def test_qat_command_writes_a_model_mlx_lm_runs_and_prints_the_table(tmp_path, c
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == methods
     assert all(float(r["val_ppl"]) > 1 for r in rows)  # DWQ ran too
-    # --eval-batches 0: every held-out batch of 2 x 16 tokens the held-out text fills
+    # --eval-batches 0: every held-out sequence of 16 tokens, the last batch of 2 or 1
     tokenizer = mlx_lm.load(str(base), trust_remote_code=True)[1]
     valid = QATData(str(data), tokenizer, 2, 16, 0).tokens.valid
-    everything = (len(valid) - 1) // 16 // 2 * 2 * 16
+    everything = (len(valid) - 1) // 16 * 16
     assert everything > 64 and [r["eval_tokens"] for r in rows] == [str(everything)] * 4
     assert f"Held-out perplexity ({everything:,} tokens):" in printed
     assert rows[3]["gap_recovered_pct"] != "" or float(rows[1]["val_ppl"]) <= float(
@@ -842,20 +842,22 @@ def test_qat_on_fine_tuning_jsonl_masks_prompts_in_the_held_out_loss(tmp_path, c
     assert "not run here on fine-tuning JSONL" in capsys.readouterr().out
 
 
-def test_held_out_zero_batches_means_all_and_tokens_are_counted(tmp_path):
-    """eval_batches=0 scores every held-out batch; the token count is what was scored (not
-    batches x batch x length, which overstates it when fewer batches exist)."""
+def test_held_out_zero_batches_means_every_sequence_and_tokens_are_counted(tmp_path):
+    """eval_batches=0 scores every held-out sequence, the ones that do not fill a last batch
+    too; the token count is what was scored (not batches x batch x length, which overstates
+    it when fewer batches exist)."""
     from mlx_localnorm.quant.train import QATConfig, QATData, held_out_loss
 
     base, data = qat_fixture(tmp_path)
     model, tokenizer = mlx_lm.load(str(base), trust_remote_code=True)
-    held_out = QATData(str(data), tokenizer, batch_size=2, seq_len=16, seed=0)
+    held_out = QATData(str(data), tokenizer, batch_size=4, seq_len=16, seed=0)
     sequences = (len(held_out.tokens.valid) - 1) // 16
-    everything = (sequences // 2) * 2 * 16
-    assert sequences >= 6
+    everything = sequences * 16
+    assert sequences >= 6 and sequences % 4 != 0  # a smaller last batch exists
+    assert [len(inputs) for inputs, _, _ in held_out.held_out(0)][-1] == sequences % 4
     assert held_out.held_out_tokens(0) == everything
     assert held_out.held_out_tokens(10_000) == everything
-    assert held_out.held_out_tokens(1) == 32
+    assert held_out.held_out_tokens(1) == 64
     valid = held_out.tokens.valid[:everything + 1]
     logits = np.array(model(mx.array(valid[:-1].reshape(-1, 16))), np.float64)
     log_probs = logits - logits.max(-1, keepdims=True)

@@ -77,10 +77,19 @@ class Batches:
             self.epoch, self.step = self.epoch + 1, 0
         return batch
 
-    def epoch_batches(self, epoch: int = 0) -> Iterator[tuple[mx.array, mx.array]]:
-        """All batches of one epoch, without moving the iterator (e.g. for validation)."""
+    def epoch_batches(self, epoch: int = 0, remainder: bool = False
+                      ) -> Iterator[tuple[mx.array, mx.array]]:
+        """All batches of one epoch, without moving the iterator (e.g. for validation).
+        ``remainder=True`` (one process only) adds the ``S % batch_size`` sequences the
+        epoch skips as a last, smaller batch, so every sequence is visited once."""
+        if remainder and self.world_size != 1:
+            raise ValueError(f"{type(self).__name__}.epoch_batches: remainder=True needs "
+                             f"world_size=1, got world_size={self.world_size}")
         for step in range(self.steps_per_epoch):
             yield self._batch(epoch, step)
+        skipped = self._order_for(epoch)[self.steps_per_epoch * self.batch_size:]
+        if remainder and len(skipped):
+            yield self._sequences(skipped)
 
     def state_dict(self) -> dict[str, Any]:
         """The position (next batch to return) and the layout it applies to; JSON-serializable."""
@@ -135,7 +144,10 @@ class Batches:
     def _batch(self, epoch: int, step: int) -> tuple[mx.array, mx.array]:
         shard = self.batch_size // self.world_size
         first = step * self.batch_size + self.rank * shard
-        starts = self._order_for(epoch)[first : first + shard] * self.seq_len
+        return self._sequences(self._order_for(epoch)[first : first + shard])
+
+    def _sequences(self, indices: np.ndarray) -> tuple[mx.array, mx.array]:
+        starts = indices * self.seq_len
         rows = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int32)
         return mx.array(rows[:, :-1]), mx.array(rows[:, 1:])
 

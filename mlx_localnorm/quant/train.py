@@ -201,8 +201,10 @@ class QATData:
         return _with_mask(next(self.train))
 
     def held_out(self, batches: int):
-        """The first ``batches`` validation batches (0: all of them), always the same."""
-        return (_with_mask(b) for b in islice(self.valid.epoch_batches(), batches or None))
+        """The first ``batches`` validation batches (0: all of them), always the same; with
+        text data the last batch is smaller when the held-out sequences do not fill it."""
+        every = self.valid.epoch_batches(remainder=True)
+        return (_with_mask(b) for b in islice(every, batches or None))
 
     def held_out_tokens(self, batches: int) -> int:
         """How many target tokens ``held_out(batches)`` scores (prompts excluded)."""
