@@ -1,15 +1,16 @@
 #!/bin/sh
-# One change to the table's 3-bit QAT setting, paired with the table's setting by data-order
-# seed (0-4 unless SEEDS says otherwise):
+# One change to the previous QAT table's 3-bit setting, paired with that setting by
+# data-order seed (0-4 unless SEEDS says otherwise):
 #     sh bench/qat_3bit_setting.sh NAME QAT_FLAG...
-# trains runs/qat-setting/NAME-seed0..4 with the table's command (bench/results/qat.csv:
-# learned scales, lr 3e-5, the embedding at 3x, 200 steps x 4 x 64 tokens, KL to the float
-# model, the mean of the last 50 steps exported) plus QAT_FLAG... (later flags win), and
-# scores them beside the table's setting at the same seeds (bench/qat_3bit_average.sh's
-# runs/qat-average/mean50-seed*, made first if missing) on the whole held-out set with
-# bench/qat_rescore.py -> bench/results/qat_3bit_NAME.csv. A run whose directory already
-# holds a finished model is kept. About 4 minutes per run and 1 per scored run on 2 CPU
-# cores. E.g. `sh bench/qat_3bit_setting.sh mse --scale-init mse`; SEEDS="0 1 2" for fewer.
+# trains runs/qat-setting/NAME-seed0..4 with that table's command (learned scales, lr 3e-5,
+# the embedding at 3x, 200 steps x 4 x 64 tokens, KL to the float model, the mean of the
+# last 50 steps exported; `400x8 --total-steps 400 --batch-size 8 --average-last 100` is
+# the current table's) plus QAT_FLAG... (later flags win), and scores them beside it at
+# the same seeds (bench/qat_3bit_average.sh's runs/qat-average/mean50-seed*, made first if
+# missing) on the whole held-out set with bench/qat_rescore.py ->
+# bench/results/qat_3bit_NAME.csv. A run whose directory already holds a finished model is
+# kept. About 4 minutes per run and 1 per scored run on 2 CPU cores. E.g.
+# `sh bench/qat_3bit_setting.sh mse --scale-init mse`; SEEDS="0 1 2" for fewer.
 set -eu
 [ $# -ge 2 ] || { echo "usage: sh $0 NAME QAT_FLAG..." >&2; exit 2; }
 name=$1

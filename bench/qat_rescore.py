@@ -5,7 +5,7 @@ held-out sampling alone gives.
 
 Each run directory is a finished ``mlx-localnorm qat`` output (its quantized model and
 train_config.json). Held-out: the Shakespeare validation works cut into 64-token sequences,
-all of them, as ``qat --batch-size 4 --seq-len 64 --eval-batches 0`` scores them. For each
+all of them, as ``qat --seq-len 64 --eval-batches 0`` scores them. For each
 run the PTQ gap recovered, ``(ppl_ptq - ppl) / (ppl_ptq - ppl_float)``, is given on the
 first 128 sequences (the 16 x 8 x 64 tokens of the earlier tables), on all of them, and as
 the standard deviation of the latter over 1,000 bootstrap resamples of the sequences (the
