@@ -87,9 +87,10 @@ class Batches:
                              f"world_size=1, got world_size={self.world_size}")
         for step in range(self.steps_per_epoch):
             yield self._batch(epoch, step)
-        skipped = self._order_for(epoch)[self.steps_per_epoch * self.batch_size:]
-        if remainder and len(skipped):
-            yield self._sequences(skipped)
+        if remainder:
+            skipped = self._order_for(epoch)[self.steps_per_epoch * self.batch_size:]
+            if len(skipped):
+                yield self._sequences(skipped)
 
     def state_dict(self) -> dict[str, Any]:
         """The position (next batch to return) and the layout it applies to; JSON-serializable."""
