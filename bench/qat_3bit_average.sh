@@ -2,10 +2,11 @@
 # Averaging the last steps (qat --average-last 50) against the last step's weights, paired
 # by data-order seed 0-4: the previous QAT table's 3-bit setting (learned scales, lr 3e-5,
 # the embedding at 3x, 200 steps x 4 x 64 tokens, KL to the float model; the table is now
-# at 400 x 8, bench/qat_3bit_table_seeds.sh) with and without the mean of its last 50 steps, scored on the whole held-out set with
-# bench/qat_rescore.py -> bench/results/qat_3bit_average.csv. A run whose directory already
-# holds a finished model is kept (that table's own 3-bit run is mean50 at seed 0). About 4
-# minutes per run and 1 per scored run on 2 CPU cores.
+# at 400 x 8, bench/qat_3bit_table_seeds.sh) with and without the mean of its last 50
+# steps, scored on the whole held-out set with bench/qat_rescore.py ->
+# bench/results/qat_3bit_average.csv. A run whose directory already holds a finished model
+# is kept (that table's own 3-bit run is mean50 at seed 0). About 4 minutes per run and 1
+# per scored run on 2 CPU cores.
 set -eu
 out=${OUT:-runs/qat-average}
 runs=""
